@@ -1,0 +1,248 @@
+"""The `edge-agent` command line (design §3). Exit codes: 0 ok, 1 runtime failure, 2 bad
+config or usage. Every error is one readable line; no input produces a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tomllib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import NoReturn
+
+from agent import __version__
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+log = logging.getLogger("edge_agent")
+
+
+class UsageError(Exception):
+    """Bad command-line usage or a bad config: exit 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="edge-agent",
+        description="Edge gateway for a production line: PLCs (OPC UA, Modbus) -> OEE, "
+        "SQLite outbox, MQTT, PostgreSQL.",
+    )
+    parser.add_argument("--version", action="version", version=f"edge-agent {__version__}")
+    parser.add_argument(
+        "--log-level",
+        default=os.environ.get("EDGE_AGENT_LOG_LEVEL", "info"),
+        choices=["debug", "info", "warning", "error"],
+        help="log verbosity (default: info, or $EDGE_AGENT_LOG_LEVEL)",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    commands.required = True
+
+    def add(name: str, help_: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=help_, description=help_)
+
+    run = add("run", "run the daemon in the foreground (systemd Type=notify)")
+    run.add_argument("-c", "--config", required=True, type=Path, help="agent config file")
+
+    check = add("check", "validate a config file (agent or ingest) and print a summary")
+    check.add_argument("-c", "--config", required=True, type=Path, help="config file")
+
+    demo = add("demo", "run the bundled simulators and an agent, showing live OEE")
+    demo.add_argument("--duration", type=float, default=None, help="stop after S seconds")
+
+    probe = add("probe", "connect to every device once, read every tag, print a table")
+    probe.add_argument("-c", "--config", required=True, type=Path, help="agent config file")
+
+    simulate = add("simulate", "run a line simulator alone")
+    simulate.add_argument("protocol", choices=["modbus", "opcua"])
+    simulate.add_argument("--port", type=int, default=None, help="listen port")
+    simulate.add_argument("--host", default="127.0.0.1", help="listen address")
+    simulate.add_argument("--seed", type=int, default=1, help="random seed of the line model")
+    simulate.add_argument("--speed", type=float, default=1.0, help="simulated time factor")
+    simulate.add_argument("--secure", action="store_true", help="opcua: secured endpoint only")
+
+    oee = add("oee", "recompute OEE offline from recorded samples")
+    oee.add_argument("-c", "--config", required=True, type=Path, help="agent config file")
+    oee.add_argument("--replay", required=True, type=Path, help="samples, .csv or .jsonl")
+
+    ingest = add("ingest", "run the central ingest service")
+    ingest.add_argument("-c", "--config", required=True, type=Path, help="ingest config file")
+
+    status = add("status", "summary of a running agent from its health endpoint")
+    status.add_argument("-c", "--config", required=True, type=Path, help="agent config file")
+
+    add("schema", "print the config JSON Schema")
+    return parser
+
+
+def _setup_logging(level: str) -> None:
+    # Under systemd the journal adds timestamps; elsewhere we do.
+    fmt = "%(levelname)s %(name)s: %(message)s"
+    if not os.environ.get("JOURNAL_STREAM"):
+        fmt = "%(asctime)s " + fmt
+    logging.basicConfig(level=level.upper(), format=fmt, stream=sys.stderr)
+    if level != "debug":
+        # The protocol stacks log every failed request; we log transitions ourselves.
+        for noisy in ("pymodbus", "asyncua"):
+            logging.getLogger(noisy).setLevel(logging.CRITICAL)
+
+
+def _print_problems(problems: Sequence[str]) -> None:
+    for line in problems:
+        print(line, file=sys.stderr)
+
+
+def _is_central(path: Path) -> bool:
+    """An ingest config has [postgres] and no [gateway]; decided from the raw TOML."""
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return False  # the agent loader reports the real problem
+    return "postgres" in data and "gateway" not in data
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """`edge-agent check`: validate and summarise."""
+    from agent.config_loader import load_agent_settings, load_central_settings
+
+    path: Path = args.config
+    if _is_central(path):
+        central = load_central_settings(path)
+        print(f"{path}: OK (ingest)")
+        print(
+            f"  mqtt {central.mqtt.url}, subscribes {central.mqtt.sync_prefix}/+/sync"
+            + (f" as shared group {central.mqtt.shared_group}" if central.mqtt.shared_group else "")
+        )
+        print(
+            f"  partitions: {central.partitions.months_ahead} months ahead, retention "
+            f"{central.partitions.retention_months} months"
+        )
+        return EXIT_OK
+    settings = load_agent_settings(path)
+    drivers: dict[str, int] = {}
+    tags = writable = 0
+    for device in settings.devices:
+        driver = getattr(device, "driver", "?")
+        drivers[driver] = drivers.get(driver, 0) + 1
+        tags += len(device.tag_list())
+        writable += sum(1 for tag in device.tag_list() if tag.writable)
+    by_driver = ", ".join(f"{name} {count}" for name, count in sorted(drivers.items()))
+    print(f"{path}: OK")
+    print(
+        f"  gateway {settings.gateway.id}: live topics {settings.mqtt.topic_root}/..., "
+        f"sync {settings.sync_topic_base}/sync"
+    )
+    print(
+        f"  devices: {len(settings.devices)}"
+        + (f" ({by_driver})" if by_driver else "")
+        + f", tags: {tags} ({writable} writable)"
+    )
+    print(
+        f"  machines: {len(settings.machines)}, calendars: {len(settings.calendars)}, "
+        f"workflows: {len(settings.workflows)}"
+    )
+    return EXIT_OK
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    """`edge-agent schema`: the agent config's JSON Schema."""
+    from agent.schema import agent_schema
+
+    print(json.dumps(agent_schema(), indent=2, sort_keys=False))
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """`edge-agent run`: the daemon (config validated before the event loop starts)."""
+    import asyncio
+
+    from agent.config_loader import load_agent_settings
+    from agent.runtime import run_until_signalled
+
+    settings = load_agent_settings(args.config)
+    return asyncio.run(run_until_signalled(settings))
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    """`edge-agent probe`: one read of every tag, as a table; exit 0 only if all are good."""
+    import asyncio
+
+    from agent.config_loader import load_agent_settings
+    from agent.probe import format_table, probe
+
+    settings = load_agent_settings(args.config)
+    rows = asyncio.run(probe(settings))
+    print(format_table(rows))
+    return EXIT_OK if rows and all(row.quality == "good" for row in rows) else EXIT_FAILURE
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    """`edge-agent simulate modbus|opcua`: a line simulator alone."""
+    argv = ["--host", args.host, "--seed", str(args.seed), "--speed", str(args.speed)]
+    if args.port is not None:
+        argv += ["--port", str(args.port)]
+    if args.protocol == "modbus":
+        import importlib
+
+        simulator = importlib.import_module("simulators.modbus")
+        return int(simulator.main(argv))
+    print("edge-agent simulate opcua: not yet available in this version", file=sys.stderr)
+    return EXIT_FAILURE
+
+
+def _not_yet(name: str) -> Callable[[argparse.Namespace], int]:
+    def handler(args: argparse.Namespace) -> int:
+        print(f"edge-agent {name}: not yet available in this version", file=sys.stderr)
+        return EXIT_FAILURE
+
+    return handler
+
+
+HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "check": cmd_check,
+    "schema": cmd_schema,
+    "run": cmd_run,
+    "demo": _not_yet("demo"),
+    "probe": cmd_probe,
+    "simulate": cmd_simulate,
+    "oee": _not_yet("oee"),
+    "ingest": _not_yet("ingest"),
+    "status": _not_yet("status"),
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `edge-agent` console script."""
+    from agent.config_loader import ConfigError
+
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.log_level)
+    try:
+        return HANDLERS[args.command](args)
+    except ConfigError as exc:
+        _print_problems(exc.problems)
+        return EXIT_USAGE
+    except UsageError as exc:
+        print(f"edge-agent {args.command}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_OK
+    except Exception as exc:  # last resort: one line, not a traceback
+        log.debug("unhandled error", exc_info=True)
+        print(f"edge-agent {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""Live topics: the newest value per topic, published retained at QoS 1 as soon as possible.
+
+Nothing here queues history (that is the outbox's job): while the broker is away only the
+newest payload per topic is kept, and after every reconnect every topic is published again,
+so the broker's retained state is current even if it restarted without persistence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from agent.topics import live_topic, sample_payload
+from sync.events import Event
+from sync.mqtt import MqttClient, NotConnected
+
+log = logging.getLogger("edge_agent.live")
+
+
+class LivePublisher:
+    """Newest retained payload per topic, flushed while connected, re-sent on reconnect."""
+
+    def __init__(self, client: MqttClient, *, topic_root: str) -> None:
+        self._client = client
+        self._root = topic_root
+        self._latest: dict[str, bytes] = {}
+        self._dirty: dict[str, None] = {}  # ordered set of topics to (re)publish
+        self._wakeup = asyncio.Event()
+        self.published = 0
+        client.add_listener(self._on_connection)
+
+    def _on_connection(self, connected: bool) -> None:
+        if connected:
+            self._dirty = dict.fromkeys(self._latest)
+            self._wakeup.set()
+
+    def offer(self, topic: str, payload: bytes) -> None:
+        """Set the newest payload of a topic."""
+        self._latest[topic] = payload
+        self._dirty[topic] = None
+        self._wakeup.set()
+
+    def offer_events(self, events: list[Event]) -> None:
+        """Sample events -> R/{device}/{tag}."""
+        for event in events:
+            if event.kind == "sample" and event.device and event.tag:
+                self.offer(
+                    live_topic(self._root, event.device, event.tag),
+                    sample_payload(event.ts, event.value, event.quality or "good"),
+                )
+
+    def forget(self, topic: str) -> None:
+        """Stop re-publishing a topic (its tag was removed)."""
+        self._latest.pop(topic, None)
+        self._dirty.pop(topic, None)
+
+    @property
+    def pending(self) -> int:
+        """Topics waiting to be published."""
+        return len(self._dirty)
+
+    async def run(self) -> None:
+        """Publish dirty topics whenever connected and the in-flight window has room."""
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            await self._flush()
+
+    async def drain(self) -> None:
+        """Publish what is pending and wait for the broker's acknowledgements (shutdown)."""
+        await self._flush()
+        if self._client.is_connected:
+            await self._client.wait_acked()
+
+    async def _flush(self) -> None:
+        client = self._client
+        while self._dirty:
+            if not client.is_connected:
+                return  # the reconnect listener marks everything dirty again
+            if not client.has_space:
+                await client.wait_space()
+                continue
+            topic = next(iter(self._dirty))
+            del self._dirty[topic]
+            try:
+                client.publish(topic, self._latest[topic], qos=1, retain=True)
+            except NotConnected:
+                self._dirty[topic] = None
+                return
+            self.published += 1
+            if self.published % 256 == 0:
+                await asyncio.sleep(0)  # let pollers run during a large burst

@@ -1,0 +1,162 @@
+"""Readings -> events: report by exception with deadband, heartbeats, quality transitions.
+
+The filter is pure (time is passed in); `Pipeline` fans events out to the sinks: the durable
+outbox first (once it exists), then the live topics, and every raw reading to observers
+(OEE, workflow wait steps), which need each value, not only the published ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from drivers.base import JsonValue, Reading
+from sync.events import Event
+
+log = logging.getLogger("edge_agent.pipeline")
+
+Observer = Callable[[str, list[Reading]], None]
+DurableSink = Callable[[list[Event]], Awaitable[None]]
+LiveSink = Callable[[list[Event]], None]
+
+
+@dataclass(slots=True)
+class TagFilter:
+    """Decides which readings of one tag become events."""
+
+    deadband: float | None
+    max_interval: float
+    value: JsonValue = None
+    quality: str | None = None
+    published_at: float = -math.inf  # monotonic time of the last event
+    ts: float = 0.0  # wall time of the last reading
+
+    def offer(self, reading: Reading, now: float) -> bool:
+        """Whether `reading` (at monotonic `now`) must be published; updates the state."""
+        publish = self._changed(reading) or (
+            reading.quality != "bad" and now - self.published_at >= self.max_interval
+        )
+        if publish:
+            self.value = reading.value
+            self.quality = reading.quality
+            self.published_at = now
+        self.ts = reading.ts
+        return publish
+
+    def _changed(self, reading: Reading) -> bool:
+        if reading.quality != self.quality:
+            return True
+        if reading.quality == "bad":
+            return False  # once per transition, not once per poll
+        old, new = self.value, reading.value
+        if type(old) is not type(new):
+            return True
+        if (
+            self.deadband is not None
+            and isinstance(new, int | float)
+            and isinstance(old, int | float)
+            and not isinstance(new, bool)
+        ):
+            return abs(new - old) > self.deadband
+        return bool(new != old)
+
+    def heartbeat_due(self, now: float) -> bool:
+        """A good value that has not been published for max_interval."""
+        return (
+            self.quality in ("good", "uncertain") and now - self.published_at >= self.max_interval
+        )
+
+
+class Pipeline:
+    """Per-tag filters and the fan-out to sinks."""
+
+    def __init__(
+        self,
+        *,
+        live: LiveSink,
+        durable: DurableSink | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self._live = live
+        self._durable = durable
+        self._clock = clock
+        self._wall = wall
+        self._filters: dict[tuple[str, str], TagFilter] = {}
+        self._observers: list[Observer] = []
+        self.events_total = 0
+
+    def configure_tag(
+        self, device: str, tag: str, *, deadband: float | None, max_interval: float
+    ) -> None:
+        """Register (or re-register after a reload) the filter of a tag."""
+        old = self._filters.get((device, tag))
+        new = TagFilter(deadband, max_interval)
+        if old is not None:
+            new.value, new.quality, new.published_at, new.ts = (
+                old.value,
+                old.quality,
+                old.published_at,
+                old.ts,
+            )
+        self._filters[(device, tag)] = new
+
+    def forget_device(self, device: str) -> None:
+        """Drop the filters of a removed device."""
+        for key in [key for key in self._filters if key[0] == device]:
+            del self._filters[key]
+
+    def add_observer(self, observer: Observer) -> None:
+        """Receive every raw reading (unfiltered)."""
+        self._observers.append(observer)
+
+    def last(self, device: str, tag: str) -> TagFilter | None:
+        """The last published state of a tag."""
+        return self._filters.get((device, tag))
+
+    async def submit(self, device: str, readings: list[Reading]) -> None:
+        """Filter readings into events; commit them durably, then publish them live."""
+        now = self._clock()
+        events: list[Event] = []
+        for reading in readings:
+            tag_filter = self._filters.get((device, reading.tag))
+            if tag_filter is None:
+                continue
+            if tag_filter.offer(reading, now):
+                events.append(
+                    Event(reading.ts, "sample", device, reading.tag, reading.value, reading.quality)
+                )
+        for observer in self._observers:
+            try:
+                observer(device, readings)
+            except Exception:  # an observer bug must not stop polling
+                log.exception("observer failed on readings of %s", device)
+        await self.emit(events)
+
+    async def emit(self, events: list[Event]) -> None:
+        """Send ready-made events through the durable sink, then live."""
+        if not events:
+            return
+        if self._durable is not None:
+            await self._durable(events)
+        self.events_total += len(events)
+        self._live(events)
+
+    async def heartbeats(self) -> None:
+        """Every second, re-publish values unchanged for their max_interval."""
+        while True:
+            await asyncio.sleep(1.0)
+            now = self._clock()
+            wall = self._wall()
+            events = []
+            for (device, tag), tag_filter in self._filters.items():
+                if tag_filter.heartbeat_due(now):
+                    tag_filter.published_at = now
+                    events.append(
+                        Event(wall, "sample", device, tag, tag_filter.value, tag_filter.quality)
+                    )
+            await self.emit(events)

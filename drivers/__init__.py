@@ -1,0 +1,1 @@
+"""Protocol drivers behind one Driver interface; see `drivers.registry`."""

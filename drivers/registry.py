@@ -1,0 +1,55 @@
+"""The one explicit driver registry: driver name -> config model (+ driver class, lazily).
+
+Adding a protocol: write ``drivers/<name>.py`` (config model and Driver class) and add one
+line to ``DRIVERS``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated, Any, Union
+
+from pydantic import Discriminator, Tag
+
+from drivers.config import DeviceConfigBase
+from drivers.modbus_config import ModbusDeviceConfig
+from drivers.opcua_config import OpcUaDeviceConfig
+
+
+@dataclass(frozen=True, slots=True)
+class DriverSpec:
+    """What the registry knows of a protocol: its config model and where its driver lives."""
+
+    config: type[DeviceConfigBase]
+    driver: str  # "module:Class", imported on first use so `check` never loads protocol stacks
+
+
+DRIVERS: dict[str, DriverSpec] = {
+    "modbus": DriverSpec(ModbusDeviceConfig, "drivers.modbus:ModbusDriver"),
+    "opcua": DriverSpec(OpcUaDeviceConfig, "drivers.opcua:OpcUaDriver"),
+}
+
+DRIVER_TAG_PREFIX = "driver:"
+
+
+def _driver_of(value: Any) -> str | None:
+    driver = value.get("driver") if isinstance(value, dict) else getattr(value, "driver", None)
+    return f"{DRIVER_TAG_PREFIX}{driver}" if isinstance(driver, str) else None
+
+
+if TYPE_CHECKING:
+    DeviceConfig = DeviceConfigBase
+else:
+    DeviceConfig = Annotated[
+        Union[  # noqa: UP007 - built from the registry at import time
+            tuple(
+                Annotated[spec.config, Tag(f"{DRIVER_TAG_PREFIX}{name}")]
+                for name, spec in DRIVERS.items()
+            )
+        ],
+        Discriminator(
+            _driver_of,
+            custom_error_type="unknown_driver",
+            custom_error_message="unknown or missing driver; known drivers: " + ", ".join(DRIVERS),
+        ),
+    ]

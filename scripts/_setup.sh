@@ -1,0 +1,72 @@
+# Shared set-up steps for scripts/test and scripts/demo (sourced, not run).
+# The application lives in its own virtual environment: $EDGE_AGENT_VENV or ./.venv.
+VENV="${EDGE_AGENT_VENV:-$PWD/.venv}"
+PYTHON="${PYTHON:-python3}"
+
+die() { echo "error: $*" >&2; exit 1; }
+
+is_root() { [ "$(id -u)" = "0" ]; }
+
+apt_install() {
+  # Debian/Ubuntu only; other systems get a message naming the packages.
+  if is_root && command -v apt-get >/dev/null 2>&1; then
+    echo "==> installing Debian packages: $*"
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@"
+  else
+    die "missing system packages; install them first: sudo apt-get install $*"
+  fi
+}
+
+ensure_python_venv() {
+  command -v "$PYTHON" >/dev/null 2>&1 || die "python3 (3.11 or newer) is required"
+  "$PYTHON" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' \
+    || die "python 3.11 or newer is required, found $("$PYTHON" --version 2>&1)"
+  # Debian's python3 ships without venv/ensurepip until python3-venv is installed.
+  if ! "$PYTHON" -c 'import venv, ensurepip' >/dev/null 2>&1; then
+    ver="$("$PYTHON" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')"
+    apt_install "python${ver}-venv" || apt_install python3-venv
+  fi
+}
+
+find_pg_bin() {
+  # The PostgreSQL server binaries: $EDGE_AGENT_PG_BIN, $PATH, or Debian's versioned folder.
+  if [ -n "${EDGE_AGENT_PG_BIN:-}" ] && [ -x "$EDGE_AGENT_PG_BIN/initdb" ]; then echo "$EDGE_AGENT_PG_BIN"; return 0; fi
+  if command -v initdb >/dev/null 2>&1 && command -v pg_ctl >/dev/null 2>&1; then dirname "$(command -v initdb)"; return 0; fi
+  local d
+  for d in $(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V -r); do
+    if [ -x "$d/initdb" ]; then echo "$d"; return 0; fi
+  done
+  return 1
+}
+
+ensure_system_packages() {
+  local missing=()
+  command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing+=(mosquitto)
+  find_pg_bin >/dev/null || missing+=(postgresql)
+  if [ "${#missing[@]}" -gt 0 ]; then apt_install "${missing[@]}"; fi
+}
+
+ensure_venv() {
+  # Create or reuse the venv; reinstall only when pyproject.toml changed.
+  local spec="$1"
+  if [ ! -x "$VENV/bin/python" ]; then
+    echo "==> creating virtual environment $VENV"
+    "$PYTHON" -m venv "$VENV"
+  fi
+  local stamp="$VENV/.edge-agent-installed"
+  local want
+  want="$(cat pyproject.toml | sha256sum | cut -d' ' -f1) $spec"
+  local have=""
+  [ -f "$stamp" ] && have="$(cat "$stamp")"
+  # A venv set up for the tests also serves the demo (".[test]" includes ".").
+  if [ "$spec" = "." ] && [ "${have% *}" = "${want% *}" ] && [ "${have##* }" = ".[test]" ]; then
+    return 0
+  fi
+  if [ "$have" != "$want" ]; then
+    echo "==> installing $spec into $VENV"
+    "$VENV/bin/python" -m pip install -q --upgrade pip
+    "$VENV/bin/python" -m pip install -q -e "$spec"
+    echo "$want" > "$stamp"
+  fi
+}

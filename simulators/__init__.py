@@ -1,0 +1,1 @@
+"""PLC simulators of a production line (Modbus and OPC UA) over a shared line model."""

@@ -1,0 +1,1 @@
+"""Durable path: the SQLite outbox, the forwarder, the MQTT client, the central ingest."""
