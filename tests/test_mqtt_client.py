@@ -1,0 +1,160 @@
+"""sync.mqtt.MqttClient against a private mosquitto: publish/ack, will/birth, reconnect,
+resubscribe, TLS, refused credentials."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+
+import pytest
+
+from sync.mqtt import ConnectionLost, Message, MqttClient, NotConnected, TlsOptions, Will
+from tests.fixtures.mosquitto import MosquittoBroker
+from tests.fixtures.mqtt_client import MqttTestClient
+from tests.fixtures.pool import MosquittoFactory
+from tests.fixtures.ports import async_wait_until
+
+
+def client_for(broker: MosquittoBroker, **kwargs: object) -> MqttClient:
+    options: dict[str, object] = {
+        "host": broker.host,
+        "port": broker.port,
+        "client_id": "edge-agent-test",
+        "reconnect_min": 0.05,
+        "reconnect_max": 0.5,
+    }
+    options.update(kwargs)
+    return MqttClient(**options)  # type: ignore[arg-type]
+
+
+async def test_publish_is_acknowledged_and_received(mosquitto: MosquittoBroker) -> None:
+    received: list[Message] = []
+    async with client_for(mosquitto) as client:
+        async with asyncio.timeout(10):
+            await client.wait_connected()
+        client.subscribe("t/#", received.append)
+        await async_wait_until(lambda: client.stats.received >= 0, timeout=1)
+        # The subscription must be active before publishing: wait for our own probe.
+        while not received:
+            client.publish("t/probe", b"x", qos=1)
+            await asyncio.sleep(0.05)
+        futures = [client.publish_acked(f"t/{i}", b"%d" % i) for i in range(500)]
+        await asyncio.wait_for(asyncio.gather(*futures), 10)
+        await async_wait_until(lambda: len({m.topic for m in received}) >= 501, timeout=10)
+        assert client.inflight == 0
+
+
+async def test_birth_and_will(mosquitto: MosquittoBroker) -> None:
+    with MqttTestClient(mosquitto.host, mosquitto.port) as watcher:
+        watcher.subscribe("line/_agent/status")
+        client = client_for(
+            mosquitto,
+            will=Will("line/_agent/status", lambda: b"offline"),
+            birth=Will("line/_agent/status", lambda: b"online"),
+            keepalive=5,
+        )
+        async with client:
+            async with asyncio.timeout(10):
+                await client.wait_connected()
+            message = await asyncio.to_thread(watcher.wait_for_message, 5)
+            assert (message.payload, message.retain) == (b"online", False)
+            # Kill the client's socket without DISCONNECT: the broker publishes the will.
+            paho_client = client._client  # simulate a dead TCP connection
+            assert paho_client is not None
+            sock = paho_client.socket()
+            assert sock is not None
+            sock.shutdown(socket.SHUT_RDWR)
+            message = await asyncio.to_thread(watcher.wait_for_message, 10)
+            assert message.payload == b"offline"
+
+
+async def test_reconnects_after_broker_restart_and_resubscribes(
+    mosquitto: MosquittoBroker,
+) -> None:
+    received: list[Message] = []
+    changes: list[bool] = []
+    async with client_for(mosquitto) as client:
+        client.add_listener(changes.append)
+        async with asyncio.timeout(10):
+            await client.wait_connected()
+        client.subscribe("r/#", received.append)
+        await asyncio.to_thread(mosquitto.kill)
+        await async_wait_until(lambda: not client.is_connected, timeout=10, message="loss noticed")
+        with pytest.raises(NotConnected):
+            client.publish("r/x", b"1")
+        await asyncio.to_thread(mosquitto.restart)
+        async with asyncio.timeout(15):
+            await client.wait_connected()
+        assert changes[:3] == [True, False, True]
+
+        async def got_one() -> bool:
+            client.publish("r/after", b"2")
+            await asyncio.sleep(0.05)
+            return any(m.topic == "r/after" for m in received)
+
+        await async_wait_until(got_one, timeout=10, message="message after resubscribe")
+        assert client.stats.connects == 2
+
+
+async def test_loss_fails_pending_acks(mosquitto: MosquittoBroker) -> None:
+    async with client_for(mosquitto) as client:
+        async with asyncio.timeout(10):
+            await client.wait_connected()
+        await asyncio.to_thread(mosquitto.pause)  # SIGSTOP: accepts nothing, acks nothing
+        future = client.publish_acked("p/x", b"1")
+        paho_client = client._client
+        assert paho_client is not None
+        sock = paho_client.socket()
+        assert sock is not None
+        sock.shutdown(socket.SHUT_RDWR)
+        with pytest.raises(ConnectionLost):
+            await asyncio.wait_for(future, 10)
+        assert client.inflight == 0
+        await asyncio.to_thread(mosquitto.resume)
+
+
+async def test_tls_with_ca(mosquitto_factory: MosquittoFactory) -> None:
+    broker = mosquitto_factory(tls=True)
+    files = broker.tls_files
+    assert files is not None
+    assert broker.tls_port is not None
+    tls = TlsOptions(ca_file=str(files.ca_cert))
+    async with client_for(broker, port=broker.tls_port, tls=tls) as client:
+        async with asyncio.timeout(10):
+            await client.wait_connected()
+        await asyncio.wait_for(client.publish_acked("tls/x", b"1"), 5)
+
+
+async def test_tls_untrusted_ca_is_refused_with_a_clear_reason(
+    mosquitto_factory: MosquittoFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    broker = mosquitto_factory(tls=True)
+    assert broker.tls_port is not None
+    caplog.set_level(logging.WARNING, logger="edge_agent.mqtt")
+    async with client_for(broker, port=broker.tls_port, tls=TlsOptions()) as client:
+        await async_wait_until(lambda: client.stats.connect_failures >= 2, timeout=10)
+        assert not client.is_connected
+    assert "TLS certificate not trusted" in caplog.text
+    # Logged once per reason, not once per attempt.
+    assert caplog.text.count("cannot connect") == 1
+
+
+async def test_wrong_password_is_refused(
+    mosquitto_factory: MosquittoFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    broker = mosquitto_factory(users={"line3": "right"})
+    caplog.set_level(logging.WARNING, logger="edge_agent.mqtt")
+    async with client_for(broker, username="line3", password="wrong") as client:
+        await async_wait_until(lambda: client.stats.connect_failures >= 1, timeout=10)
+    assert "broker refused the connection" in caplog.text
+    async with client_for(broker, username="line3", password="right") as client:
+        async with asyncio.timeout(10):
+            await client.wait_connected()
+
+
+def test_constructor_validates() -> None:
+    with pytest.raises(ValueError, match="port"):
+        MqttClient(host="h", port=0, client_id="x")
+    with pytest.raises(ValueError, match="max_inflight"):
+        MqttClient(host="h", port=1883, client_id="x", max_inflight=70000)

@@ -1,0 +1,113 @@
+"""Report by exception: deadband, heartbeat, quality transitions (pure, time passed in)."""
+
+from __future__ import annotations
+
+import pytest
+
+from agent.pipeline import Pipeline, TagFilter
+from drivers.base import Reading
+from sync.events import Event
+
+
+def good(value: object, ts: float = 0.0) -> Reading:
+    return Reading("t", value, "good", ts)  # type: ignore[arg-type]
+
+
+def bad(reason: str = "timeout") -> Reading:
+    return Reading("t", None, "bad", 0.0, reason)
+
+
+# (deadband, [(monotonic time, reading)], expected publish decisions)
+CASES = [
+    ("first value", None, [(0, good(1))], [True]),
+    ("unchanged", None, [(0, good(1)), (1, good(1)), (2, good(1))], [True, False, False]),
+    ("changed", None, [(0, good(1)), (1, good(2))], [True, True]),
+    (
+        "inside deadband",
+        0.5,
+        [(0, good(20.0)), (1, good(20.4)), (2, good(19.6))],
+        [True, False, False],
+    ),
+    ("outside deadband", 0.5, [(0, good(20.0)), (1, good(20.6))], [True, True]),
+    (
+        "deadband from last published",
+        0.5,
+        [(0, good(20.0)), (1, good(20.3)), (2, good(20.6))],
+        [True, False, True],
+    ),
+    (
+        "heartbeat",
+        None,
+        [(0, good(1)), (59, good(1)), (60, good(1)), (61, good(1))],
+        [True, False, True, False],
+    ),
+    (
+        "bad once per transition",
+        None,
+        [(0, good(1)), (1, bad()), (2, bad()), (3, bad())],
+        [True, True, False, False],
+    ),
+    ("recovery publishes", None, [(0, bad()), (1, bad()), (2, good(1))], [True, False, True]),
+    ("no heartbeat while bad", None, [(0, bad()), (100, bad())], [True, False]),
+    ("type change", None, [(0, good(1)), (1, good("1"))], [True, True]),
+    ("bool flip", None, [(0, good(False)), (1, good(True))], [True, True]),
+    ("deadband ignores strings", 5.0, [(0, good("a")), (1, good("b"))], [True, True]),
+    (
+        "uncertain is a change",
+        None,
+        [(0, good(1)), (1, Reading("t", 1, "uncertain", 0.0))],
+        [True, True],
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("deadband", "steps", "expected"), [c[1:] for c in CASES], ids=[c[0] for c in CASES]
+)
+def test_tag_filter(
+    deadband: float | None, steps: list[tuple[float, Reading]], expected: list[bool]
+) -> None:
+    tag_filter = TagFilter(deadband, max_interval=60.0)
+    assert [tag_filter.offer(reading, now) for now, reading in steps] == expected
+
+
+def test_heartbeat_due() -> None:
+    tag_filter = TagFilter(None, max_interval=10.0)
+    tag_filter.offer(good(1), 0.0)
+    assert not tag_filter.heartbeat_due(9.9)
+    assert tag_filter.heartbeat_due(10.0)
+    tag_filter.offer(bad(), 11.0)
+    assert not tag_filter.heartbeat_due(100.0)
+
+
+async def test_pipeline_commits_before_publishing_and_feeds_observers() -> None:
+    order: list[str] = []
+    published: list[Event] = []
+    observed: list[int] = []
+
+    async def durable(events: list[Event]) -> None:
+        order.append(f"commit {len(events)}")
+
+    def live(events: list[Event]) -> None:
+        order.append(f"live {len(events)}")
+        published.extend(events)
+
+    now = [0.0]
+    pipeline = Pipeline(live=live, durable=durable, clock=lambda: now[0])
+    pipeline.configure_tag("press", "t", deadband=None, max_interval=60.0)
+    pipeline.add_observer(lambda device, readings: observed.append(len(readings)))
+    await pipeline.submit("press", [good(1, ts=100.0), Reading("unknown", 1, "good", 100.0)])
+    await pipeline.submit("press", [good(1, ts=101.0)])
+    assert order == ["commit 1", "live 1"]
+    assert observed == [2, 1]  # observers see every reading, published or not
+    assert published == [Event(100.0, "sample", "press", "t", 1, "good")]
+
+
+async def test_reconfigure_keeps_last_state() -> None:
+    published: list[Event] = []
+    pipeline = Pipeline(live=published.extend, clock=lambda: 0.0)
+    pipeline.configure_tag("d", "t", deadband=None, max_interval=60.0)
+    await pipeline.submit("d", [good(5)])
+    pipeline.configure_tag("d", "t", deadband=1.0, max_interval=60.0)
+    await pipeline.submit("d", [good(5)])
+    assert len(published) == 1
