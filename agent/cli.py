@@ -70,6 +70,14 @@ def _build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--seed", type=int, default=1, help="random seed of the line model")
     simulate.add_argument("--speed", type=float, default=1.0, help="simulated time factor")
     simulate.add_argument("--secure", action="store_true", help="opcua: secured endpoint only")
+    simulate.add_argument(
+        "--serial", default=None, help="modbus: serve RTU on PATH ('pty': make one)"
+    )
+    simulate.add_argument("--units", type=int, default=None, help="modbus: unit ids 1..N")
+    simulate.add_argument(
+        "--write-log", default=None, help="append every write to FILE (JSON lines)"
+    )
+    simulate.add_argument("--control-port", type=int, default=None, help="fault-injection port")
 
     oee = add("oee", "recompute OEE offline from recorded samples")
     oee.add_argument("-c", "--config", required=True, type=Path, help="agent config file")
@@ -189,13 +197,20 @@ def cmd_probe(args: argparse.Namespace) -> int:
 def cmd_simulate(args: argparse.Namespace) -> int:
     """`edge-agent simulate modbus|opcua`: a line simulator alone."""
     argv = ["--host", args.host, "--seed", str(args.seed), "--speed", str(args.speed)]
-    if args.port is not None:
-        argv += ["--port", str(args.port)]
+    for flag, value in (
+        ("--port", args.port),
+        ("--write-log", args.write_log),
+        ("--control-port", args.control_port),
+    ):
+        if value is not None:
+            argv += [flag, str(value)]
     if args.protocol == "modbus":
-        import importlib
+        from simulators.modbus import main as modbus_main
 
-        simulator = importlib.import_module("simulators.modbus")
-        return int(simulator.main(argv))
+        for flag, value in (("--serial", args.serial), ("--units", args.units)):
+            if value is not None:
+                argv += [flag, str(value)]
+        return modbus_main(argv)
     print("edge-agent simulate opcua: not yet available in this version", file=sys.stderr)
     return EXIT_FAILURE
 
