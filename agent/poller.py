@@ -22,7 +22,9 @@ DeviceState = Literal["up", "down", "open"]
 Submit = Callable[[str, list[Reading]], Awaitable[None]]
 DriverFactory = Callable[[], Driver]
 
-RECONNECT_MAX = 10.0  # seconds, the cap of the jittered exponential backoff
+# Cap of the jittered exponential reconnect backoff (<= 10 s): with the connect and the first
+# poll it keeps a returning device's values flowing again within 10 s.
+RECONNECT_MAX = 8.0
 
 
 class DevicePoller:
@@ -40,7 +42,7 @@ class DevicePoller:
         self._factory = driver_factory
         self._submit = submit
         self._clock = clock
-        self.state: DeviceState = "down"
+        self._state: DeviceState = "down"
         self.reason: str | None = "not connected yet"
         self.driver: Driver | None = None
         self.breaker = pybreaker.CircuitBreaker(
@@ -65,6 +67,13 @@ class DevicePoller:
         return self.config.name
 
     @property
+    def state(self) -> DeviceState:
+        """up, down, or open (down and the circuit breaker is open: not even trying)."""
+        if self._state != "up" and self.breaker.current_state == pybreaker.STATE_OPEN:
+            return "open"
+        return self._state
+
+    @property
     def breaker_state(self) -> str:
         """closed | open | half-open."""
         return str(self.breaker.current_state)
@@ -72,9 +81,9 @@ class DevicePoller:
     async def run(self) -> None:
         """Connect, poll, reconnect; forever."""
         while True:
-            driver = await self._connect()
+            driver, first = await self._connect()
             try:
-                await self._run_connected(driver)
+                await self._run_connected(driver, first)
             except* (DriverError, pybreaker.CircuitBreakerError, OSError) as group:
                 await self._went_down(_first_reason(group))
             except* Exception as group:
@@ -86,7 +95,13 @@ class DevicePoller:
                 self.driver = None
                 await driver.close()
 
-    async def _connect(self) -> Driver:
+    async def _connect(self) -> tuple[Driver, list[Reading] | None]:
+        """A connected driver and, for polled devices, its first poll.
+
+        The first poll is inside the same breaker call as the connect: a stalled PLC accepts
+        TCP connections but never answers, and a successful connect alone would reset the
+        breaker's failure count every time.
+        """
         retrying = AsyncRetrying(
             wait=wait_random_exponential(multiplier=0.5, max=RECONNECT_MAX),
             retry=retry_if_exception_type(
@@ -97,22 +112,26 @@ class DevicePoller:
         async for attempt in retrying:
             with attempt:
                 self.last_activity = self._clock()
-                if self.breaker.current_state == pybreaker.STATE_OPEN:
-                    await self._went_down("circuit breaker open", state="open")
                 driver = self._factory()
+                first: list[Reading] | None = None
                 try:
                     with self.breaker.calling():
                         async with asyncio.timeout(self.config.timeout + 10.0):
                             await driver.connect()
+                        if driver.polled_tags:
+                            async with asyncio.timeout(self._read_deadline):
+                                first = await driver.read()
                 except BaseException as exc:
                     await driver.close()
-                    if isinstance(exc, DriverError | OSError | TimeoutError):
+                    if isinstance(
+                        exc, DriverError | OSError | TimeoutError | pybreaker.CircuitBreakerError
+                    ):
                         await self._went_down(_describe(exc))
                     raise
                 self.driver = driver
                 self.reconnects += 1 if self._connected_once else 0
                 self._connected_once = True
-                return driver
+                return driver, first
         raise AssertionError("unreachable")
 
     async def _sleep(self, seconds: float) -> None:
@@ -122,34 +141,44 @@ class DevicePoller:
             self.last_activity = self._clock()
             await asyncio.sleep(min(remaining, 1.0))
 
-    async def _run_connected(self, driver: Driver) -> None:
+    @property
+    def _read_deadline(self) -> float:
+        return max(self.config.poll_interval, self.config.timeout) * 3 + 5.0
+
+    async def _run_connected(self, driver: Driver, first: list[Reading] | None) -> None:
         stream = driver.subscriptions()
         async with asyncio.TaskGroup() as group:
             if driver.polled_tags:
-                group.create_task(self._poll_loop(driver), name=f"poll:{self.name}")
+                group.create_task(self._poll_loop(driver, first), name=f"poll:{self.name}")
             if stream is not None:
                 group.create_task(self._consume(stream), name=f"subscription:{self.name}")
             if not driver.polled_tags and stream is None:
                 group.create_task(self._idle(), name=f"idle:{self.name}")
-            await self._came_up()
+            if not driver.polled_tags:
+                # Push-only devices are up once connected; polled ones after a good poll (a
+                # stalled PLC accepts TCP connections but never answers).
+                await self._came_up()
 
     async def _idle(self) -> None:
         while True:
             self.last_activity = self._clock()
             await asyncio.sleep(1.0)
 
-    async def _poll_loop(self, driver: Driver) -> None:
+    async def _poll_loop(self, driver: Driver, first: list[Reading] | None) -> None:
         interval = self.config.poll_interval
         next_tick = self._clock()
         while True:
             started = self._clock()
             self.last_activity = started
-            with self.breaker.calling():
-                async with asyncio.timeout(max(interval, self.config.timeout) * 3 + 5.0):
-                    readings = await driver.read()
+            if first is not None:
+                readings, first = first, None
+            else:
+                with self.breaker.calling():
+                    async with asyncio.timeout(self._read_deadline):
+                        readings = await driver.read()
             self.polls += 1
             self.last_poll_duration = self._clock() - started
-            if self.state != "up":
+            if self._state != "up":
                 await self._came_up()
             await self._submit(self.name, readings)
             next_tick += interval
@@ -168,23 +197,22 @@ class DevicePoller:
                 await self._submit(self.name, readings)
 
     async def _came_up(self) -> None:
-        if self.state == "up":
+        if self._state == "up":
             return
         if self._was_down_logged:
             log.info("device %s recovered", self.name)
         else:
             log.info("device %s connected", self.name)
         self._was_down_logged = False
-        self.state = "up"
+        self._state = "up"
         self.reason = None
 
-    async def _went_down(self, reason: str, *, state: DeviceState = "down") -> None:
+    async def _went_down(self, reason: str) -> None:
         self.poll_errors += 1
-        if self.breaker.current_state == pybreaker.STATE_OPEN:
-            state = "open"
-        transition = self.state == "up" or not self._was_down_logged
-        self.state = state
-        self.reason = reason
+        transition = self._state == "up" or not self._was_down_logged
+        self._state = "down"
+        if "circuit breaker" not in reason:
+            self.reason = reason
         if transition:
             log.warning("device %s down: %s", self.name, reason)
             self._was_down_logged = True

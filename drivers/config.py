@@ -179,7 +179,7 @@ class DeviceConfigBase(ConfigModel):
         description="Circuit breaker: consecutive failed connects or polls that open it.",
     )
     breaker_reset: Duration = Field(
-        default=as_written("30s"),
+        default=as_written("5s"),
         gt=0,
         description="Circuit breaker: how long it stays open before one trial.",
     )

@@ -495,5 +495,7 @@ def _reason(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
         return "timeout"
     text = str(exc).strip()
+    if "No response received" in text:
+        return "timeout"  # pymodbus' wording for a request that timed out
     # pymodbus messages start with "Modbus Error: [...]"; keep them short.
     return text.replace("Modbus Error: ", "")[:200] or type(exc).__name__
