@@ -199,6 +199,7 @@ async def test_closed_connection_is_unavailable_then_reconnects(sim: ModbusSimul
         await driver.read()
         sim.close_connections()
         await asyncio.sleep(0)  # let the close reach the client
+
         async def read_until_error() -> None:
             for _ in range(3):
                 await driver.read()
