@@ -215,6 +215,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return EXIT_FAILURE
 
 
+def cmd_oee(args: argparse.Namespace) -> int:
+    """`edge-agent oee`: OEE recomputed offline from recorded samples."""
+    from agent.replay import cmd_oee as run_oee
+
+    return run_oee(args)
+
+
 def _not_yet(name: str) -> Callable[[argparse.Namespace], int]:
     def handler(args: argparse.Namespace) -> int:
         print(f"edge-agent {name}: not yet available in this version", file=sys.stderr)
@@ -230,7 +237,7 @@ HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "demo": _not_yet("demo"),
     "probe": cmd_probe,
     "simulate": cmd_simulate,
-    "oee": _not_yet("oee"),
+    "oee": cmd_oee,
     "ingest": _not_yet("ingest"),
     "status": _not_yet("status"),
 }
