@@ -13,6 +13,7 @@ from typing import Any
 
 from agent import __version__
 from agent.live import LivePublisher
+from agent.oee_live import LiveOee
 from agent.pipeline import Pipeline
 from agent.poller import DevicePoller
 from agent.settings import AgentSettings
@@ -75,6 +76,7 @@ class Runtime:
         self.mqtt: MqttClient | None = None
         self.live: LivePublisher | None = None
         self.pipeline: Pipeline | None = None
+        self.oee: LiveOee | None = None
         self.pollers: dict[str, DevicePoller] = {}
         self._shared: dict[str, Any] = {}
         self._tasks: list[asyncio.Task[None]] = []
@@ -103,10 +105,15 @@ class Runtime:
                         deadband=tag.deadband,
                         max_interval=tag.max_interval or device.max_interval,
                     )
+            if settings.machines:
+                self.oee = LiveOee(settings, publish=live.offer, emit=pipeline.emit)
+                pipeline.add_observer(self.oee.observe)
             async with asyncio.TaskGroup() as group:
                 # Sinks first, sources last.
                 self._spawn(group, live.run(), "live-publisher")
                 self._spawn(group, pipeline.heartbeats(), "heartbeats")
+                if self.oee is not None:
+                    self._spawn(group, self.oee.run(), "oee")
                 for device in settings.devices:
                     poller = DevicePoller(
                         config=device,

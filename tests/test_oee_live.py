@@ -1,0 +1,103 @@
+"""Live OEE in the running daemon: machine state and OEE topics, the engine clock."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from agent.oee_live import REANCHOR_STEP, EngineClock
+from simulators.modbus import ModbusSimulator
+from tests.fixtures.collector import TopicCollector
+from tests.fixtures.mosquitto import MosquittoBroker
+from tests.test_runtime import ROOT, config_text, running, settings_for
+
+MACHINE = """
+[[machines]]
+name = "line_press"
+state = { tag = "press1/state_code", running = [1], planned_stop = [3], unplanned_stop = [2, 4] }
+total_count = "press1/total_count"
+ideal_cycle_time = "1.2s"
+calendar = "always"
+publish_interval = "1s"
+
+[[calendars]]
+name = "always"
+timezone = "UTC"
+shifts = [
+  { name = "day", start = "00:00", end = "12:00", days = "daily" },
+  { name = "night", start = "12:00", end = "00:00", days = "daily" },
+]
+"""
+
+OEE_KEYS = {
+    "machine",
+    "window",
+    "availability",
+    "performance",
+    "quality",
+    "oee",
+    "planned_busy_time_s",
+    "actual_production_time_s",
+    "unplanned_downtime_s",
+    "produced_quantity",
+    "good_quantity",
+    "reject_quantity",
+    "microstops",
+    "mtbf_s",
+    "mttr_s",
+}
+
+
+async def test_state_and_oee_topics(mosquitto: MosquittoBroker, tmp_path: Path) -> None:
+    async with ModbusSimulator(port=0, seed=5, speed=0.0) as sim:
+        sim.model(1).force_state(1)
+        text = config_text(mosquitto, tmp_path / "data", [("press1", sim.port)]) + MACHINE
+        settings = settings_for(tmp_path, text)
+        with TopicCollector(mosquitto, f"{ROOT}/line_press/#") as seen:
+            async with running(settings):
+                state = await asyncio.to_thread(
+                    seen.wait_for, f"{ROOT}/line_press/state", lambda p: p["state"] == "running"
+                )
+                sim.model(1).force_state(2, fault_code=3)
+                stopped = await asyncio.to_thread(
+                    seen.wait_for,
+                    f"{ROOT}/line_press/state",
+                    lambda p: p["state"] == "unplanned_stop",
+                )
+                shift = await asyncio.to_thread(
+                    seen.wait_for,
+                    f"{ROOT}/line_press/oee",
+                    lambda p: p["window"]["kind"] == "shift",
+                )
+                rolling = await asyncio.to_thread(
+                    seen.wait_for,
+                    f"{ROOT}/line_press/oee/rolling",
+                    lambda p: p["window"]["kind"] == "rolling",
+                )
+    assert set(state.json()) == {"ts", "state", "code"}
+    assert state.json()["code"] == 1
+    assert stopped.json()["code"] == 2
+    record = shift.json()
+    assert set(record) >= OEE_KEYS
+    assert record["machine"] == "line_press"
+    assert record["window"]["name"] in ("day", "night")
+    assert set(record["window"]) >= {"kind", "name", "start", "end"}
+    assert set(rolling.json()) >= OEE_KEYS
+
+
+def test_engine_clock_ignores_small_steps_and_never_goes_back() -> None:
+    wall = [1000.0]
+    mono = [50.0]
+    clock = EngineClock(wall=lambda: wall[0], monotonic=lambda: mono[0])
+    assert clock.now() == 1000.0
+    mono[0] += 10
+    wall[0] += 10 - 5  # NTP stepped the wall clock back by 5 s
+    assert clock.now() == 1010.0  # elapsed time follows the monotonic clock
+    wall[0] -= REANCHOR_STEP * 2  # a huge backwards step: re-anchored, but never backwards
+    assert clock.now() == 1010.0
+    mono[0] += 1
+    assert clock.now() >= 1010.0
+    wall[0] += REANCHOR_STEP * 10  # a huge forward step (clock fixed after boot)
+    mono[0] += 1
+    assert clock.now() == wall[0]
+    assert clock.reanchors == 2
