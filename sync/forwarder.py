@@ -35,7 +35,7 @@ from collections import deque
 from dataclasses import dataclass
 from functools import partial
 
-from sync.mqtt import Message, MqttClient, NotConnected
+from sync.mqtt import Message, MqttClient, NotConnected, PublishRejected
 from sync.outbox import Batch, Outbox, OutboxUnavailable
 
 log = logging.getLogger("edge_agent.forwarder")
@@ -419,8 +419,7 @@ class Forwarder:
     def _on_puback(self, sent: _Sent, future: asyncio.Future[None]) -> None:
         if future.cancelled():
             return
-        if future.exception() is not None and self._client.is_connected:
-            # Failed while the connection is up: the broker refused this message (a lost
-            # connection fails the future only after is_connected went False).
+        if isinstance(future.exception(), PublishRejected):
+            # The broker refused this message (a PUBACK with a failure reason code).
             self._rejected = sent
             self._wake.set()

@@ -45,6 +45,10 @@ class ConnectionLost(Exception):
     """Set on the PUBACK future of a message when its connection went away first."""
 
 
+class PublishRejected(ConnectionLost):
+    """Set on the PUBACK future when the broker refused the message (a failure reason code)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Message:
     """An incoming message."""
@@ -214,6 +218,11 @@ class MqttClient:
         """Call `listener(True)` on every connect and `listener(False)` on every loss."""
         self._listeners.append(listener)
 
+    def remove_listener(self, listener: ConnectionListener) -> None:
+        """Stop calling `listener`."""
+        if listener in self._listeners:
+            self._listeners.remove(listener)
+
     def subscribe(
         self, topic: str, handler: MessageHandler, *, qos: int = 1, no_local: bool = False
     ) -> None:
@@ -375,6 +384,11 @@ class MqttClient:
         sock = client.socket()
         if sock is None:
             raise ConnectionError("connection closed during connect")
+        # paho leaves Nagle on: with the broker's delayed ACK a publish that follows another
+        # waits ~40 ms. Every message here is complete when written, so send it now.
+        if isinstance(sock, socket.socket):  # also ssl.SSLSocket
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._watch(client, sock)
         try:
             reason = await asyncio.wait_for(connack, self._connect_timeout)
@@ -403,6 +417,12 @@ class MqttClient:
                 )
         for listener in list(self._listeners):
             listener(True)
+
+    def unsubscribe(self, topic: str) -> None:
+        """Drop a subscription (now and for later reconnects)."""
+        self._subscriptions = [sub for sub in self._subscriptions if sub.topic != topic]
+        if self._client is not None and self.is_connected:
+            self._client.unsubscribe(topic)
 
     def _subscribe(self, client: paho.Client, subscription: _Subscription) -> None:
         options = SubscribeOptions(qos=subscription.qos, **subscription.options)
@@ -518,7 +538,7 @@ class MqttClient:
             self._space.set()
         if future is not None and not future.done():
             if reason.is_failure:
-                future.set_exception(ConnectionLost(f"broker rejected the message: {reason}"))
+                future.set_exception(PublishRejected(f"broker rejected the message: {reason}"))
             else:
                 future.set_result(None)
 

@@ -20,6 +20,7 @@ Design (see design.md §6 and §9):
 from __future__ import annotations
 
 import asyncio
+import functools
 import heapq
 import itertools
 import json
@@ -217,6 +218,10 @@ class Outbox:
         self._oldest_ts: float | None = None
         self._dropped_total = 0
         self._append_failures = 0
+        self._refused_count = 0
+        self._refused_first_ts = 0.0
+        self._refused_last_ts = 0.0
+        self._refused_reason = ""
         self._commits = 0
         self._ack_waiters: list[tuple[int, int, asyncio.Future[None]]] = []
         self._waiter_ids = itertools.count()
@@ -456,10 +461,15 @@ class Outbox:
                 group.append(item)
                 taken += len(item.rows)
             self._queued_events -= taken
+            # Events refused earlier (disk full) are not lost silently: the first commit that
+            # works again starts with a gap event that counts them.
+            refused = self._refused_gap()
+            batches = [item.rows for item in group]
             try:
-                ranges = await self._transaction([item.rows for item in group])
+                ranges = await self._transaction([refused, *batches] if refused else batches)
             except OutboxUnavailable as exc:
                 self._append_failures += len(group)
+                self._note_refused(batches, str(exc))
                 for item in group:
                     if not item.future.done():
                         item.future.set_exception(exc)
@@ -472,9 +482,45 @@ class Outbox:
                     if not item.future.done():
                         item.future.set_exception(error)
                 continue
+            if refused:
+                ranges = ranges[1:]
+                log.warning(
+                    "outbox: appends work again; %d refused events recorded as a gap",
+                    self._refused_count,
+                )
+                self._refused_count = 0
             for item, seqs in zip(group, ranges, strict=True):
                 if not item.future.done():
                     item.future.set_result(seqs)
+
+    def _note_refused(self, batches: Sequence[Sequence[Row]], reason: str) -> None:
+        for batch in batches:
+            for row in batch:
+                ts = float(row[0])
+                if self._refused_count == 0:
+                    self._refused_first_ts = ts
+                    self._refused_last_ts = ts
+                    self._refused_reason = reason
+                self._refused_first_ts = min(self._refused_first_ts, ts)
+                self._refused_last_ts = max(self._refused_last_ts, ts)
+                self._refused_count += 1
+
+    def _refused_gap(self) -> list[Row]:
+        if self._refused_count == 0:
+            return []
+        gap = Event(
+            time.time(),
+            "gap",
+            value={
+                "reason": "append_failed",
+                "ranges": [],
+                "count": self._refused_count,
+                "first_ts": _ts_text(self._refused_first_ts),
+                "last_ts": _ts_text(self._refused_last_ts),
+                "detail": self._refused_reason,
+            },
+        )
+        return [encode_event(gap)]
 
     def _fail_pending(self, error: OutboxUnavailable) -> None:
         while self._queue:
@@ -827,33 +873,27 @@ def _encode_value(value: Any) -> str | None:
         raise ValueError(f"event value is not JSON-serialisable: {exc}") from exc
 
 
-_quoted: dict[str, str] = {}
-_ts_prefixes: dict[int, str] = {}
-
-
 def _quote(text: str | None) -> str:
-    # Device, tag and quality strings repeat endlessly: quote each once.
     if text is None:
         return "null"
-    quoted = _quoted.get(text)
-    if quoted is None:
-        if len(_quoted) > 10_000:
-            _quoted.clear()
-        quoted = json.dumps(text, ensure_ascii=False)
-        _quoted[text] = quoted
-    return quoted
+    return _quote_text(text)
+
+
+@functools.lru_cache(maxsize=16384)
+def _quote_text(text: str) -> str:
+    # Device, tag and quality strings repeat endlessly: quote each once.
+    return json.dumps(text, ensure_ascii=False)
+
+
+@functools.lru_cache(maxsize=4096)
+def _second_prefix(seconds: int) -> str:
+    return rfc3339(float(seconds))[:-5]
 
 
 def _ts_text(ts: float) -> str:
     """Same text as `sync.events.rfc3339`, with the date/time part cached per second."""
     seconds, millis = divmod(round(ts * 1000), 1000)
-    prefix = _ts_prefixes.get(seconds)
-    if prefix is None:
-        if len(_ts_prefixes) > 10_000:
-            _ts_prefixes.clear()
-        prefix = rfc3339(float(seconds))[:-5]
-        _ts_prefixes[seconds] = prefix
-    return f"{prefix}.{millis:03d}Z"
+    return f"{_second_prefix(seconds)}.{millis:03d}Z"
 
 
 def _ranges(seqs: Sequence[int]) -> list[list[int]]:

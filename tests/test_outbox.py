@@ -487,12 +487,19 @@ async def test_disk_full_fails_appends_then_recovers(tmp_path: Path) -> None:
         assert [e.seq for e in events] == list(range(1, outbox.committed_seq + 1))
         assert outbox.committed_seq >= committed
         last = outbox.committed_seq
-        # Room returns: appends resume by themselves, gapless.
+        # Room returns: appends resume by themselves, gapless; the refused events are not lost
+        # silently: a gap event that counts them comes first.
         await db.execute("PRAGMA max_page_count = 1073741823")
         assert await outbox.append([sample(6000, size=1000) for _ in range(20)]) == (
-            last + 1,
-            last + 20,
+            last + 2,
+            last + 21,
         )
+        gap = next(e for e in await stored(outbox) if e.seq == last + 1)
+        assert gap.kind == "gap"
+        assert gap.value["reason"] == "append_failed"
+        assert gap.value["count"] >= 40  # the append that hit the limit and the retry
+        assert gap.value["ranges"] == []
+        assert "database or disk is full" in gap.value["detail"]
 
 
 # -- acks ------------------------------------------------------------------------------------------
