@@ -175,6 +175,11 @@ class MqttConfig(TlsClientConfig):
     sync_batch_events: int = Field(
         default=1000, ge=1, le=50000, description="Most events in one S/sync message."
     )
+    sync_max_bytes: ByteSize = Field(
+        default=as_written("256KiB"),
+        ge=1024,
+        description="Largest S/sync message; keep it under the broker's message size limit.",
+    )
     sync_window: int = Field(
         default=8,
         ge=1,
@@ -551,7 +556,12 @@ _STEP_KEYS = ("write", "wait", "confirm")
 
 
 def _step_kind(value: Any) -> str | None:
-    keys = value.keys() if isinstance(value, dict) else value.__dict__.keys()
+    if isinstance(value, dict):
+        keys = value.keys()
+    elif isinstance(value, WriteStep | WaitStep | ConfirmStep):
+        keys = type(value).model_fields.keys()
+    else:
+        return None  # not a table: reported as "a step needs exactly one of ..."
     found = [key for key in _STEP_KEYS if key in keys]
     return f"step:{found[0]}" if len(found) == 1 else None
 

@@ -428,6 +428,12 @@ INVALID: list[tuple[str, str, str, str]] = [
         "workflows[0].steps[3]",
     ),
     (
+        "workflow-step-not-a-table",
+        '{ confirm = "central", timeout = "10s" }',
+        "true",
+        "workflows[0].steps[3]",
+    ),
+    (
         "workflow-confirm-not-central",
         'confirm = "central"',
         'confirm = "mes"',
