@@ -89,6 +89,8 @@ class Pipeline:
         self._filters: dict[tuple[str, str], TagFilter] = {}
         self._observers: list[Observer] = []
         self.events_total = 0
+        self.durable_failures = 0
+        self._durable_down = False
 
     def configure_tag(
         self, device: str, tag: str, *, deadband: float | None, max_interval: float
@@ -138,11 +140,33 @@ class Pipeline:
         await self.emit(events)
 
     async def emit(self, events: list[Event]) -> None:
-        """Send ready-made events through the durable sink, then live."""
+        """Send ready-made events through the durable sink, then live.
+
+        Nothing is published before its commit: if the outbox refuses the events (disk full),
+        they are not published live either, and their tags are offered again on the next
+        reading so that nothing is skipped once the outbox works again.
+        """
         if not events:
             return
         if self._durable is not None:
-            await self._durable(events)
+            try:
+                await self._durable(events)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.durable_failures += 1
+                if not self._durable_down:
+                    log.error("events not accepted by the outbox: %s", exc)
+                    self._durable_down = True
+                for event in events:
+                    if event.kind == "sample" and event.device and event.tag:
+                        tag_filter = self._filters.get((event.device, event.tag))
+                        if tag_filter is not None:
+                            tag_filter.quality = None  # forces the next reading through
+                return
+            if self._durable_down:
+                log.info("the outbox accepts events again")
+                self._durable_down = False
         self.events_total += len(events)
         self._live(events)
 

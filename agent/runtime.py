@@ -17,15 +17,19 @@ from agent.oee_live import LiveOee
 from agent.pipeline import Pipeline
 from agent.poller import DevicePoller
 from agent.settings import AgentSettings
-from agent.topics import live_topic, status_payload, status_topic
+from agent.topics import health_topic, live_topic, status_payload, status_topic
 from drivers.base import Driver, load_driver_class
 from drivers.config import DeviceConfigBase
 from drivers.registry import DRIVERS
-from sync.mqtt import MqttClient, TlsOptions, Will
+from sync.events import Event, dumps, rfc3339
+from sync.forwarder import Forwarder
+from sync.mqtt import MqttClient, NotConnected, TlsOptions, Will
+from sync.outbox import Outbox
 
 log = logging.getLogger("edge_agent.runtime")
 
 SHUTDOWN_GRACE = 5.0  # seconds for the last publishes after the sources stopped
+HEALTH_INTERVAL = 10.0  # R/_agent/health
 
 
 def make_driver_factory(
@@ -73,78 +77,161 @@ class Runtime:
 
     def __init__(self, settings: AgentSettings) -> None:
         self.settings = settings
+        self.outbox: Outbox | None = None
         self.mqtt: MqttClient | None = None
         self.live: LivePublisher | None = None
         self.pipeline: Pipeline | None = None
+        self.forwarder: Forwarder | None = None
         self.oee: LiveOee | None = None
         self.pollers: dict[str, DevicePoller] = {}
         self._shared: dict[str, Any] = {}
-        self._tasks: list[asyncio.Task[None]] = []
+        self._sources: list[asyncio.Task[None]] = []
+        self._sinks: list[asyncio.Task[None]] = []
         self.started = asyncio.Event()
+        self.started_at = time.time()
 
     def device_states(self) -> dict[str, str]:
         """{device: up|down|open}."""
         return {name: poller.state for name, poller in self.pollers.items()}
 
+    def health(self) -> dict[str, Any]:
+        """The R/_agent/health document (design §5)."""
+        outbox = self.outbox
+        oldest = outbox.oldest_unacked_ts if outbox is not None else None
+        now = time.time()
+        return {
+            "ts": rfc3339(now),
+            "stream": outbox.stream if outbox else None,
+            "committed_seq": outbox.committed_seq if outbox else 0,
+            "acked_seq": outbox.acked_seq if outbox else 0,
+            "outbox_events": outbox.events_count if outbox else 0,
+            "oldest_unacked_s": None if oldest is None else round(max(0.0, now - oldest), 3),
+            "dropped_total": outbox.dropped_total if outbox else 0,
+            "devices": self.device_states(),
+            "uplink": "up" if self.mqtt is not None and self.mqtt.is_connected else "down",
+        }
+
+    async def _durable(self, events: list[Event]) -> None:
+        assert self.outbox is not None
+        await self.outbox.append(events)
+
     async def run(self, stop: asyncio.Event) -> None:
         """Run until `stop` is set, then shut down in order: sources, then sinks."""
         settings = self.settings
-        settings.gateway.data_dir.mkdir(parents=True, exist_ok=True)
+        data_dir = settings.gateway.data_dir
+        await asyncio.to_thread(data_dir.mkdir, parents=True, exist_ok=True)
         root = settings.mqtt.topic_root
-        async with mqtt_client_for(settings) as mqtt:
-            self.mqtt = mqtt
-            live = LivePublisher(mqtt, topic_root=root)
-            self.live = live
-            pipeline = Pipeline(live=live.offer_events)
-            self.pipeline = pipeline
+        buffer = settings.buffer
+        async with Outbox(
+            data_dir / "outbox.db",
+            max_size=buffer.max_size,
+            commit_interval=buffer.commit_interval,
+            commit_max_events=buffer.commit_max_events,
+        ) as outbox:
+            self.outbox = outbox
+            if outbox.recovered_from:
+                log.error(
+                    "outbox was corrupt; moved to %s, new stream %s",
+                    outbox.recovered_from,
+                    outbox.stream,
+                )
+            await outbox.append([_lifecycle("start", outbox.stream)])
+            async with mqtt_client_for(settings) as mqtt:
+                self.mqtt = mqtt
+                await self._run_with(settings, outbox, mqtt, root, stop)
+                await mqtt.close(
+                    final_publish=(
+                        status_topic(root),
+                        status_payload(time.time(), "offline", __version__),
+                        True,
+                    )
+                )
+        log.info("stopped")
+
+    async def _run_with(
+        self,
+        settings: AgentSettings,
+        outbox: Outbox,
+        mqtt: MqttClient,
+        root: str,
+        stop: asyncio.Event,
+    ) -> None:
+        live = LivePublisher(mqtt, topic_root=root)
+        self.live = live
+        pipeline = Pipeline(live=live.offer_events, durable=self._durable)
+        self.pipeline = pipeline
+        mqtt_settings = settings.mqtt
+        forwarder = Forwarder(
+            outbox=outbox,
+            client=mqtt,
+            gateway_id=settings.gateway.id,
+            sync_prefix=mqtt_settings.sync_prefix,
+            batch_events=mqtt_settings.sync_batch_events,
+            window=mqtt_settings.sync_window,
+            ack_timeout=mqtt_settings.ack_timeout,
+            max_rate=mqtt_settings.sync_max_rate,
+            max_bytes=mqtt_settings.sync_max_bytes,
+        )
+        self.forwarder = forwarder
+        for device in settings.devices:
+            for tag in device.tag_list():
+                pipeline.configure_tag(
+                    device.name,
+                    tag.name,
+                    deadband=tag.deadband,
+                    max_interval=tag.max_interval or device.max_interval,
+                )
+        if settings.machines:
+            self.oee = LiveOee(settings, publish=live.offer, emit=pipeline.emit)
+            pipeline.add_observer(self.oee.observe)
+        async with asyncio.TaskGroup() as group:
+            # Sinks first, sources last.
+            self._sinks.append(group.create_task(live.run(), name="live-publisher"))
+            self._sinks.append(group.create_task(forwarder.run(), name="forwarder"))
+            self._sinks.append(group.create_task(self._health_loop(mqtt, root), name="health"))
+            self._sinks.append(group.create_task(pipeline.heartbeats(), name="heartbeats"))
+            if self.oee is not None:
+                self._sinks.append(group.create_task(self.oee.run(), name="oee"))
             for device in settings.devices:
-                for tag in device.tag_list():
-                    pipeline.configure_tag(
-                        device.name,
-                        tag.name,
-                        deadband=tag.deadband,
-                        max_interval=tag.max_interval or device.max_interval,
-                    )
-            if settings.machines:
-                self.oee = LiveOee(settings, publish=live.offer, emit=pipeline.emit)
-                pipeline.add_observer(self.oee.observe)
-            async with asyncio.TaskGroup() as group:
-                # Sinks first, sources last.
-                self._spawn(group, live.run(), "live-publisher")
-                self._spawn(group, pipeline.heartbeats(), "heartbeats")
-                if self.oee is not None:
-                    self._spawn(group, self.oee.run(), "oee")
-                for device in settings.devices:
-                    poller = DevicePoller(
-                        config=device,
-                        driver_factory=make_driver_factory(
-                            device, data_dir=str(settings.gateway.data_dir), shared=self._shared
-                        ),
-                        submit=pipeline.submit,
-                    )
-                    self.pollers[device.name] = poller
-                    self._spawn(group, poller.run(), f"device:{device.name}")
-                self.started.set()
-                log.info("running: %d devices, live topics under %s/", len(settings.devices), root)
-                await stop.wait()
-                log.info("stopping")
-                for task in reversed(self._tasks):
-                    task.cancel()
-            # Sources are stopped: give the last values a moment to reach the broker.
+                poller = DevicePoller(
+                    config=device,
+                    driver_factory=make_driver_factory(
+                        device, data_dir=str(settings.gateway.data_dir), shared=self._shared
+                    ),
+                    submit=pipeline.submit,
+                )
+                self.pollers[device.name] = poller
+                self._sources.append(group.create_task(poller.run(), name=f"device:{device.name}"))
+            self.started.set()
+            log.info("running: %d devices, live topics under %s/", len(settings.devices), root)
+            await stop.wait()
+            log.info("stopping")
+            # Sources first: no new readings; their pending appends complete or are cancelled.
+            for task in self._sources:
+                task.cancel()
+            await asyncio.wait(self._sources)
+            await outbox.append([_lifecycle("stop", outbox.stream)])
+            # Bounded time for the last live values and the last acknowledgements.
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(SHUTDOWN_GRACE):
                     await live.drain()
-            await mqtt.close(
-                final_publish=(
-                    status_topic(root),
-                    status_payload(time.time(), "offline", __version__),
-                    True,
-                )
-            )
-        log.info("stopped")
+                    if mqtt.is_connected:
+                        await outbox.wait_acked(outbox.committed_seq)
+            for task in self._sinks:
+                task.cancel()
 
-    def _spawn(self, group: asyncio.TaskGroup, coro: Any, name: str) -> None:
-        self._tasks.append(group.create_task(coro, name=name))
+    async def _health_loop(self, mqtt: MqttClient, root: str) -> None:
+        while True:
+            if mqtt.is_connected:
+                with contextlib.suppress(NotConnected):
+                    mqtt.publish(health_topic(root), dumps(self.health()), qos=0, retain=True)
+            await asyncio.sleep(HEALTH_INTERVAL)
+
+
+def _lifecycle(what: str, stream: str) -> Event:
+    return Event(
+        time.time(), "agent", value={"event": what, "version": __version__, "stream": stream}
+    )
 
 
 def topic_of(settings: AgentSettings, device: str, tag: str) -> str:
