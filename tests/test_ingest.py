@@ -1,0 +1,592 @@
+"""Central ingest end to end: a fake gateway, a real mosquitto, a real PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+import pytest
+
+from sync.events import dumps, rfc3339
+from sync.ingest import Ingest
+from sync.mqtt import Message, MqttClient
+from sync.partitions import month_index, partition_name
+from tests.fixtures import MosquittoBroker, PostgresServer, async_wait_until
+
+pytestmark = pytest.mark.slow
+
+NOW = time.time()
+
+
+def event_ts(seq: int) -> str:
+    """A distinct, recent event time per seq."""
+    return rfc3339(NOW + seq / 1000)
+
+
+def batch_doc(
+    gateway: str,
+    stream: str,
+    first: int,
+    last: int,
+    *,
+    absent: Iterable[int] = (),
+    ts: Any = event_ts,
+) -> dict[str, Any]:
+    """An S/sync document covering [first, last]; seqs in ``absent`` were dropped."""
+    skip = set(absent)
+    return {
+        "gateway": gateway,
+        "stream": stream,
+        "first_seq": first,
+        "last_seq": last,
+        "events": [
+            {
+                "seq": seq,
+                "ts": ts(seq),
+                "kind": "sample",
+                "device": "press1",
+                "tag": "temperature",
+                "value": {"v": seq},
+                "quality": "good",
+            }
+            for seq in range(first, last + 1)
+            if seq not in skip
+        ],
+    }
+
+
+@dataclass(frozen=True)
+class Ack:
+    """One S/ack as the gateway saw it."""
+
+    at: float
+    gateway: str
+    stream: str
+    acked_seq: int
+
+
+class FakeGateway:
+    """Publishes S/sync batches for any number of gateways and records every S/ack."""
+
+    def __init__(self, broker: MosquittoBroker, prefix: str = "edge") -> None:
+        """Prepare a client for ``broker``; use ``async with``."""
+        self.prefix = prefix
+        self.client = MqttClient(
+            host=broker.host,
+            port=broker.port,
+            client_id=f"fake-gateway-{uuid.uuid4().hex[:8]}",
+            reconnect_min=0.05,
+            reconnect_max=0.5,
+            name="fake-gateway",
+        )
+        self.acks: list[Ack] = []
+        self.watermark: dict[tuple[str, str], int] = {}
+        self.listeners: list[Callable[[Ack], None]] = []
+
+    async def __aenter__(self) -> FakeGateway:
+        """Connect and subscribe to every gateway's S/ack."""
+        self.client.subscribe(f"{self.prefix}/+/ack", self._on_ack, qos=1)
+        await self.client.__aenter__()
+        async with asyncio.timeout(10):
+            await self.client.wait_connected()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        """Disconnect."""
+        await self.client.close()
+
+    def _on_ack(self, message: Message) -> None:
+        gateway = message.topic.split("/")[-2]
+        doc = json.loads(message.payload)
+        ack = Ack(time.monotonic(), gateway, doc["stream"], doc["acked_seq"])
+        self.acks.append(ack)
+        key = (gateway, doc["stream"])
+        self.watermark[key] = max(self.watermark.get(key, 0), doc["acked_seq"])
+        for listener in self.listeners:
+            listener(ack)
+
+    def publish(self, doc: dict[str, Any]) -> None:
+        """Publish one S/sync document."""
+        self.publish_raw(doc["gateway"], dumps(doc))
+
+    def publish_raw(self, gateway: str, payload: bytes) -> None:
+        """Publish any payload on ``{prefix}/{gateway}/sync``."""
+        self.client.publish(f"{self.prefix}/{gateway}/sync", payload, qos=1)
+
+    def covered(self, doc: dict[str, Any]) -> bool:
+        """Whether an S/ack covers the whole batch."""
+        last: int = doc["last_seq"]
+        return self.watermark.get((doc["gateway"], doc["stream"]), 0) >= last
+
+    async def deliver(
+        self,
+        docs: list[dict[str, Any]],
+        *,
+        resend_after: float = 1.0,
+        timeout: float = 30.0,  # noqa: ASYNC109 - a deadline for the whole delivery
+    ) -> None:
+        """Publish all, then resend what no ack covers after ``resend_after`` (like the forwarder)."""
+        loop = asyncio.get_running_loop()
+        sent: dict[int, float] = {}
+        deadline = loop.time() + timeout
+        while True:
+            pending = [i for i, doc in enumerate(docs) if not self.covered(doc)]
+            if not pending:
+                return
+            if loop.time() > deadline:
+                raise TimeoutError(f"{len(pending)} of {len(docs)} batches never acked")
+            for i in pending:
+                if loop.time() - sent.get(i, -1e9) >= resend_after and self.client.is_connected:
+                    await self.client.wait_space()
+                    self.publish(docs[i])
+                    sent[i] = loop.time()
+            await asyncio.sleep(0.02)
+
+
+@contextlib.asynccontextmanager
+async def running_ingest(dsn: str, broker: MosquittoBroker, **kwargs: Any) -> AsyncIterator[Ingest]:
+    """Run an Ingest replica in a task; cancel it (and surface its errors) on exit."""
+    client = MqttClient(
+        host=broker.host,
+        port=broker.port,
+        client_id=f"ingest-{uuid.uuid4().hex[:8]}",
+        reconnect_min=0.05,
+        reconnect_max=0.5,
+        name="ingest-mqtt",
+    )
+    kwargs.setdefault("retry_max", 0.5)
+    ingest = Ingest(dsn=dsn, mqtt=client, **kwargs)
+    task = asyncio.create_task(ingest.run())
+    try:
+        async with asyncio.timeout(20):
+            ready = asyncio.create_task(ingest.wait_ready())
+            await asyncio.wait({task, ready}, return_when=asyncio.FIRST_COMPLETED)
+            ready.cancel()
+            if task.done():
+                task.result()  # raises what stopped it
+            await client.wait_connected()
+        yield ingest
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def probe(gateway: FakeGateway, *replicas: Ingest) -> None:
+    """Send small batches until every replica committed one: their subscriptions are live."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 15
+    while not all(r.stats.batches_committed for r in replicas):
+        if loop.time() > deadline:
+            raise TimeoutError("replicas never received a probe batch")
+        await gateway.deliver([batch_doc("probe", str(uuid.uuid4()), 1, 1)], resend_after=0.3)
+
+
+async def stored_rows(dsn: str) -> list[tuple[Any, ...]]:
+    """Every stored event (without received_at), sorted."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch(
+            "SELECT gateway_id, stream_id::text, seq, ts, kind, device, tag, value::text, "
+            "quality FROM edge_events WHERE gateway_id <> 'probe' ORDER BY 1, 2, 3"
+        )
+        return [tuple(row) for row in rows]
+    finally:
+        await conn.close()
+
+
+async def watermarks(dsn: str) -> dict[tuple[str, str], int]:
+    """(gateway, stream) -> acked_seq."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch(
+            "SELECT gateway_id, stream_id::text AS s, acked_seq FROM edge_streams "
+            "WHERE gateway_id <> 'probe'"
+        )
+        return {(row["gateway_id"], row["s"]): row["acked_seq"] for row in rows}
+    finally:
+        await conn.close()
+
+
+# -- tests --------------------------------------------------------------------------------------
+
+
+async def test_batches_land_in_month_partitions_and_default_rows_are_adopted(
+    postgres_database: str, mosquitto: MosquittoBroker
+) -> None:
+    current = month_index(datetime.now(UTC))
+    # An old buffer replayed: 5 months back has no partition until maintenance makes one.
+    old_year, old_month0 = divmod(current - 5, 12)
+    old = datetime(old_year, old_month0 + 1, 28, 23, 59, tzinfo=UTC).timestamp()
+    next_year, next_month0 = divmod(current + 1, 12)
+    boundary = datetime(next_year, next_month0 + 1, 1, tzinfo=UTC).timestamp()
+
+    stream = str(uuid.uuid4())
+    times = {
+        1: boundary - 0.002,  # last milliseconds of the current month
+        2: boundary - 0.001,
+        3: boundary,  # first instant of the next month
+        4: boundary + 0.001,
+        5: old,
+        6: old + 0.5,
+    }
+    doc = batch_doc("gw1", stream, 1, 6, ts=lambda seq: rfc3339(times[seq]))
+    # A debounce longer than the test: rows stay in the default until we ask.
+    async with (
+        running_ingest(postgres_database, mosquitto, maintenance_debounce=None) as ingest,
+        FakeGateway(mosquitto) as gateway,
+    ):
+        await gateway.deliver([doc])
+        assert gateway.watermark[("gw1", stream)] == 6
+        conn = await asyncpg.connect(postgres_database)
+        try:
+            placed = await conn.fetch(
+                "SELECT seq, tableoid::regclass::text AS part FROM edge_events "
+                "WHERE stream_id = $1 ORDER BY seq",
+                uuid.UUID(stream),
+            )
+            assert [row["part"] for row in placed] == [
+                partition_name(current),
+                partition_name(current),
+                partition_name(current + 1),
+                partition_name(current + 1),
+                "edge_events_default",
+                "edge_events_default",
+            ]
+        finally:
+            await conn.close()
+        assert ingest.stats.maintenance_runs == 1
+
+    # The next replica start maintains at once; with the debounce on it also reacts to new
+    # rows in a kept month without partition (3 months back) within a second.
+    stream2 = str(uuid.uuid4())
+    y3, m3 = divmod(current - 3, 12)
+    three_back = datetime(y3, m3 + 1, 2, tzinfo=UTC).timestamp()
+    async with (
+        running_ingest(postgres_database, mosquitto, maintenance_debounce=0.2) as ingest,
+        FakeGateway(mosquitto) as gateway,
+    ):
+        await gateway.deliver([batch_doc("gw1", stream2, 1, 2, ts=lambda s: rfc3339(three_back))])
+        conn = await asyncpg.connect(postgres_database)
+        try:
+
+            async def adopted() -> bool:
+                return not await conn.fetchval("SELECT count(*) FROM edge_events_default")
+
+            await async_wait_until(adopted, timeout=10, message="default partition emptied")
+            parts = await conn.fetch(
+                "SELECT DISTINCT tableoid::regclass::text AS p FROM edge_events ORDER BY 1"
+            )
+            assert [row["p"] for row in parts] == sorted(
+                {
+                    partition_name(current - 5),
+                    partition_name(current - 3),
+                    partition_name(current),
+                    partition_name(current + 1),
+                }
+            )
+            assert await conn.fetchval("SELECT count(*) FROM edge_events") == 8
+        finally:
+            await conn.close()
+        assert ingest.stats.maintenance_runs >= 2
+
+
+async def test_watermark_over_mqtt_with_out_of_order_dropped_and_duplicate_batches(
+    postgres_database: str, mosquitto: MosquittoBroker
+) -> None:
+    stream = str(uuid.uuid4())
+    async with (
+        running_ingest(postgres_database, mosquitto) as ingest,
+        FakeGateway(mosquitto) as gateway,
+    ):
+        await probe(gateway, ingest)
+        inserted, duplicates = ingest.stats.rows_inserted, ingest.stats.rows_duplicate
+
+        def mine() -> list[int]:
+            # Only this stream's acks: a late ack of a resent probe may arrive meanwhile.
+            return [a.acked_seq for a in gateway.acks if a.stream == stream]
+
+        async def acks(n: int) -> None:
+            await async_wait_until(lambda: len(mine()) >= n, message=f"{n} acks")
+
+        gateway.publish(batch_doc("gw1", stream, 11, 20))  # early: nothing contiguous yet
+        await acks(1)
+        assert mine() == [0]
+        # 4 and 5 were dropped at the gateway; a gap event (seq 21) would declare them.
+        gateway.publish(batch_doc("gw1", stream, 1, 10, absent=[4, 5]))
+        await acks(2)
+        assert mine() == [0, 20]
+        gateway.publish(batch_doc("gw1", stream, 1, 10, absent=[4, 5]))  # a resend
+        await acks(3)
+        assert mine() == [0, 20, 20]  # acked again: the forwarder learns it was absorbed
+        assert all(a.gateway == "gw1" for a in gateway.acks if a.stream == stream)
+        assert ingest.stats.rows_inserted - inserted == 18
+        # 8 rows of the resend (plus any late duplicate of a probe).
+        assert ingest.stats.rows_duplicate - duplicates >= 8
+
+    assert [row[2] for row in await stored_rows(postgres_database)] == [
+        s for s in range(1, 21) if s not in (4, 5)
+    ]
+    assert await watermarks(postgres_database) == {("gw1", stream): 20}
+
+
+async def test_malformed_messages_are_counted_logged_once_per_sender_and_skipped(
+    postgres_database: str, mosquitto: MosquittoBroker, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="edge_agent.ingest")
+    good = str(uuid.uuid4())
+    async with (
+        running_ingest(postgres_database, mosquitto) as ingest,
+        FakeGateway(mosquitto) as gateway,
+    ):
+        await probe(gateway, ingest)
+        bad = batch_doc("bad1", str(uuid.uuid4()), 1, 2)
+        gateway.publish_raw("bad1", b"{not json")
+        gateway.publish(batch_doc("good", good, 1, 5))
+        gateway.publish_raw("bad1", dumps({**bad, "gateway": "someone-else"}))
+        gateway.publish(batch_doc("bad2", str(uuid.uuid4()), 0, 2))  # first_seq 0
+        gateway.publish(batch_doc("good", good, 6, 10))
+        gateway.publish_raw("bad1", dumps({**bad, "events": [{**bad["events"][0], "kind": "x"}]}))
+        gateway.publish_raw("bad2", b"")
+        # Valid JSON, refused by PostgreSQL (jsonb has no \u0000): malformed too.
+        nul = batch_doc("bad2", str(uuid.uuid4()), 1, 1)
+        nul["events"][0]["value"] = "\u0000"
+        gateway.publish(nul)
+        gateway.publish(batch_doc("good", good, 11, 15))
+
+        await async_wait_until(lambda: ingest.stats.malformed == 6, message="6 malformed")
+        await gateway.deliver([batch_doc("good", good, 11, 15)])
+        assert ingest.stats.malformed_by_sender == {"bad1": 3, "bad2": 3}
+
+    assert await watermarks(postgres_database) == {("good", good): 15}
+    assert len(await stored_rows(postgres_database)) == 15
+    assert not any(ack.gateway.startswith("bad") for ack in gateway.acks)
+    logged = [r for r in caplog.records if "malformed" in r.getMessage()]
+    assert sorted(r.getMessage().split("'")[1] for r in logged) == ["bad1", "bad2"]
+
+
+async def test_every_ack_is_backed_by_committed_rows(
+    postgres_database: str, mosquitto: MosquittoBroker
+) -> None:
+    stream = str(uuid.uuid4())
+    docs = [batch_doc("gw1", stream, s, s + 49) for s in range(1, 1001, 50)]
+    conn = await asyncpg.connect(postgres_database)
+    checks: list[asyncio.Task[tuple[int, int]]] = []
+
+    async def stored_up_to(acked: int) -> tuple[int, int]:
+        # Read after the ack arrived: the commit must already be visible.
+        count = await conn.fetchval(
+            "SELECT count(*) FROM edge_events WHERE stream_id = $1 AND seq <= $2",
+            uuid.UUID(stream),
+            acked,
+        )
+        return acked, count
+
+    try:
+        async with (
+            running_ingest(postgres_database, mosquitto, pool_size=3) as ingest,
+            FakeGateway(mosquitto) as gateway,
+        ):
+            await probe(gateway, ingest)
+            lock = asyncio.Lock()
+
+            async def serialised(acked: int) -> tuple[int, int]:
+                async with lock:  # one asyncpg connection: one query at a time
+                    return await stored_up_to(acked)
+
+            def on_ack(ack: Ack) -> None:
+                if ack.stream == stream:
+                    checks.append(asyncio.create_task(serialised(ack.acked_seq)))
+
+            gateway.listeners.append(on_ack)
+            random.Random(3).shuffle(docs)
+            await gateway.deliver(docs)
+            results = await asyncio.gather(*checks)
+    finally:
+        await conn.close()
+    assert results, "no acks seen"
+    assert all(count == acked for acked, count in results), results
+    assert max(acked for acked, _ in results) == 1000
+
+
+async def run_workload(
+    dsn: str, broker: MosquittoBroker, docs: list[dict[str, Any]], replicas: int
+) -> list[Ingest]:
+    """Deliver ``docs`` (and random resends) through ``replicas`` ingests on one shared group."""
+    async with contextlib.AsyncExitStack() as stack:
+        ingests = [
+            await stack.enter_async_context(
+                running_ingest(dsn, broker, shared_group="ingest", pool_size=2)
+            )
+            for _ in range(replicas)
+        ]
+        gateway = await stack.enter_async_context(FakeGateway(broker))
+        assert ingests[0].topic == "$share/ingest/edge/+/sync"
+        await probe(gateway, *ingests)
+        rng = random.Random(11)
+        for doc in docs:  # out of order, plus duplicates, up front
+            gateway.publish(doc)
+            if rng.random() < 0.2:
+                gateway.publish(rng.choice(docs))
+        await gateway.deliver(docs, timeout=30)
+        return ingests
+
+
+async def test_two_replicas_on_a_shared_subscription_equal_one(
+    postgres_session: PostgresServer, mosquitto_factory: Any
+) -> None:
+    rng = random.Random(5)
+    docs: list[dict[str, Any]] = []
+    for gw in ("gw-a", "gw-b", "gw-c"):
+        for _ in range(2):
+            stream = str(uuid.uuid4())
+            seq = 1
+            while seq <= 600:
+                size = rng.randint(10, 60)
+                last = min(600, seq + size - 1)
+                absent = rng.sample(range(seq, last + 1), k=min(2, last - seq + 1))
+                docs.append(batch_doc(gw, stream, seq, last, absent=absent))
+                seq = last + 1
+    rng.shuffle(docs)
+
+    one_db = postgres_session.create_database(f"one_{uuid.uuid4().hex[:8]}")
+    two_db = postgres_session.create_database(f"two_{uuid.uuid4().hex[:8]}")
+    await run_workload(one_db, mosquitto_factory(), docs, replicas=1)
+    pair = await run_workload(two_db, mosquitto_factory(), docs, replicas=2)
+
+    assert all(r.stats.batches_committed > 1 for r in pair)  # both did real work
+    one_rows, two_rows = await stored_rows(one_db), await stored_rows(two_db)
+    assert len(one_rows) == sum(len(d["events"]) for d in docs)
+    assert one_rows == two_rows
+    expected = {(d["gateway"], d["stream"]): 600 for d in docs}
+    assert await watermarks(one_db) == expected
+    assert await watermarks(two_db) == expected
+    for dsn in (one_db, two_db):
+        conn = await asyncpg.connect(dsn)
+        try:
+            assert await conn.fetchval("SELECT count(*) FROM edge_stream_ranges") == 0
+        finally:
+            await conn.close()
+
+
+async def test_postgres_killed_mid_stream_loses_nothing_and_acks_resume(
+    postgres: PostgresServer, mosquitto: MosquittoBroker, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="edge_agent.ingest")
+    before_kill, during_outage = str(uuid.uuid4()), str(uuid.uuid4())
+    docs_a = [batch_doc("gw1", before_kill, s, s + 99) for s in range(1, 3001, 100)]
+    docs_b = [batch_doc("gw1", during_outage, s, s + 99) for s in range(1, 1001, 100)]
+    async with (
+        running_ingest(postgres.dsn, mosquitto, retry_max=0.5) as ingest,
+        FakeGateway(mosquitto) as gateway,
+    ):
+        await probe(gateway, ingest)
+
+        async def stream_a() -> None:
+            for doc in docs_a:  # paced, so that the kill lands mid-stream
+                gateway.publish(doc)
+                await asyncio.sleep(0.03)
+
+        publishing = asyncio.create_task(stream_a())
+        await async_wait_until(
+            lambda: gateway.watermark.get(("gw1", before_kill), 0) >= 500,
+            message="stream A under way",
+        )
+        await asyncio.to_thread(postgres.kill)
+        killed_at = time.monotonic()
+        await publishing
+
+        # During the outage: stream B arrives, the ingest notices, nothing of B is acked.
+        received = ingest.stats.messages
+        for doc in docs_b:
+            gateway.publish(doc)
+        await async_wait_until(lambda: not ingest.db_up, message="outage noticed")
+        await async_wait_until(
+            lambda: (
+                ingest.stats.messages >= received + len(docs_b) and ingest.stats.db_failures >= 3
+            ),
+            message="stream B received and retried during the outage",
+        )
+        assert not any(a.stream == during_outage for a in gateway.acks)
+        assert ingest.stats.overflow_dropped == 0
+        acked_before_restart = gateway.watermark.get(("gw1", before_kill), 0)
+        restart_at = time.monotonic()
+        await postgres.arestart()
+        # Every ack sent before the crash is durable: the recovered watermark is not lower.
+        conn = await asyncpg.connect(postgres.dsn)
+        try:
+            recovered = await conn.fetchval(
+                "SELECT acked_seq FROM edge_streams WHERE stream_id = $1",
+                uuid.UUID(before_kill),
+            )
+        finally:
+            await conn.close()
+        assert recovered >= acked_before_restart >= 500
+
+        # Resends after the ack timeout, like the forwarder: everything is acked in the end.
+        await gateway.deliver(docs_a + docs_b, resend_after=1.0, timeout=30)
+        assert ingest.db_up
+
+    assert not any(a.stream == during_outage and a.at < restart_at for a in gateway.acks), (
+        "acked during the outage"
+    )
+    # Acks seen between the kill and the restart can only be for commits made before the kill.
+    outage_acks = [a for a in gateway.acks if killed_at <= a.at < restart_at]
+    assert all(a.stream == before_kill for a in outage_acks)
+    assert ingest.stats.batches_committed >= len(docs_a) + len(docs_b)
+
+    rows = await stored_rows(postgres.dsn)
+    keys = [(r[1], r[2]) for r in rows]
+    assert len(keys) == len(set(keys)) == 3000 + 1000  # no loss, no duplicate row
+    assert await watermarks(postgres.dsn) == {
+        ("gw1", before_kill): 3000,
+        ("gw1", during_outage): 1000,
+    }
+    assert max(a.acked_seq for a in gateway.acks if a.stream == before_kill) == 3000
+    # Logged once per outage, not once per failed attempt.
+    messages = [r.getMessage() for r in caplog.records if r.name == "edge_agent.ingest"]
+    assert sum("PostgreSQL unavailable" in m for m in messages) == 1
+    assert sum("PostgreSQL available again" in m for m in messages) == 1
+
+
+async def test_ingest_started_while_postgres_is_down_waits_for_it(
+    postgres: PostgresServer, mosquitto: MosquittoBroker
+) -> None:
+    await asyncio.to_thread(postgres.kill)
+    client = MqttClient(host=mosquitto.host, port=mosquitto.port, client_id="ingest-late-db")
+    ingest = Ingest(dsn=postgres.dsn, mqtt=client, retry_max=0.3)
+    task = asyncio.create_task(ingest.run())
+    try:
+        await async_wait_until(lambda: ingest.stats.db_failures >= 3, message="retries")
+        assert not task.done()
+        assert not ingest.db_up
+        await postgres.arestart()
+        async with asyncio.timeout(20):
+            await ingest.wait_ready()
+        async with FakeGateway(mosquitto) as gateway:
+            await probe(gateway, ingest)
+        assert ingest.db_up
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def test_a_configuration_error_stops_the_ingest(
+    postgres_session: PostgresServer, mosquitto: MosquittoBroker
+) -> None:
+    client = MqttClient(host=mosquitto.host, port=mosquitto.port, client_id="ingest-bad-db")
+    ingest = Ingest(dsn=postgres_session.dsn_for("no_such_database"), mqtt=client)
+    with pytest.raises(asyncpg.InvalidCatalogNameError):
+        async with asyncio.timeout(20):
+            await ingest.run()
