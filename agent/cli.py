@@ -222,6 +222,17 @@ def cmd_oee(args: argparse.Namespace) -> int:
     return run_oee(args)
 
 
+def cmd_ingest(args: argparse.Namespace) -> int:
+    """`edge-agent ingest`: the central ingest service (config validated before start)."""
+    import asyncio
+
+    from agent.central import run_until_signalled
+    from agent.config_loader import load_central_settings
+
+    settings = load_central_settings(args.config)
+    return asyncio.run(run_until_signalled(settings))
+
+
 def _not_yet(name: str) -> Callable[[argparse.Namespace], int]:
     def handler(args: argparse.Namespace) -> int:
         print(f"edge-agent {name}: not yet available in this version", file=sys.stderr)
@@ -238,7 +249,7 @@ HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "probe": cmd_probe,
     "simulate": cmd_simulate,
     "oee": cmd_oee,
-    "ingest": _not_yet("ingest"),
+    "ingest": cmd_ingest,
     "status": _not_yet("status"),
 }
 

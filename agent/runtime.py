@@ -29,7 +29,6 @@ from sync.outbox import Outbox
 log = logging.getLogger("edge_agent.runtime")
 
 SHUTDOWN_GRACE = 5.0  # seconds for the last publishes after the sources stopped
-HEALTH_INTERVAL = 10.0  # R/_agent/health
 
 
 def make_driver_factory(
@@ -225,7 +224,7 @@ class Runtime:
             if mqtt.is_connected:
                 with contextlib.suppress(NotConnected):
                     mqtt.publish(health_topic(root), dumps(self.health()), qos=0, retain=True)
-            await asyncio.sleep(HEALTH_INTERVAL)
+            await asyncio.sleep(self.settings.mqtt.health_interval)
 
 
 def _lifecycle(what: str, stream: str) -> Event:

@@ -189,6 +189,11 @@ class MqttConfig(TlsClientConfig):
     ack_timeout: Duration = Field(
         default=as_written("30s"), gt=0, description="An unacknowledged batch is resent after this."
     )
+    health_interval: Duration = Field(
+        default=as_written("10s"),
+        gt=0,
+        description="How often R/_agent/health is published (retained, QoS 0).",
+    )
     sync_max_rate: int = Field(
         default=0,
         ge=0,

@@ -1,0 +1,70 @@
+"""`edge-agent ingest`: the central ingest service, wired from its config file."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import uuid
+
+from agent.settings import CentralSettings
+from sync.ingest import Ingest
+from sync.mqtt import MqttClient, TlsOptions
+
+log = logging.getLogger("edge_agent.ingest")
+
+
+def ingest_for(settings: CentralSettings) -> Ingest:
+    """An Ingest replica for a loaded central config."""
+    mqtt = settings.mqtt
+    tls = (
+        TlsOptions(
+            ca_file=str(mqtt.ca_file) if mqtt.ca_file else None,
+            cert_file=str(mqtt.cert_file) if mqtt.cert_file else None,
+            key_file=str(mqtt.key_file) if mqtt.key_file else None,
+        )
+        if mqtt.tls
+        else None
+    )
+    # Replicas must not share a client id (the broker would disconnect one for the other).
+    client_id = mqtt.client_id or f"edge-agent-ingest-{uuid.uuid4().hex[:12]}"
+    client = MqttClient(
+        host=mqtt.host,
+        port=mqtt.port,
+        client_id=client_id,
+        username=mqtt.username,
+        password=mqtt.password.get_secret_value() if mqtt.password else None,
+        tls=tls,
+        keepalive=mqtt.keepalive,
+        name="ingest-mqtt",
+    )
+    dsn = settings.postgres.dsn
+    assert dsn is not None  # checked at load
+    return Ingest(
+        dsn=dsn.get_secret_value(),
+        mqtt=client,
+        sync_prefix=mqtt.sync_prefix,
+        shared_group=mqtt.shared_group,
+        months_ahead=settings.partitions.months_ahead,
+        retention_months=settings.partitions.retention_months,
+        maintenance_interval=settings.partitions.maintenance_interval,
+        pool_size=settings.postgres.pool_size,
+    )
+
+
+async def run_until_signalled(settings: CentralSettings) -> int:
+    """Run one replica until SIGTERM/SIGINT; exit code 0."""
+    loop = asyncio.get_running_loop()
+    ingest = ingest_for(settings)
+    task = asyncio.create_task(ingest.run(), name="ingest")
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, task.cancel)
+    try:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+    log.info("ingest stopped")
+    return 0
