@@ -208,7 +208,8 @@ class Runtime:
             # Sources first: no new readings; their pending appends complete or are cancelled.
             for task in self._sources:
                 task.cancel()
-            await asyncio.wait(self._sources)
+            if self._sources:
+                await asyncio.wait(self._sources)
             await outbox.append([_lifecycle("stop", outbox.stream)])
             # Bounded time for the last live values and the last acknowledgements.
             with contextlib.suppress(TimeoutError):

@@ -431,3 +431,11 @@ async def test_control_channel_restart(tmp_path: Path) -> None:
     finally:
         os.kill(process.pid, signal.SIGKILL)
         process.wait()
+
+
+async def test_run_without_devices_stops_cleanly(
+    mosquitto: MosquittoBroker, tmp_path: Path
+) -> None:
+    text = config_text(mosquitto, tmp_path / "data", [])
+    async with running(settings_for(tmp_path, text)) as runtime:
+        assert runtime.pollers == {}
