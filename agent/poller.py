@@ -13,7 +13,7 @@ from typing import Literal
 import pybreaker
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_random_exponential
 
-from drivers.base import Driver, DriverError, Reading
+from drivers.base import Driver, DriverError, DriverUnavailable, JsonValue, Reading
 from drivers.config import DeviceConfigBase
 
 log = logging.getLogger("edge_agent.poller")
@@ -77,6 +77,27 @@ class DevicePoller:
     def breaker_state(self) -> str:
         """closed | open | half-open."""
         return str(self.breaker.current_state)
+
+    def _connected_driver(self) -> Driver:
+        driver = self.driver
+        if driver is None or self._state != "up":
+            raise DriverUnavailable(f"device {self.name} is {self.state}: {self.reason or ''}")
+        return driver
+
+    async def write(self, tag: str, value: JsonValue) -> JsonValue:
+        """Write once through the current connection and return the verified read-back value.
+
+        Raises DriverUnavailable when the device is not up (the caller decides; never queued).
+        """
+        driver = self._connected_driver()
+        async with asyncio.timeout(self.config.timeout * 4 + 5.0):
+            return await driver.write(tag, value)
+
+    async def read_tag(self, tag: str) -> Reading:
+        """Read one tag now through the current connection."""
+        driver = self._connected_driver()
+        async with asyncio.timeout(self.config.timeout * 3 + 5.0):
+            return await driver.read_tag(tag)
 
     async def run(self) -> None:
         """Connect, poll, reconnect; forever."""

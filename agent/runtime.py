@@ -18,7 +18,7 @@ from agent.pipeline import Pipeline
 from agent.poller import DevicePoller
 from agent.settings import AgentSettings
 from agent.topics import health_topic, live_topic, status_payload, status_topic
-from drivers.base import Driver, load_driver_class
+from drivers.base import Driver, DriverFault, JsonValue, Reading, load_driver_class
 from drivers.config import DeviceConfigBase
 from drivers.registry import DRIVERS
 from sync.events import Event, dumps, rfc3339
@@ -92,6 +92,27 @@ class Runtime:
     def device_states(self) -> dict[str, str]:
         """{device: up|down|open}."""
         return {name: poller.state for name, poller in self.pollers.items()}
+
+    def _poller_for(self, ref: str) -> tuple[DevicePoller, str]:
+        device, _, tag = ref.partition("/")
+        poller = self.pollers.get(device)
+        resolved = self.settings.tag(ref)
+        if poller is None or resolved is None:
+            raise DriverFault(f"unknown tag {ref!r}")
+        return poller, tag
+
+    async def write(self, ref: str, value: JsonValue) -> JsonValue:
+        """Write 'device/tag' once (only writable tags, checked again here) and verify it."""
+        resolved = self.settings.tag(ref)
+        if resolved is None or not resolved[1].writable:
+            raise DriverFault(f"{ref} is not a writable tag")
+        poller, tag = self._poller_for(ref)
+        return await poller.write(tag, value)
+
+    async def read(self, ref: str) -> Reading:
+        """Read 'device/tag' now."""
+        poller, tag = self._poller_for(ref)
+        return await poller.read_tag(tag)
 
     def health(self) -> dict[str, Any]:
         """The R/_agent/health document (design §5)."""

@@ -439,3 +439,25 @@ async def test_run_without_devices_stops_cleanly(
     text = config_text(mosquitto, tmp_path / "data", [])
     async with running(settings_for(tmp_path, text)) as runtime:
         assert runtime.pollers == {}
+
+
+async def test_runtime_write_and_read_go_through_the_device(
+    mosquitto: MosquittoBroker, tmp_path: Path
+) -> None:
+    from drivers.base import DriverFault
+
+    writable = (
+        '  [[devices.tags]]\n  name = "product_code"\n  address = "hr:200"\n  writable = true\n'
+    )
+    text = config_text(mosquitto, tmp_path / "data", [("press1", 0)]) + writable
+    async with ModbusSimulator(port=0, seed=5, speed=0.0) as sim:
+        text = text.replace("tcp://127.0.0.1:0", f"tcp://127.0.0.1:{sim.port}")
+        async with running(settings_for(tmp_path, text)) as runtime:
+            await async_wait_until(lambda: runtime.pollers["press1"].state == "up", timeout=10)
+            assert await runtime.write("press1/product_code", 321) == 321
+            assert sim.model(1).product_code == 321
+            assert (await runtime.read("press1/product_code")).value == 321
+            with pytest.raises(DriverFault, match="not a writable tag"):
+                await runtime.write("press1/state_code", 1)
+            with pytest.raises(DriverFault, match="not a writable tag"):
+                await runtime.write("press9/x", 1)
