@@ -233,6 +233,17 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     return asyncio.run(run_until_signalled(settings))
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    """`edge-agent status`: 0 healthy, 1 degraded, 2 unreachable."""
+    from agent.config_loader import load_agent_settings
+    from agent.status import run_status
+
+    settings = load_agent_settings(args.config)
+    code, text = run_status(settings)
+    print(text, file=sys.stdout if code != 2 else sys.stderr)
+    return code
+
+
 def _not_yet(name: str) -> Callable[[argparse.Namespace], int]:
     def handler(args: argparse.Namespace) -> int:
         print(f"edge-agent {name}: not yet available in this version", file=sys.stderr)
@@ -250,7 +261,7 @@ HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "simulate": cmd_simulate,
     "oee": cmd_oee,
     "ingest": cmd_ingest,
-    "status": _not_yet("status"),
+    "status": cmd_status,
 }
 
 

@@ -92,6 +92,11 @@ class Pipeline:
         self.durable_failures = 0
         self._durable_down = False
 
+    @property
+    def durable_down(self) -> bool:
+        """Whether the last durable append failed (the outbox refuses events)."""
+        return self._durable_down
+
     def configure_tag(
         self, device: str, tag: str, *, deadband: float | None, max_interval: float
     ) -> None:

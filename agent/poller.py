@@ -58,6 +58,7 @@ class DevicePoller:
         self.reconnects = 0
         self.last_poll_duration = 0.0
         self.last_activity = clock()  # watchdog: the poller is alive
+        self.on_poll: Callable[[str, float], None] | None = None  # metrics hook
         self._was_down_logged = False
         self._connected_once = False
 
@@ -199,6 +200,8 @@ class DevicePoller:
                         readings = await driver.read()
             self.polls += 1
             self.last_poll_duration = self._clock() - started
+            if self.on_poll is not None:
+                self.on_poll(self.name, self.last_poll_duration)
             if self._state != "up":
                 await self._came_up()
             await self._submit(self.name, readings)

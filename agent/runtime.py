@@ -12,7 +12,9 @@ from collections.abc import Callable
 from typing import Any
 
 from agent import __version__
+from agent.http import HttpServer, Response, Route, json_response
 from agent.live import LivePublisher
+from agent.metrics import AgentMetrics
 from agent.oee_live import LiveOee
 from agent.pipeline import Pipeline
 from agent.poller import DevicePoller
@@ -88,6 +90,8 @@ class Runtime:
         self._sinks: list[asyncio.Task[None]] = []
         self.started = asyncio.Event()
         self.started_at = time.time()
+        self.metrics: AgentMetrics | None = None
+        self.http: HttpServer | None = None
 
     def device_states(self) -> dict[str, str]:
         """{device: up|down|open}."""
@@ -113,6 +117,51 @@ class Runtime:
         """Read 'device/tag' now."""
         poller, tag = self._poller_for(ref)
         return await poller.read_tag(tag)
+
+    def status(self) -> dict[str, Any]:
+        """The health document plus details, for /status and `edge-agent status`."""
+        document = self.health()
+        document["version"] = __version__
+        document["uptime_s"] = round(time.time() - self.started_at, 1)
+        document["gateway"] = self.settings.gateway.id
+        document["device_detail"] = {
+            name: {
+                "state": poller.state,
+                "reason": poller.reason,
+                "breaker": poller.breaker_state,
+                "polls": poller.polls,
+                "last_poll_s": round(poller.last_poll_duration, 4),
+            }
+            for name, poller in self.pollers.items()
+        }
+        document["uplink_error"] = self.mqtt.last_error if self.mqtt is not None else None
+        document["outbox_append_failures"] = self.outbox.append_failures if self.outbox else 0
+        document["oee"] = self.oee.machines if self.oee is not None else {}
+        return document
+
+    def ready(self) -> bool:
+        """Outbox open, and either the uplink is up or events are being buffered."""
+        if self.outbox is None or not self.started.is_set():
+            return False
+        uplink = self.mqtt is not None and self.mqtt.is_connected
+        buffering = self.pipeline is not None and not self.pipeline.durable_down
+        return uplink or buffering
+
+    def _routes(self, metrics: AgentMetrics) -> dict[str, Route]:
+        def healthz() -> Response:
+            return json_response({"status": "alive"})
+
+        def readyz() -> Response:
+            ready = self.ready()
+            return json_response({"ready": ready}, 200 if ready else 503)
+
+        def status() -> Response:
+            return json_response(self.status())
+
+        def metrics_page() -> Response:
+            return Response(200, metrics.render(), "text/plain; version=0.0.4; charset=utf-8")
+
+        return {"/healthz": healthz, "/readyz": readyz, "/status": status, "/metrics": metrics_page}
 
     def health(self) -> dict[str, Any]:
         """The R/_agent/health document (design §5)."""
@@ -156,7 +205,20 @@ class Runtime:
                     outbox.stream,
                 )
             await outbox.append([_lifecycle("start", outbox.stream)])
-            async with mqtt_client_for(settings) as mqtt:
+            metrics = AgentMetrics(self)
+            self.metrics = metrics
+            async with contextlib.AsyncExitStack() as stack:
+                if settings.http.enabled:
+                    host, _, port = settings.http.listen.rpartition(":")
+                    server = HttpServer(
+                        host=host.strip("[]"), port=int(port), routes=self._routes(metrics)
+                    )
+                    try:
+                        self.http = await stack.enter_async_context(server)
+                    except OSError as exc:
+                        # The endpoint is for operators; the data path must run without it.
+                        log.error("http: cannot listen on %s: %s", settings.http.listen, exc)
+                mqtt = await stack.enter_async_context(mqtt_client_for(settings))
                 self.mqtt = mqtt
                 await self._run_with(settings, outbox, mqtt, root, stop)
                 await mqtt.close(
@@ -220,6 +282,8 @@ class Runtime:
                     ),
                     submit=pipeline.submit,
                 )
+                if self.metrics is not None:
+                    poller.on_poll = self.metrics.observe_poll
                 self.pollers[device.name] = poller
                 self._sources.append(group.create_task(poller.run(), name=f"device:{device.name}"))
             self.started.set()

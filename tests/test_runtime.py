@@ -82,6 +82,9 @@ data_dir = "{data_dir}"
 
 [mqtt]
 url = "{broker.url}"
+
+[http]
+listen = "127.0.0.1:{free_port()}"
 """ + "".join(blocks)
 
 

@@ -1,0 +1,94 @@
+"""/healthz /readyz /status /metrics of the running daemon, and `edge-agent status`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from simulators.modbus import ModbusSimulator
+from tests.fixtures.mosquitto import MosquittoBroker
+from tests.fixtures.ports import async_wait_until, free_port
+from tests.test_runtime import REPO, config_text, running, settings_for
+
+
+def get(port: int, path: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def status_command(config: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "agent.cli", "status", "-c", str(config)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+async def test_endpoints_metrics_and_status(mosquitto: MosquittoBroker, tmp_path: Path) -> None:
+    async with ModbusSimulator(port=0, seed=5, speed=0.0) as sim:
+        text = config_text(
+            mosquitto, tmp_path / "data", [("press1", sim.port), ("gone", free_port())]
+        )
+        settings = settings_for(tmp_path, text)
+        port = int(settings.http.listen.rsplit(":", 1)[1])
+        async with running(settings) as runtime:
+            await async_wait_until(lambda: runtime.pollers["press1"].polls >= 2, timeout=10)
+            await async_wait_until(
+                lambda: runtime.mqtt is not None and runtime.mqtt.is_connected, timeout=10
+            )
+            assert await asyncio.to_thread(get, port, "/healthz") == (200, b'{"status":"alive"}')
+            code, body = await asyncio.to_thread(get, port, "/readyz")
+            assert (code, json.loads(body)) == (200, {"ready": True})
+            code, body = await asyncio.to_thread(get, port, "/status")
+            status = json.loads(body)
+            assert status["devices"] == {"press1": "up", "gone": "down"}
+            assert status["uplink"] == "up"
+            assert status["committed_seq"] >= 1
+            code, body = await asyncio.to_thread(get, port, "/metrics")
+            families = {f.name: f for f in text_string_to_metric_families(body.decode())}
+            assert code == 200
+            up = {s.labels["device"]: s.value for s in families["edge_agent_device_up"].samples}
+            assert up == {"press1": 1.0, "gone": 0.0}
+            durations = [
+                s
+                for s in families["edge_agent_poll_duration_seconds"].samples
+                if s.name.endswith("_count") and s.labels["device"] == "press1"
+            ]
+            assert durations[0].value >= 2
+            assert families["edge_agent_mqtt_connected"].samples[0].value == 1.0
+            assert families["edge_agent_outbox_committed_seq"].samples[0].value >= 1
+            assert "edge_agent_sync_batches_sent" in families
+            assert (await asyncio.to_thread(get, port, "/nope"))[0] == 404
+            result = await asyncio.to_thread(status_command, tmp_path / "agent.toml")
+            assert result.returncode == 1, result.stdout + result.stderr  # "gone" is down
+            assert "devices    1/2 up" in result.stdout
+            assert "degraded: device gone down" in result.stdout
+    result = await asyncio.to_thread(status_command, tmp_path / "agent.toml")
+    assert result.returncode == 2
+    assert "unreachable" in result.stderr
+
+
+async def test_status_healthy(mosquitto: MosquittoBroker, tmp_path: Path) -> None:
+    async with ModbusSimulator(port=0, seed=5, speed=0.0) as sim:
+        settings = settings_for(
+            tmp_path, config_text(mosquitto, tmp_path / "data", [("press1", sim.port)])
+        )
+        async with running(settings) as runtime:
+            await async_wait_until(lambda: runtime.pollers["press1"].state == "up", timeout=10)
+            await async_wait_until(
+                lambda: runtime.mqtt is not None and runtime.mqtt.is_connected, timeout=10
+            )
+            result = await asyncio.to_thread(status_command, tmp_path / "agent.toml")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "status     healthy" in result.stdout
