@@ -178,7 +178,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from agent.runtime import run_until_signalled
 
     settings = load_agent_settings(args.config)
-    return asyncio.run(run_until_signalled(settings))
+    return asyncio.run(run_until_signalled(settings, args.config))
 
 
 def cmd_probe(args: argparse.Namespace) -> int:

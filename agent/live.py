@@ -50,9 +50,13 @@ class LivePublisher:
                 )
 
     def forget(self, topic: str) -> None:
-        """Stop re-publishing a topic (its tag was removed)."""
+        """Stop re-publishing a topic."""
         self._latest.pop(topic, None)
         self._dirty.pop(topic, None)
+
+    def clear(self, topic: str) -> None:
+        """Delete a topic's retained value at the broker (its tag was removed)."""
+        self.offer(topic, b"")  # an empty retained message deletes the retained value
 
     @property
     def pending(self) -> int:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent.oee import OeeEngine
-from agent.settings import AgentSettings, MachineConfig
+from agent.settings import AgentSettings, CalendarConfig, MachineConfig
 from agent.topics import machine_state_payload, machine_state_topic, oee_topic
 from drivers.base import Reading
 from sync.events import Event, dumps, json_safe
@@ -61,6 +61,7 @@ class _Machine:
     engine: OeeEngine
     state_ref: tuple[str, str]
     counters: dict[tuple[str, str], str]  # (device, tag) -> total | reject | good
+    calendar: CalendarConfig
     last_report: dict[str, Any] | None = None
 
 
@@ -82,19 +83,39 @@ class LiveOee:
         self._machines: list[_Machine] = []
         self._by_tag: dict[tuple[str, str], list[tuple[_Machine, str]]] = {}
         self._wakeup = asyncio.Event()
+        self.reconfigure(settings)
+
+    def reconfigure(self, settings: AgentSettings) -> None:
+        """Apply a (reloaded) config: machines whose config and calendar are unchanged keep
+        their engine and its figures; changed and new machines start a fresh engine."""
+        kept = {
+            m.config.name: m
+            for m in self._machines
+            if m.config in settings.machines and m.calendar in settings.calendars
+        }
+        self._machines = []
+        self._by_tag = {}
         for machine in settings.machines:
-            engine = OeeEngine.from_settings(settings, machine)
-            counters = {}
-            for which in ("total", "reject", "good"):
-                ref = getattr(machine, f"{which}_count")
-                if ref is not None:
-                    device, _, tag = ref.partition("/")
-                    counters[(device, tag)] = which
-            device, _, tag = machine.state.tag.partition("/")
-            entry = _Machine(machine, engine, (device, tag), counters)
+            entry = kept.get(machine.name)
+            if entry is None or entry.config != machine:
+                calendar = next(c for c in settings.calendars if c.name == machine.calendar)
+                counters = {}
+                for which in ("total", "reject", "good"):
+                    ref = getattr(machine, f"{which}_count")
+                    if ref is not None:
+                        device, _, tag = ref.partition("/")
+                        counters[(device, tag)] = which
+                device, _, tag = machine.state.tag.partition("/")
+                entry = _Machine(
+                    machine,
+                    OeeEngine.from_settings(settings, machine),
+                    (device, tag),
+                    counters,
+                    calendar,
+                )
             self._machines.append(entry)
-            self._by_tag.setdefault((device, tag), []).append((entry, "state"))
-            for key, which in counters.items():
+            self._by_tag.setdefault(entry.state_ref, []).append((entry, "state"))
+            for key, which in entry.counters.items():
                 self._by_tag.setdefault(key, []).append((entry, which))
 
     @property
@@ -125,7 +146,7 @@ class LiveOee:
 
     async def run(self) -> None:
         """Publish state changes as they happen and reports every publish_interval."""
-        next_report = {m.config.name: 0.0 for m in self._machines}
+        next_report: dict[str, float] = {}
         while True:
             try:
                 async with asyncio.timeout(1.0):
@@ -138,7 +159,7 @@ class LiveOee:
             for machine in self._machines:
                 machine.engine.advance(now)
                 await self._flush(machine)
-                if monotonic >= next_report[machine.config.name]:
+                if monotonic >= next_report.get(machine.config.name, 0.0):
                     next_report[machine.config.name] = monotonic + machine.config.publish_interval
                     self._report(machine)
 

@@ -8,10 +8,12 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from agent import __version__
+from agent.config_loader import ConfigError, load_agent_settings
 from agent.http import HttpServer, Response, Route, json_response
 from agent.live import LivePublisher
 from agent.metrics import AgentMetrics
@@ -20,6 +22,7 @@ from agent.pipeline import Pipeline
 from agent.poller import DevicePoller
 from agent.settings import AgentSettings
 from agent.topics import health_topic, live_topic, status_payload, status_topic
+from agent.workflows import WorkflowEngine, attach_workflows  # [workflows hookup]
 from drivers.base import Driver, DriverFault, JsonValue, Reading, load_driver_class
 from drivers.config import DeviceConfigBase
 from drivers.registry import DRIVERS
@@ -76,7 +79,7 @@ def mqtt_client_for(settings: AgentSettings) -> MqttClient:
 class Runtime:
     """Everything the daemon runs, for one loaded config."""
 
-    def __init__(self, settings: AgentSettings) -> None:
+    def __init__(self, settings: AgentSettings, *, config_path: Path | None = None) -> None:
         self.settings = settings
         self.outbox: Outbox | None = None
         self.mqtt: MqttClient | None = None
@@ -85,9 +88,17 @@ class Runtime:
         self.forwarder: Forwarder | None = None
         self.oee: LiveOee | None = None
         self.pollers: dict[str, DevicePoller] = {}
+        self.workflows: WorkflowEngine | None = None  # [workflows hookup]
         self._shared: dict[str, Any] = {}
-        self._sources: list[asyncio.Task[None]] = []
+        self._sources: dict[str, asyncio.Task[None]] = {}
         self._sinks: list[asyncio.Task[None]] = []
+        self._group: asyncio.TaskGroup | None = None
+        self._reload_requested = asyncio.Event()
+        self._reload_listeners: list[Callable[[AgentSettings], Awaitable[None]]] = []
+        self.config_path = config_path
+        self.restart_settings: AgentSettings | None = None
+        self.reloads = 0
+        self.reloads_failed = 0
         self.started = asyncio.Event()
         self.started_at = time.time()
         self.metrics: AgentMetrics | None = None
@@ -255,46 +266,34 @@ class Runtime:
             max_bytes=mqtt_settings.sync_max_bytes,
         )
         self.forwarder = forwarder
-        for device in settings.devices:
-            for tag in device.tag_list():
-                pipeline.configure_tag(
-                    device.name,
-                    tag.name,
-                    deadband=tag.deadband,
-                    max_interval=tag.max_interval or device.max_interval,
-                )
-        if settings.machines:
-            self.oee = LiveOee(settings, publish=live.offer, emit=pipeline.emit)
-            pipeline.add_observer(self.oee.observe)
+        self._configure_tags(settings.devices)
+        self.oee = LiveOee(settings, publish=live.offer, emit=pipeline.emit)
+        pipeline.add_observer(self.oee.observe)
         async with asyncio.TaskGroup() as group:
+            self._group = group
             # Sinks first, sources last.
             self._sinks.append(group.create_task(live.run(), name="live-publisher"))
             self._sinks.append(group.create_task(forwarder.run(), name="forwarder"))
             self._sinks.append(group.create_task(self._health_loop(mqtt, root), name="health"))
             self._sinks.append(group.create_task(pipeline.heartbeats(), name="heartbeats"))
-            if self.oee is not None:
-                self._sinks.append(group.create_task(self.oee.run(), name="oee"))
+            self._sinks.append(group.create_task(self.oee.run(), name="oee"))
+            self._sinks.append(group.create_task(self._reloader(stop), name="reloader"))
             for device in settings.devices:
-                poller = DevicePoller(
-                    config=device,
-                    driver_factory=make_driver_factory(
-                        device, data_dir=str(settings.gateway.data_dir), shared=self._shared
-                    ),
-                    submit=pipeline.submit,
-                )
-                if self.metrics is not None:
-                    poller.on_poll = self.metrics.observe_poll
-                self.pollers[device.name] = poller
-                self._sources.append(group.create_task(poller.run(), name=f"device:{device.name}"))
+                self._start_poller(device)
+            # [workflows hookup] sagas act on the devices: cancelled first, with the sources.
+            self.workflows = attach_workflows(self)
+            self.add_reload_listener(self.workflows.reconfigure)
+            self._sources["[workflows]"] = group.create_task(self.workflows.run(), name="workflows")
             self.started.set()
             log.info("running: %d devices, live topics under %s/", len(settings.devices), root)
             await stop.wait()
             log.info("stopping")
             # Sources first: no new readings; their pending appends complete or are cancelled.
-            for task in self._sources:
+            sources = list(self._sources.values())
+            for task in sources:
                 task.cancel()
-            if self._sources:
-                await asyncio.wait(self._sources)
+            if sources:
+                await asyncio.wait(sources)
             await outbox.append([_lifecycle("stop", outbox.stream)])
             # Bounded time for the last live values and the last acknowledgements.
             with contextlib.suppress(TimeoutError):
@@ -304,6 +303,117 @@ class Runtime:
                         await outbox.wait_acked(outbox.committed_seq)
             for task in self._sinks:
                 task.cancel()
+
+    def _configure_tags(self, devices: tuple[DeviceConfigBase, ...]) -> None:
+        assert self.pipeline is not None
+        for device in devices:
+            for tag in device.tag_list():
+                self.pipeline.configure_tag(
+                    device.name,
+                    tag.name,
+                    deadband=tag.deadband,
+                    max_interval=tag.max_interval or device.max_interval,
+                )
+
+    def _start_poller(self, device: DeviceConfigBase) -> None:
+        assert self._group is not None
+        assert self.pipeline is not None
+        poller = DevicePoller(
+            config=device,
+            driver_factory=make_driver_factory(
+                device, data_dir=str(self.settings.gateway.data_dir), shared=self._shared
+            ),
+            submit=self.pipeline.submit,
+        )
+        if self.metrics is not None:
+            poller.on_poll = self.metrics.observe_poll
+        self.pollers[device.name] = poller
+        self._sources[device.name] = self._group.create_task(
+            poller.run(), name=f"device:{device.name}"
+        )
+
+    async def _stop_poller(self, name: str) -> None:
+        task = self._sources.pop(name, None)
+        self.pollers.pop(name, None)
+        if task is not None:
+            task.cancel()
+            await asyncio.wait([task])
+
+    # -- reload (SIGHUP) -----------------------------------------------------------------------
+
+    def request_reload(self) -> None:
+        """Re-read the config file soon (SIGHUP)."""
+        self._reload_requested.set()
+
+    async def _reloader(self, stop: asyncio.Event) -> None:
+        while True:
+            await self._reload_requested.wait()
+            self._reload_requested.clear()
+            if self.config_path is None:
+                log.warning("reload: no config file to re-read")
+                continue
+            try:
+                new = await asyncio.to_thread(load_agent_settings, self.config_path)
+            except ConfigError as exc:
+                log.error(
+                    "reload: %s is invalid, keeping the running config: %s",
+                    self.config_path,
+                    "; ".join(exc.problems),
+                )
+                self.reloads_failed += 1
+                continue
+            if _needs_restart(self.settings, new):
+                log.info(
+                    "reload: [gateway], [mqtt], [buffer] or [http] changed: "
+                    "restarting inside the process"
+                )
+                self.restart_settings = new
+                stop.set()
+                return
+            await self.apply(new)
+
+    async def apply(self, new: AgentSettings) -> None:
+        """Apply device, tag, machine, calendar and workflow changes without a restart."""
+        old = self.settings
+        old_devices = {device.name: device for device in old.devices}
+        new_devices = {device.name: device for device in new.devices}
+        changed = [
+            name
+            for name in old_devices
+            if name not in new_devices or new_devices[name] != old_devices[name]
+        ]
+        for name in changed:
+            await self._stop_poller(name)
+            assert self.pipeline is not None
+            self.pipeline.forget_device(name)
+            if name not in new_devices and self.live is not None:
+                for tag in old_devices[name].tag_list():
+                    self.live.clear(live_topic(new.mqtt.topic_root, name, tag.name))
+        self.settings = new
+        self._configure_tags(
+            tuple(d for d in new.devices if d.name not in old_devices or d.name in changed)
+        )
+        for name, device in new_devices.items():
+            if name not in self._sources:
+                self._start_poller(device)
+        if self.oee is not None:
+            self.oee.reconfigure(new)
+        for listener in list(self._reload_listeners):
+            await listener(new)
+        self.reloads += 1
+        added = [name for name in new_devices if name not in old_devices]
+        removed = [name for name in old_devices if name not in new_devices]
+        log.info(
+            "reload: applied (%d devices: %d added, %d removed, %d changed)",
+            len(new_devices),
+            len(added),
+            len(removed),
+            len([n for n in changed if n in new_devices]),
+        )
+
+    def add_reload_listener(self, listener: Callable[[AgentSettings], Awaitable[None]]) -> None:
+        """Call `listener(new_settings)` after a reload was applied (workflows)."""
+        self._reload_listeners.append(listener)
 
     async def _health_loop(self, mqtt: MqttClient, root: str) -> None:
         while True:
@@ -324,16 +434,29 @@ def topic_of(settings: AgentSettings, device: str, tag: str) -> str:
     return live_topic(settings.mqtt.topic_root, device, tag)
 
 
-async def run_until_signalled(settings: AgentSettings) -> int:
-    """`edge-agent run`: SIGTERM/SIGINT stop the runtime; exit code 0."""
+def _needs_restart(old: AgentSettings, new: AgentSettings) -> bool:
+    return (old.gateway, old.mqtt, old.buffer, old.http) != (
+        new.gateway,
+        new.mqtt,
+        new.buffer,
+        new.http,
+    )
+
+
+async def run_until_signalled(settings: AgentSettings, config_path: Path | None = None) -> int:
+    """`edge-agent run`: SIGTERM/SIGINT stop, SIGHUP reloads; exit code 0."""
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    runtime = Runtime(settings)
-    try:
-        await runtime.run(stop)
-    finally:
+    while True:
+        stop = asyncio.Event()
+        runtime = Runtime(settings, config_path=config_path)
         for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(signum)
-    return 0
+            loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, runtime.request_reload)
+        try:
+            await runtime.run(stop)
+        finally:
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(signum)
+        if runtime.restart_settings is None:
+            return 0
+        settings = runtime.restart_settings

@@ -52,7 +52,8 @@ async def test_endpoints_metrics_and_status(mosquitto: MosquittoBroker, tmp_path
             assert (code, json.loads(body)) == (200, {"ready": True})
             code, body = await asyncio.to_thread(get, port, "/status")
             status = json.loads(body)
-            assert status["devices"] == {"press1": "up", "gone": "down"}
+            assert status["devices"]["press1"] == "up"
+            assert status["devices"]["gone"] in ("down", "open")
             assert status["uplink"] == "up"
             assert status["committed_seq"] >= 1
             code, body = await asyncio.to_thread(get, port, "/metrics")
@@ -73,7 +74,8 @@ async def test_endpoints_metrics_and_status(mosquitto: MosquittoBroker, tmp_path
             result = await asyncio.to_thread(status_command, tmp_path / "agent.toml")
             assert result.returncode == 1, result.stdout + result.stderr  # "gone" is down
             assert "devices    1/2 up" in result.stdout
-            assert "degraded: device gone down" in result.stdout
+            assert "degraded: device gone " in result.stdout
+            assert "cannot connect" in result.stdout
     result = await asyncio.to_thread(status_command, tmp_path / "agent.toml")
     assert result.returncode == 2
     assert "unreachable" in result.stderr
