@@ -71,6 +71,12 @@ def _build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--speed", type=float, default=1.0, help="simulated time factor")
     simulate.add_argument("--secure", action="store_true", help="opcua: secured endpoint only")
     simulate.add_argument(
+        "--password", default=None, help="opcua: password of user 'edge' (with --secure)"
+    )
+    simulate.add_argument(
+        "--pki", default=None, help="opcua: server certificate directory (created, reused)"
+    )
+    simulate.add_argument(
         "--serial", default=None, help="modbus: serve RTU on PATH ('pty': make one)"
     )
     simulate.add_argument("--units", type=int, default=None, help="modbus: unit ids 1..N")
@@ -211,8 +217,14 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             if value is not None:
                 argv += [flag, str(value)]
         return modbus_main(argv)
-    print("edge-agent simulate opcua: not yet available in this version", file=sys.stderr)
-    return EXIT_FAILURE
+    from simulators.opcua import main as opcua_main
+
+    if args.secure:
+        argv.append("--secure")
+    for flag, value in (("--password", args.password), ("--pki", args.pki)):
+        if value is not None:
+            argv += [flag, str(value)]
+    return opcua_main(argv)
 
 
 def cmd_oee(args: argparse.Namespace) -> int:
@@ -244,19 +256,22 @@ def cmd_status(args: argparse.Namespace) -> int:
     return code
 
 
-def _not_yet(name: str) -> Callable[[argparse.Namespace], int]:
-    def handler(args: argparse.Namespace) -> int:
-        print(f"edge-agent {name}: not yet available in this version", file=sys.stderr)
-        return EXIT_FAILURE
+def cmd_demo(args: argparse.Namespace) -> int:
+    """`edge-agent demo`: simulators, an agent and live OEE in the terminal."""
+    import asyncio
 
-    return handler
+    from agent.demo import quiet_logging, run_demo
+
+    if args.log_level == "info":
+        quiet_logging()
+    return asyncio.run(run_demo(args.duration))
 
 
 HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "check": cmd_check,
     "schema": cmd_schema,
     "run": cmd_run,
-    "demo": _not_yet("demo"),
+    "demo": cmd_demo,
     "probe": cmd_probe,
     "simulate": cmd_simulate,
     "oee": cmd_oee,

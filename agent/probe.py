@@ -28,7 +28,12 @@ class ProbeRow:
 async def probe_device(device: DeviceConfigBase, settings: AgentSettings) -> list[ProbeRow]:
     """Read every tag of one device once; a device that cannot be reached gives bad rows."""
     shared: dict[str, Any] = {}
-    driver = make_driver_factory(device, data_dir=str(settings.gateway.data_dir), shared=shared)()
+    driver = make_driver_factory(
+        device,
+        data_dir=str(settings.gateway.data_dir),
+        shared=shared,
+        gateway_id=settings.gateway.id,
+    )()
     tags = [tag.name for tag in device.tag_list()]
     try:
         async with asyncio.timeout(device.timeout + 10.0):

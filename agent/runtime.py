@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import signal
 import time
@@ -37,14 +38,22 @@ SHUTDOWN_GRACE = 5.0  # seconds for the last publishes after the sources stopped
 
 
 def make_driver_factory(
-    config: DeviceConfigBase, *, data_dir: str, shared: dict[str, Any]
+    config: DeviceConfigBase,
+    *,
+    data_dir: str,
+    shared: dict[str, Any],
+    gateway_id: str | None = None,
 ) -> Callable[[], Driver]:
     """A factory of fresh driver instances for one device (one per connection)."""
     driver_name = getattr(config, "driver", "")
     cls = load_driver_class(DRIVERS[driver_name].driver)
+    extra: dict[str, Any] = {}
+    if gateway_id is not None and "application_uri" in inspect.signature(cls).parameters:
+        # OPC UA: the application URI of the client certificate the driver may create.
+        extra["application_uri"] = f"urn:{gateway_id}:edge-agent"
 
     def factory() -> Driver:
-        return cls(config, data_dir=data_dir, shared=shared)
+        return cls(config, data_dir=data_dir, shared=shared, **extra)
 
     return factory
 
@@ -321,7 +330,10 @@ class Runtime:
         poller = DevicePoller(
             config=device,
             driver_factory=make_driver_factory(
-                device, data_dir=str(self.settings.gateway.data_dir), shared=self._shared
+                device,
+                data_dir=str(self.settings.gateway.data_dir),
+                shared=self._shared,
+                gateway_id=self.settings.gateway.id,
             ),
             submit=self.pipeline.submit,
         )

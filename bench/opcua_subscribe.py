@@ -1,0 +1,311 @@
+"""Benchmark: 5,000 OPC UA monitored items changing every second, subscribed by `edge-agent run`.
+
+The simulator runs as its own process (every bulk variable changes once per simulated second,
+spread over the second), the agent as another; a subscriber in this process measures when
+each value arrives. This process also plays the central store (it acknowledges every S/sync
+batch at once), so the agent's CPU includes the whole durable path: outbox commits and S/sync
+batches.
+
+Prints: notifications per second handled (= value changes published to
+MQTT), agent CPU % of one core, RSS, p50/p99 delay from the value's SourceTimestamp to the
+subscriber; beside it the driver alone (no pipeline, no MQTT) in this process, same
+simulator. No asserts: figures only.
+
+    .venv/bin/python bench/opcua_subscribe.py            # 60 s measurement
+    .venv/bin/python bench/opcua_subscribe.py --quick    # a few seconds (smoke test)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import paho.mqtt.client as paho  # noqa: E402
+from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
+
+from drivers.opcua import OpcUaDriver  # noqa: E402
+from drivers.opcua_config import OpcUaDeviceConfig  # noqa: E402
+from sync.events import parse_rfc3339  # noqa: E402
+from tests.fixtures.mosquitto import MosquittoBroker  # noqa: E402
+from tests.fixtures.ports import free_port, port_accepts, wait_until  # noqa: E402
+
+ROOT = "bench/line/opcua"
+SYNC, ACK = "edge/bench/sync", "edge/bench/ack"  # {sync_prefix}/{gateway.id}/sync|ack
+
+
+def config(broker: MosquittoBroker, port: int, items: int, interval: str, data_dir: Path) -> str:
+    """Agent config: one OPC UA device subscribing to Bulk.0000 .. Bulk.{items-1}."""
+    lines = [
+        "[gateway]",
+        'id = "bench"',
+        'site = "bench"',
+        'area = "line"',
+        'line = "opcua"',
+        f'data_dir = "{data_dir}"',
+        "[mqtt]",
+        f'url = "{broker.url}"',
+        "[http]",
+        "enabled = false",
+        "[[devices]]",
+        'name = "plc"',
+        'driver = "opcua"',
+        f'url = "opc.tcp://127.0.0.1:{port}"',
+        f'publishing_interval = "{interval}"',
+        'timeout = "2s"',
+        'max_interval = "1h"',
+    ]
+    for i in range(items):
+        lines += [
+            "[[devices.tags]]",
+            f'name = "b{i}"',
+            f'node_id = "ns=2;s=Bulk.{i:04d}"',
+            f'sampling_interval = "{interval}"',
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_mib(pid: int) -> float:
+    """Resident set size in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+class Subscriber:
+    """Counts messages and records SourceTimestamp-to-arrival delays after `start()`."""
+
+    def __init__(self, broker: MosquittoBroker) -> None:
+        self.count = 0
+        self.delays: list[float] = []
+        self.recording = False
+        self._lock = threading.Lock()
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id="bench-subscriber")
+        self.client.on_message = self._on_message
+        self.client.connect(broker.host, broker.port)
+        self.client.subscribe(f"{ROOT}/plc/#", qos=1)
+        self.client.subscribe(SYNC, qos=1)
+        self.client.loop_start()
+        self._acked: dict[str, int] = {}
+
+    def _ack(self, batch: dict[str, object]) -> None:
+        # Plays the central store: acknowledges the contiguous watermark of the durable path
+        # at once, so that the agent's outbox stays small and nothing is resent.
+        stream, first, last = str(batch["stream"]), batch["first_seq"], batch["last_seq"]
+        assert isinstance(first, int)
+        assert isinstance(last, int)
+        acked = self._acked.get(stream, first - 1)
+        if first <= acked + 1:
+            acked = max(acked, last)
+        self._acked[stream] = acked
+        self.client.publish(ACK, json.dumps({"stream": stream, "acked_seq": acked}), qos=1)
+
+    def _on_message(self, client: paho.Client, userdata: object, message: paho.MQTTMessage) -> None:
+        arrived = time.time()
+        if message.topic == SYNC:
+            self._ack(json.loads(message.payload))
+            return
+        with self._lock:
+            self.count += 1
+            if self.recording and not message.retain:
+                ts = json.loads(message.payload)["ts"]
+                self.delays.append(arrived - parse_rfc3339(ts))
+
+    def start(self) -> int:
+        """Begin recording delays; returns the message count so far."""
+        with self._lock:
+            self.recording = True
+            self.delays.clear()
+            return self.count
+
+    def stop(self) -> tuple[int, list[float]]:
+        """Stop recording; (message count, delays)."""
+        with self._lock:
+            self.recording = False
+            return self.count, sorted(self.delays)
+
+    def close(self) -> None:
+        """Disconnect."""
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def start_simulator(port: int, control: int, items: int) -> subprocess.Popen[bytes]:
+    """The OPC UA simulator as its own process, every bulk variable changing each second."""
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "simulators.opcua",
+            "--port",
+            str(port),
+            "--control-port",
+            str(control),
+            "--bulk",
+            str(items),
+            "--bulk-change-fraction",
+            "1.0",
+        ],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+    )
+    wait_until(lambda: port_accepts("127.0.0.1", control), timeout=60, message="simulator")
+    return process
+
+
+async def driver_alone(
+    port: int, items: int, interval: float, seconds: float
+) -> tuple[float, float, list[float]]:
+    """The OPC UA driver without pipeline and MQTT, in this process: (notifications/s, CPU %
+    of one core, sorted SourceTimestamp-to-driver delays)."""
+    tags = [{"name": f"b{i}", "node_id": f"ns=2;s=Bulk.{i:04d}"} for i in range(items)]
+    config = OpcUaDeviceConfig.model_validate(
+        {
+            "name": "plc",
+            "driver": "opcua",
+            "url": f"opc.tcp://127.0.0.1:{port}",
+            "publishing_interval": f"{interval}s",
+            "timeout": "2s",
+            "tags": tags,
+        }
+    )
+    delays: list[float] = []
+    async with OpcUaDriver(config) as driver:
+        stream = driver.subscriptions()
+        assert stream is not None
+        count = 0
+        async for batch in stream:  # the initial values (old SourceTimestamps)
+            count += len(batch)
+            if count >= items:
+                break
+        count = 0
+        cpu0, t0 = time.process_time(), time.monotonic()
+        async for batch in stream:
+            now = time.time()
+            count += len(batch)
+            delays.extend(now - reading.ts for reading in batch)
+            if time.monotonic() - t0 >= seconds:
+                break
+        elapsed = time.monotonic() - t0
+        return count / elapsed, (time.process_time() - cpu0) / elapsed * 100, sorted(delays)
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    """The value at `fraction` of a sorted list."""
+    return values[min(len(values) - 1, int(len(values) * fraction))]
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--items", type=int, default=5000)
+    parser.add_argument("--seconds", type=float, default=60.0, help="measurement window")
+    parser.add_argument("--warmup", type=float, default=15.0)
+    parser.add_argument("--publishing-interval", default="100ms")
+    parser.add_argument("--quick", action="store_true", help="a few seconds, for smoke tests")
+    args = parser.parse_args()
+    if args.quick:
+        args.seconds, args.warmup, args.items = 4.0, 5.0, 300
+    logging.getLogger("asyncua").setLevel(logging.CRITICAL)
+    interval = float(args.publishing_interval.removesuffix("ms")) / 1000.0
+
+    broker = MosquittoBroker()
+    broker.start()
+    port, control = free_port(), free_port()
+    simulator = start_simulator(port, control, args.items)
+    workdir = Path(tempfile.mkdtemp(prefix="edge-agent-bench-"))
+    config_path = workdir / "agent.toml"
+    config_path.write_text(
+        config(broker, port, args.items, args.publishing_interval, workdir / "data")
+    )
+    subscriber = Subscriber(broker)
+    agent = subprocess.Popen(  # noqa: ASYNC220 - once, before the measurement
+        [
+            sys.executable,
+            "-m",
+            "agent.cli",
+            "--log-level",
+            "warning",
+            "run",
+            "-c",
+            str(config_path),
+        ],
+        cwd=REPO,
+    )
+    try:
+        await asyncio.sleep(args.warmup)
+        messages0 = subscriber.start()
+        others = {
+            "simulator": simulator.pid,
+            "mosquitto": broker.pid or 0,
+            "bench process (subscriber, acks)": os.getpid(),
+        }
+        others0 = {name: cpu_seconds(pid) for name, pid in others.items()}
+        cpu0, t0 = cpu_seconds(agent.pid), time.monotonic()
+        await asyncio.sleep(args.seconds)
+        elapsed = time.monotonic() - t0
+        cpu = cpu_seconds(agent.pid) - cpu0
+        rss = rss_mib(agent.pid)
+        load = {name: (cpu_seconds(pid) - others0[name]) / elapsed for name, pid in others.items()}
+        messages, delays = subscriber.stop()
+        messages -= messages0
+    finally:
+        agent.terminate()
+        agent.wait(timeout=30)
+        subscriber.close()
+    try:
+        alone_rate, alone_cpu, alone_delays = await driver_alone(
+            port, args.items, interval, min(args.seconds, 20.0)
+        )
+    finally:
+        simulator.terminate()
+        simulator.wait(timeout=30)
+        broker.close()
+    print(
+        f"edge-agent OPC UA subscription benchmark ({args.items} monitored items changing "
+        f"every second, publishing interval {args.publishing_interval})"
+    )
+    print(f"  window                      {elapsed:.1f} s after {args.warmup:.0f} s warm-up")
+    print(f"  notifications handled       {messages / elapsed:.0f} /s (values published to MQTT)")
+    print(f"  agent CPU                   {cpu / elapsed * 100:.1f} % of one core")
+    print(f"  agent RSS                   {rss:.1f} MiB")
+    if delays:
+        print(
+            f"  SourceTimestamp -> subscriber  p50 {percentile(delays, 0.5) * 1000:.0f} ms, "
+            f"p99 {percentile(delays, 0.99) * 1000:.0f} ms, max {delays[-1] * 1000:.0f} ms "
+            f"({len(delays)} values)"
+        )
+    print(
+        f"  driver alone (same server)  {alone_rate:.0f} notifications/s at "
+        f"{alone_cpu:.1f} % of one core (decode + Reading, no pipeline, no MQTT)"
+    )
+    if alone_delays:
+        print(
+            f"  SourceTimestamp -> driver   p50 {percentile(alone_delays, 0.5) * 1000:.0f} ms, "
+            f"p99 {percentile(alone_delays, 0.99) * 1000:.0f} ms (driver alone)"
+        )
+    print(
+        f"  same machine ({os.cpu_count()} cores)   "
+        + ", ".join(f"{name} {share * 100:.0f} %" for name, share in load.items())
+    )
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
