@@ -125,6 +125,7 @@ class MqttClient:
         reconnect_min: float = 0.5,
         reconnect_max: float = 10.0,
         connect_timeout: float = 10.0,
+        protocol: int = 5,
         name: str = "mqtt",
     ) -> None:
         if not host:
@@ -136,6 +137,8 @@ class MqttClient:
             raise ValueError("max_inflight must be 1..20000")
         if not 0 < reconnect_min <= reconnect_max:
             raise ValueError("need 0 < reconnect_min <= reconnect_max")
+        if protocol not in (4, 5):
+            raise ValueError("protocol must be 4 (MQTT 3.1.1) or 5")
         self._host = host
         self._port = port
         self._client_id = client_id
@@ -150,6 +153,11 @@ class MqttClient:
         self._reconnect_max = reconnect_max
         self._connect_timeout = connect_timeout
         self._name = name
+        # MQTT 3.1.1 costs less CPU per message (no properties, no reason codes to parse on
+        # every PUBACK); MQTT 5 is needed for shared subscriptions by the book.
+        self._protocol = (
+            MQTTProtocolVersion.MQTTv5 if protocol == 5 else MQTTProtocolVersion.MQTTv311
+        )
         self._subscriptions: list[_Subscription] = []
         self._listeners: list[ConnectionListener] = []
         self._client: paho.Client | None = None
@@ -330,8 +338,9 @@ class MqttClient:
         client = paho.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=self._client_id,
-            protocol=MQTTProtocolVersion.MQTTv5,
+            protocol=self._protocol,
             reconnect_on_failure=False,
+            clean_session=None if self._protocol == MQTTProtocolVersion.MQTTv5 else True,
         )
         # 0 = unlimited inside paho: this wrapper bounds what is in flight itself, and paho's
         # own limit makes every PUBACK scan all outgoing messages (quadratic at high rates).
@@ -366,19 +375,24 @@ class MqttClient:
         self._lost.clear()
         connack: asyncio.Future[ReasonCode] = loop.create_future()
         client.user_data_set(connack)
-        properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-        properties.SessionExpiryInterval = 0
+        properties: Properties | None = None
+        if self._protocol == MQTTProtocolVersion.MQTTv5:
+            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            properties.SessionExpiryInterval = 0
         self._thread_sockets = []
         try:
             # DNS, TCP connect and the TLS handshake block: keep them off the event loop.
-            await asyncio.to_thread(
-                client.connect,
-                self._host,
-                self._port,
-                self._keepalive,
-                clean_start=True,
-                properties=properties,
-            )
+            if properties is not None:
+                await asyncio.to_thread(
+                    client.connect,
+                    self._host,
+                    self._port,
+                    self._keepalive,
+                    clean_start=True,
+                    properties=properties,
+                )
+            else:  # MQTT 3.1.1: clean_session=True was given to the Client
+                await asyncio.to_thread(client.connect, self._host, self._port, self._keepalive)
         finally:
             self._thread_sockets = None
         sock = client.socket()
@@ -425,6 +439,9 @@ class MqttClient:
             self._client.unsubscribe(topic)
 
     def _subscribe(self, client: paho.Client, subscription: _Subscription) -> None:
+        if self._protocol != MQTTProtocolVersion.MQTTv5:
+            client.subscribe(subscription.topic, qos=subscription.qos)
+            return
         options = SubscribeOptions(qos=subscription.qos, **subscription.options)
         client.subscribe(subscription.topic, options=options)
 

@@ -158,3 +158,19 @@ def test_constructor_validates() -> None:
         MqttClient(host="h", port=0, client_id="x")
     with pytest.raises(ValueError, match="max_inflight"):
         MqttClient(host="h", port=1883, client_id="x", max_inflight=70000)
+
+
+async def test_mqtt_311_also_works(mosquitto: MosquittoBroker) -> None:
+    received: list[Message] = []
+    async with client_for(mosquitto, protocol=4) as client:
+        async with asyncio.timeout(10):
+            await client.wait_connected()
+        client.subscribe("v4/#", received.append)
+
+        async def echoed() -> bool:
+            client.publish("v4/x", b"1")
+            await asyncio.sleep(0.05)
+            return bool(received)
+
+        await async_wait_until(echoed, timeout=10)
+        await asyncio.wait_for(client.publish_acked("v4/y", b"2"), 5)
