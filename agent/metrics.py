@@ -179,7 +179,7 @@ class _RuntimeCollector(Collector):
         yield from families.values()
 
     def _workflows(self) -> Iterator[Metric]:
-        counts: dict[str, int] = getattr(self._runtime, "workflow_outcomes", lambda: {})()
+        counts = self._runtime.workflow_outcomes()
         family = _counter("workflows", "Workflow commands by outcome.", ["outcome"])
         for outcome, count in sorted(counts.items()):
             family.add_metric([outcome], count)

@@ -23,7 +23,7 @@ from agent.pipeline import Pipeline
 from agent.poller import DevicePoller
 from agent.settings import AgentSettings
 from agent.topics import health_topic, live_topic, status_payload, status_topic
-from agent.workflows import WorkflowEngine, attach_workflows  # [workflows hookup]
+from agent.workflows import WorkflowEngine, attach_workflows
 from drivers.base import Driver, DriverFault, JsonValue, Reading, load_driver_class
 from drivers.config import DeviceConfigBase
 from drivers.registry import DRIVERS
@@ -97,7 +97,7 @@ class Runtime:
         self.forwarder: Forwarder | None = None
         self.oee: LiveOee | None = None
         self.pollers: dict[str, DevicePoller] = {}
-        self.workflows: WorkflowEngine | None = None  # [workflows hookup]
+        self.workflows: WorkflowEngine | None = None
         self._shared: dict[str, Any] = {}
         self._sources: dict[str, asyncio.Task[None]] = {}
         self._sinks: list[asyncio.Task[None]] = []
@@ -158,6 +158,20 @@ class Runtime:
         document["outbox_append_failures"] = self.outbox.append_failures if self.outbox else 0
         document["oee"] = self.oee.machines if self.oee is not None else {}
         return document
+
+    def workflow_outcomes(self) -> dict[str, int]:
+        """Workflow commands by outcome, for /metrics."""
+        if self.workflows is None:
+            return {}
+        stats = self.workflows.stats
+        return {
+            "accepted": stats.accepted,
+            "rejected": stats.rejected,
+            "duplicate": stats.duplicates,
+            "completed": stats.completed,
+            "compensated": stats.compensated,
+            "failed": stats.failed,
+        }
 
     def ready(self) -> bool:
         """Outbox open, and either the uplink is up or events are being buffered."""
@@ -289,7 +303,7 @@ class Runtime:
             self._sinks.append(group.create_task(self._reloader(stop), name="reloader"))
             for device in settings.devices:
                 self._start_poller(device)
-            # [workflows hookup] sagas act on the devices: cancelled first, with the sources.
+            # Sagas act on the devices: cancelled first, with the sources.
             self.workflows = attach_workflows(self)
             self.add_reload_listener(self.workflows.reconfigure)
             self._sources["[workflows]"] = group.create_task(self.workflows.run(), name="workflows")
