@@ -8,7 +8,9 @@ import logging
 import signal
 import uuid
 
+from agent.sdnotify import SdNotifier
 from agent.settings import CentralSettings
+from agent.watchdog import ingest_status_line, liveness_problems, watchdog_loop
 from sync.ingest import Ingest
 from sync.mqtt import MqttClient, TlsOptions
 
@@ -57,13 +59,41 @@ async def run_until_signalled(settings: CentralSettings) -> int:
     """Run one replica until SIGTERM/SIGINT; exit code 0."""
     loop = asyncio.get_running_loop()
     ingest = ingest_for(settings)
+    notifier = SdNotifier(unset_environment=True)
     task = asyncio.create_task(ingest.run(), name="ingest")
+    # Ready as soon as it runs: waiting for PostgreSQL here would let a database outage at
+    # boot fail the start (TimeoutStartSec) instead of being retried by the ingest.
+    notifier.ready(status="starting")
+    watchdog = (
+        asyncio.create_task(
+            watchdog_loop(
+                notifier,
+                lambda: liveness_problems({}, [task]),
+                notifier.watchdog_interval,
+                status=lambda: ingest_status_line(
+                    ingest, committed_rows=ingest.stats.rows_inserted
+                ),
+            ),
+            name="watchdog",
+        )
+        if notifier.enabled
+        else None
+    )
+
+    def stop() -> None:
+        if watchdog is not None:
+            watchdog.cancel()
+        notifier.stopping()
+        task.cancel()
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, task.cancel)
+        loop.add_signal_handler(signum, stop)
     try:
         with contextlib.suppress(asyncio.CancelledError):
             await task
     finally:
+        if watchdog is not None:
+            watchdog.cancel()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
     log.info("ingest stopped")

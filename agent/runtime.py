@@ -21,8 +21,10 @@ from agent.metrics import AgentMetrics
 from agent.oee_live import LiveOee
 from agent.pipeline import Pipeline
 from agent.poller import DevicePoller
+from agent.sdnotify import SdNotifier
 from agent.settings import AgentSettings
 from agent.topics import health_topic, live_topic, status_payload, status_topic
+from agent.watchdog import liveness_problems, status_line, watchdog_loop
 from agent.workflows import WorkflowEngine, attach_workflows
 from drivers.base import Driver, DriverFault, JsonValue, Reading, load_driver_class
 from drivers.config import DeviceConfigBase
@@ -88,8 +90,16 @@ def mqtt_client_for(settings: AgentSettings) -> MqttClient:
 class Runtime:
     """Everything the daemon runs, for one loaded config."""
 
-    def __init__(self, settings: AgentSettings, *, config_path: Path | None = None) -> None:
+    def __init__(
+        self,
+        settings: AgentSettings,
+        *,
+        config_path: Path | None = None,
+        notifier: SdNotifier | None = None,
+    ) -> None:
         self.settings = settings
+        # systemd notifications (READY/STATUS/WATCHDOG/STOPPING); no-ops outside systemd.
+        self.notifier = notifier if notifier is not None else SdNotifier()
         self.outbox: Outbox | None = None
         self.mqtt: MqttClient | None = None
         self.live: LivePublisher | None = None
@@ -112,6 +122,14 @@ class Runtime:
         self.started_at = time.time()
         self.metrics: AgentMetrics | None = None
         self.http: HttpServer | None = None
+
+    def liveness_problems(self) -> list[str]:
+        """Dead tasks and silent pollers; the systemd watchdog is fed only while empty."""
+        return liveness_problems(self.pollers, [*self._sinks, *self._sources.values()])
+
+    def status_line(self) -> str:
+        """One-line summary for systemd's STATUS=."""
+        return status_line(self.health())
 
     def device_states(self) -> dict[str, str]:
         """{device: up|down|open}."""
@@ -309,8 +327,29 @@ class Runtime:
             self._sources["[workflows]"] = group.create_task(self.workflows.run(), name="workflows")
             self.started.set()
             log.info("running: %d devices, live topics under %s/", len(settings.devices), root)
+            # Ready once the outbox is open and every task runs; devices connect on their own.
+            self.notifier.ready(status=self.status_line())
+            watchdog: asyncio.Task[None] | None = None
+            if self.notifier.enabled:
+                watchdog = group.create_task(
+                    watchdog_loop(
+                        self.notifier,
+                        lambda: [] if stop.is_set() else self.liveness_problems(),
+                        self.notifier.watchdog_interval,
+                        status=self.status_line,
+                    ),
+                    name="watchdog",
+                )
             await stop.wait()
             log.info("stopping")
+            if watchdog is not None:
+                watchdog.cancel()
+            if self.restart_settings is None:
+                self.notifier.stopping(status="stopping: draining live values and acks")
+            else:
+                # In-process restart after a reload: one last ping covers the drain; the next
+                # Runtime's READY=1 ends the reload.
+                self.notifier.watchdog(status="reloading: restarting inside the process")
             # Sources first: no new readings; their pending appends complete or are cancelled.
             sources = list(self._sources.values())
             for task in sources:
@@ -375,28 +414,35 @@ class Runtime:
         while True:
             await self._reload_requested.wait()
             self._reload_requested.clear()
-            if self.config_path is None:
-                log.warning("reload: no config file to re-read")
-                continue
+            self.notifier.reloading(status="reloading the configuration")
             try:
-                new = await asyncio.to_thread(load_agent_settings, self.config_path)
-            except ConfigError as exc:
-                log.error(
-                    "reload: %s is invalid, keeping the running config: %s",
-                    self.config_path,
-                    "; ".join(exc.problems),
-                )
-                self.reloads_failed += 1
-                continue
-            if _needs_restart(self.settings, new):
-                log.info(
-                    "reload: [gateway], [mqtt], [buffer] or [http] changed: "
-                    "restarting inside the process"
-                )
-                self.restart_settings = new
-                stop.set()
-                return
-            await self.apply(new)
+                if self.config_path is None:
+                    log.warning("reload: no config file to re-read")
+                    continue
+                try:
+                    new = await asyncio.to_thread(load_agent_settings, self.config_path)
+                except ConfigError as exc:
+                    log.error(
+                        "reload: %s is invalid, keeping the running config: %s",
+                        self.config_path,
+                        "; ".join(exc.problems),
+                    )
+                    self.reloads_failed += 1
+                    continue
+                if _needs_restart(self.settings, new):
+                    log.info(
+                        "reload: [gateway], [mqtt], [buffer] or [http] changed: "
+                        "restarting inside the process"
+                    )
+                    self.restart_settings = new
+                    stop.set()
+                    return
+                await self.apply(new)
+            finally:
+                # systemd waits for READY=1 after RELOADING=1; after an in-process restart
+                # the next Runtime sends it once it runs.
+                if self.restart_settings is None:
+                    self.notifier.ready(status=self.status_line())
 
     async def apply(self, new: AgentSettings) -> None:
         """Apply device, tag, machine, calendar and workflow changes without a restart."""
@@ -472,9 +518,11 @@ def _needs_restart(old: AgentSettings, new: AgentSettings) -> bool:
 async def run_until_signalled(settings: AgentSettings, config_path: Path | None = None) -> int:
     """`edge-agent run`: SIGTERM/SIGINT stop, SIGHUP reloads; exit code 0."""
     loop = asyncio.get_running_loop()
+    # One notifier for the process: READY/RELOADING/STOPPING span in-process restarts.
+    notifier = SdNotifier(unset_environment=True)
     while True:
         stop = asyncio.Event()
-        runtime = Runtime(settings, config_path=config_path)
+        runtime = Runtime(settings, config_path=config_path, notifier=notifier)
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
         loop.add_signal_handler(signal.SIGHUP, runtime.request_reload)
