@@ -34,6 +34,7 @@ from simulators.modbus import ModbusSimulator  # noqa: E402
 from tests.fixtures.mosquitto import MosquittoBroker  # noqa: E402
 
 ROOT = "bench/line/modbus"
+SYNC, ACK = "edge/bench/sync", "edge/bench/ack"  # {sync_prefix}/{gateway.id}/sync|ack
 SPARE_START, SPARE_COUNT = 300, 100
 
 
@@ -98,10 +99,27 @@ class Subscriber:
         self.client.on_message = self._on_message
         self.client.connect(broker.host, broker.port)
         self.client.subscribe(f"{ROOT}/#", qos=1)
+        self.client.subscribe(SYNC, qos=1)
+        self._acked: dict[str, int] = {}
         self.client.loop_start()
+
+    def _ack(self, batch: dict[str, object]) -> None:
+        # Plays the central store: acknowledges the contiguous watermark of the durable path
+        # at once, so that the agent's outbox stays small and nothing is resent.
+        stream, first, last = str(batch["stream"]), batch["first_seq"], batch["last_seq"]
+        assert isinstance(first, int)
+        assert isinstance(last, int)
+        acked = self._acked.get(stream, first - 1)
+        if first <= acked + 1:
+            acked = max(acked, last)
+        self._acked[stream] = acked
+        self.client.publish(ACK, json.dumps({"stream": stream, "acked_seq": acked}), qos=1)
 
     def _on_message(self, client: paho.Client, userdata: object, message: paho.MQTTMessage) -> None:
         now = time.monotonic()
+        if message.topic == SYNC:
+            self._ack(json.loads(message.payload))
+            return
         self.count += 1
         if message.topic.startswith(f"{ROOT}/plc0/s"):
             value = json.loads(message.payload)["value"]

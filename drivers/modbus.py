@@ -40,9 +40,10 @@ from drivers.config import DeviceConfigBase
 from drivers.modbus_codec import (
     Block,
     DecodeError,
+    Decoder,
     Value,
-    decode_registers,
     encode_registers,
+    make_decoder,
     plan_blocks,
     scale_value,
     unscale_value,
@@ -200,6 +201,8 @@ class ModbusDriver(Driver):
             max_bits=config.max_block_bits,
         )
         self._link: ModbusLink | None = None
+        # Decoders are built once per tag: the per-poll path only slices and calls.
+        self._decoders = {tag.name: self._decoder(tag) for tag in config.tags}
         self.requests_last_cycle = 0
 
     # -- connection ------------------------------------------------------------------------
@@ -305,29 +308,43 @@ class ModbusDriver(Driver):
                     return readings + await self._read_block(link, halves[1], now)
             return [Reading(slot.tag.name, None, "bad", now, str(exc)) for slot in block.slots]
         stamp = time.time()
-        return [self._decode(slot.tag, values, block, stamp) for slot in block.slots]
+        start = block.start
+        decoders = self._decoders
+        readings = []
+        for slot in block.slots:
+            first = slot.address.offset - start
+            name = slot.tag.name
+            try:
+                value = decoders[name](values[first : first + slot.count])
+            except DecodeError as exc:
+                readings.append(Reading(name, None, "bad", stamp, str(exc)))
+                continue
+            readings.append(Reading(name, value, "good", stamp))
+        return readings
+
+    def _decoder(self, tag: ModbusTagConfig) -> Decoder:
+        address = tag.parsed_address
+        if address.is_bit_area:
+            return lambda bits: bool(bits[0])
+        return make_decoder(
+            tag.type,
+            byte_order=tag.byte_order or self.config.byte_order,
+            word_order=tag.word_order or self.config.word_order,
+            length=tag.length,
+            bit=address.bit,
+            scale=tag.scale,
+            offset=tag.offset,
+        )
 
     def _decode(
         self, tag: ModbusTagConfig, values: Sequence[Any], block: Block, ts: float
     ) -> Reading:
-        address = tag.parsed_address
-        first = address.offset - block.start
-        raw_values = values[first : first + tag.count]
+        first = tag.parsed_address.offset - block.start
         try:
-            if address.is_bit_area:
-                raw: Value = bool(raw_values[0])
-            else:
-                raw = decode_registers(
-                    raw_values,
-                    tag.type,
-                    byte_order=tag.byte_order or self.config.byte_order,
-                    word_order=tag.word_order or self.config.word_order,
-                    length=tag.length,
-                    bit=address.bit,
-                )
+            value = self._decoders[tag.name](values[first : first + tag.count])
         except DecodeError as exc:
             return Reading(tag.name, None, "bad", ts, str(exc))
-        return Reading(tag.name, scale_value(raw, tag.scale, tag.offset), "good", ts)
+        return Reading(tag.name, value, "good", ts)
 
     async def read(self) -> list[Reading]:
         """One poll cycle: every block of the plan, in address order."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass
@@ -35,10 +36,14 @@ class Event:
 
 def rfc3339(ts: float) -> str:
     """Epoch seconds -> '2026-11-28T22:10:35.123Z' (UTC, milliseconds, 'Z')."""
-    millis = round(ts * 1000)
-    seconds, ms = divmod(millis, 1000)
-    moment = datetime.fromtimestamp(seconds, tz=UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S") + f".{ms:03d}Z"
+    seconds, ms = divmod(round(ts * 1000), 1000)
+    return f"{_second_text(seconds)}.{ms:03d}Z"
+
+
+@functools.lru_cache(maxsize=4096)
+def _second_text(seconds: int) -> str:
+    # Every event is stamped: format each second once (events come in bursts per second).
+    return datetime.fromtimestamp(seconds, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S")
 
 
 def parse_rfc3339(text: str) -> float:

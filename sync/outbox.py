@@ -20,6 +20,7 @@ Design (see design.md §6 and §9):
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import heapq
 import itertools
@@ -83,6 +84,7 @@ CREATE TABLE IF NOT EXISTS events (
 )""",
 )
 
+TAIL_EVENTS = 20_000  # recent committed events kept in memory for the forwarder
 _INSERT = "INSERT INTO events (seq, ts, kind, device, tag, value, quality) VALUES (?,?,?,?,?,?,?)"
 _SELECT = "SELECT seq, ts, kind, device, tag, value, quality FROM events"
 
@@ -219,6 +221,9 @@ class Outbox:
         self._dropped_total = 0
         self._append_failures = 0
         self._refused_count = 0
+        # The most recent committed rows (seq, ts, kind, device, tag, value, quality), in seq
+        # order without holes: read_batch serves a forwarder that keeps up from here.
+        self._tail: collections.deque[tuple[Any, ...]] = collections.deque(maxlen=TAIL_EVENTS)
         self._refused_first_ts = 0.0
         self._refused_last_ts = 0.0
         self._refused_reason = ""
@@ -563,6 +568,10 @@ class Outbox:
             except BaseException:
                 await _rollback(db)
                 raise
+        if dropped:
+            self._tail.clear()  # the cache must never serve an event the cap dropped
+        else:
+            self._tail.extend(rows)
         self._last_seq = seq
         self._events_count = count
         self._bytes_used = used
@@ -647,10 +656,20 @@ class Outbox:
             raise ValueError("max_events and max_bytes must be >= 1")
         start = max(after_seq, self._acked_seq)
         limit = min(max_events, max_bytes // _MIN_WIRE_EVENT + 1)
-        async with self._lock:
-            rows = await self._conn().execute_fetchall(
-                f"{_SELECT} WHERE seq > ? ORDER BY seq LIMIT ?", (start, limit)
-            )
+        tail = self._tail
+        rows: Sequence[Any]
+        if tail and tail[0][0] <= start + 1 <= tail[-1][0]:
+            # A forwarder that keeps up reads what was just committed: serve it from memory
+            # instead of querying SQLite for every batch (the rows are the same).
+            first = start + 1 - tail[0][0]
+            rows = list(itertools.islice(tail, first, first + limit))
+        else:
+            async with self._lock:
+                rows = list(
+                    await self._conn().execute_fetchall(
+                        f"{_SELECT} WHERE seq > ? ORDER BY seq LIMIT ?", (start, limit)
+                    )
+                )
         events: list[StoredEvent] = []
         wire: list[bytes] = []
         size = -1  # n items joined by n - 1 commas

@@ -234,3 +234,42 @@ def test_bit_tags_share_their_register() -> None:
     tags = [tag("b0", "hr:10.0", "bool"), tag("b1", "hr:10.1", "bool"), tag("w", "hr:11")]
     (block,) = plan_blocks(tags, max_gap=0, max_registers=125, max_bits=2000)
     assert (block.start, block.count, len(block.slots)) == (10, 2, 3)
+
+
+@pytest.mark.parametrize(("type_", "value", "registers"), BIG)
+@pytest.mark.parametrize("word_order", ["big", "little"])
+@pytest.mark.parametrize("byte_order", ["big", "little"])
+@pytest.mark.parametrize(("scale", "offset"), [(1.0, 0.0), (0.1, 5.0)])
+def test_prebuilt_decoders_match_the_reference(
+    type_: str,
+    value: float,
+    registers: list[int],
+    word_order: str,
+    byte_order: str,
+    scale: float,
+    offset: float,
+) -> None:
+    from drivers.modbus_codec import make_decoder
+
+    wire = encode_registers(value, type_, byte_order=byte_order, word_order=word_order)  # type: ignore[arg-type]
+    reference = scale_value(
+        decode_registers(wire, type_, byte_order=byte_order, word_order=word_order),  # type: ignore[arg-type]
+        scale,
+        offset,
+    )
+    decoder = make_decoder(
+        type_, byte_order=byte_order, word_order=word_order, scale=scale, offset=offset
+    )  # type: ignore[arg-type]
+    assert decoder(wire) == reference
+    assert type(decoder(wire)) is type(reference)
+
+
+def test_prebuilt_decoders_for_bits_strings_and_nan() -> None:
+    from drivers.modbus_codec import make_decoder
+
+    assert make_decoder("bool", bit=3)([0b1000]) is True
+    assert make_decoder("string", length=4)([0x4142, 0x4300]) == "ABC"
+    assert make_decoder("int16")([0xFFFF]) == -1
+    assert make_decoder("uint16")([0xFFFF]) == 65535
+    with pytest.raises(DecodeError, match="finite"):
+        make_decoder("float32")(regs(struct.pack(">f", float("nan"))))

@@ -561,3 +561,16 @@ async def test_commit_listener_is_called(tmp_path: Path) -> None:
 @given(st.floats(min_value=0, max_value=4_000_000_000, allow_nan=False))
 def test_wire_timestamp_is_rfc3339(ts: float) -> None:
     assert _ts_text(ts) == rfc3339(ts)
+
+
+async def test_batches_from_memory_equal_batches_from_sqlite(tmp_path: Path) -> None:
+    async with Outbox(tmp_path / "outbox.db", max_size=1 << 30) as outbox:
+        await outbox.append([sample(i) for i in range(300)])
+        await outbox.append(
+            [Event(time.time(), "state", "m", "state", {"state": "running"}, "good")]
+        )
+        from_memory = [await outbox.read_batch(after, 50, 1 << 20) for after in (0, 120, 250, 299)]
+        outbox._tail.clear()  # force the SQLite path
+        from_sqlite = [await outbox.read_batch(after, 50, 1 << 20) for after in (0, 120, 250, 299)]
+    assert from_memory == from_sqlite
+    assert [b.last_seq for b in from_memory] == [50, 170, 300, 301]

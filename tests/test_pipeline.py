@@ -111,3 +111,20 @@ async def test_reconfigure_keeps_last_state() -> None:
     pipeline.configure_tag("d", "t", deadband=1.0, max_interval=60.0)
     await pipeline.submit("d", [good(5)])
     assert len(published) == 1
+
+
+@pytest.mark.parametrize(
+    "value",
+    [0, -5, 2**63, 1.5, -0.1, 1e300, True, False, None, "text", 'q"uote', [1, 2], float("nan")],
+)
+def test_sample_payload_fast_path_is_plain_json(value: object) -> None:
+    import json
+
+    from agent.topics import sample_payload
+    from sync.events import dumps, json_safe
+
+    payload = sample_payload(1764367835.123, value, "good")
+    assert payload == dumps(
+        {"ts": "2025-11-28T22:10:35.123Z", "value": json_safe(value), "quality": "good"}
+    )
+    assert json.loads(payload)["quality"] == "good"
