@@ -184,7 +184,25 @@ def cmd_run(args: argparse.Namespace) -> int:
     from agent.runtime import run_until_signalled
 
     settings = load_agent_settings(args.config)
-    return asyncio.run(run_until_signalled(settings, args.config))
+    code = asyncio.run(run_until_signalled(settings, args.config))
+    _exit_despite_stray_threads(code)
+    return code
+
+
+def _exit_despite_stray_threads(code: int) -> None:
+    """A daemon must exit when told to: a non-daemon thread left behind by a library (e.g. an
+    unclosed SQLite connection) would keep the interpreter alive after SIGTERM."""
+    import threading
+
+    stray = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
+    if stray:
+        log.warning(
+            "exiting despite %d stray threads: %s", len(stray), ", ".join(t.name for t in stray)
+        )
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def cmd_probe(args: argparse.Namespace) -> int:

@@ -26,6 +26,8 @@ from typing import Any, Literal, Self
 
 import aiosqlite
 
+from sync import sqlite
+
 log = logging.getLogger("edge_agent.saga_log")
 
 SCHEMA_VERSION = 1
@@ -198,6 +200,14 @@ class SagaLog:
 
     async def open(self) -> None:
         """Open (creating the schema); a corrupt file is moved aside and a new one started."""
+        try:
+            await self._open()
+        except BaseException:
+            # Cancelled or failed half-way: close what was opened (its thread must end).
+            await asyncio.shield(self.close())
+            raise
+
+    async def _open(self) -> None:
         await asyncio.to_thread(self._path.parent.mkdir, parents=True, exist_ok=True)
         try:
             await self._open_checked()
@@ -215,7 +225,7 @@ class SagaLog:
             await self._open_checked()
 
     async def _open_checked(self) -> None:
-        db = await aiosqlite.connect(self._path, isolation_level=None)
+        db = await sqlite.connect(self._path, isolation_level=None)
         self._db = db
         await db.execute("PRAGMA journal_mode=WAL")
         await db.execute("PRAGMA synchronous=FULL")

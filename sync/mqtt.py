@@ -174,6 +174,7 @@ class MqttClient:
         self._idle.set()
         self._last_error: str | None = None
         self._up_logged = False
+        self._connack: asyncio.Future[ReasonCode] | None = None
         self.stats = MqttStats()
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -374,6 +375,7 @@ class MqttClient:
         self._client = client
         self._lost.clear()
         connack: asyncio.Future[ReasonCode] = loop.create_future()
+        self._connack = connack
         client.user_data_set(connack)
         properties: Properties | None = None
         if self._protocol == MQTTProtocolVersion.MQTTv5:
@@ -574,6 +576,11 @@ class MqttClient:
     def _mark_lost(self, client: paho.Client, reason: str) -> None:
         if client is not self._client:
             return
+        connack = self._connack
+        if connack is not None and not connack.done():
+            # Closed before the CONNACK (e.g. TLS client certificate refused): fail now
+            # instead of waiting for the connect timeout.
+            connack.set_exception(ConnectionError(reason))
         was_connected = self._connected.is_set()
         if was_connected:
             log.warning(

@@ -20,7 +20,6 @@ Design (see design.md §6 and §9):
 from __future__ import annotations
 
 import asyncio
-import collections
 import functools
 import heapq
 import itertools
@@ -40,6 +39,7 @@ from typing import Any, Self
 
 import aiosqlite
 
+from sync import sqlite
 from sync.events import Event, json_safe, rfc3339
 
 log = logging.getLogger("edge_agent.outbox")
@@ -223,7 +223,7 @@ class Outbox:
         self._refused_count = 0
         # The most recent committed rows (seq, ts, kind, device, tag, value, quality), in seq
         # order without holes: read_batch serves a forwarder that keeps up from here.
-        self._tail: collections.deque[tuple[Any, ...]] = collections.deque(maxlen=TAIL_EVENTS)
+        self._tail: deque[tuple[Any, ...]] = deque(maxlen=TAIL_EVENTS)
         self._refused_first_ts = 0.0
         self._refused_last_ts = 0.0
         self._refused_reason = ""
@@ -239,7 +239,14 @@ class Outbox:
     async def __aenter__(self) -> Self:
         if self._db is not None or self._closed:
             raise RuntimeError("an Outbox can be opened once")
-        await self._open()
+        try:
+            await self._open()
+        except BaseException:
+            # Cancelled or failed half-way: the connection's thread must not outlive us.
+            db, self._db = self._db, None
+            if db is not None:
+                await asyncio.shield(db.close())
+            raise
         self._writer = asyncio.create_task(self._write_loop(), name=f"outbox-writer:{self._path}")
         return self
 
@@ -286,7 +293,7 @@ class Outbox:
             if problem is not None:
                 self._recovery = await self._move_aside(*problem)
         try:
-            self._db = await aiosqlite.connect(self._path, isolation_level=None, timeout=1.0)
+            self._db = await sqlite.connect(self._path, isolation_level=None, timeout=1.0)
             await self._configure()
             if self._recovery is not None:
                 await self._record_recovery(self._recovery)

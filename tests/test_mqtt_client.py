@@ -174,3 +174,21 @@ async def test_mqtt_311_also_works(mosquitto: MosquittoBroker) -> None:
 
         await async_wait_until(echoed, timeout=10)
         await asyncio.wait_for(client.publish_acked("v4/y", b"2"), 5)
+
+
+async def test_mutual_tls(mosquitto_factory: MosquittoFactory) -> None:
+    broker = mosquitto_factory(tls=True, require_certificate=True)
+    files = broker.tls_files
+    assert files is not None
+    assert broker.tls_port is not None
+    without = TlsOptions(ca_file=str(files.ca_cert))
+    async with client_for(broker, port=broker.tls_port, tls=without) as client:
+        await async_wait_until(lambda: client.stats.connect_failures >= 1, timeout=10)
+        assert not client.is_connected
+    with_cert = TlsOptions(
+        ca_file=str(files.ca_cert), cert_file=str(files.client_cert), key_file=str(files.client_key)
+    )
+    async with client_for(broker, port=broker.tls_port, tls=with_cert) as client:
+        async with asyncio.timeout(10):
+            await client.wait_connected()
+        await asyncio.wait_for(client.publish_acked("mtls/x", b"1"), 5)

@@ -115,8 +115,9 @@ class Service:
         return self.process.returncode
 
 
-async def test_kill_everything_loses_nothing(
-    mosquitto: MosquittoBroker, postgres: PostgresServer, tmp_path: Path
+@pytest.mark.parametrize("scenario", ["kill-everything", "sigterm-under-load"])
+async def test_faults_lose_nothing(
+    mosquitto: MosquittoBroker, postgres: PostgresServer, tmp_path: Path, scenario: str
 ) -> None:
     dsn = await asyncio.to_thread(postgres.create_database, "plant")
     # speed 4: every poll sees a new simulated second; a third of the bulk tags change.
@@ -149,14 +150,23 @@ async def test_kill_everything_loses_nothing(
                 await async_wait_until(check, timeout=60, message=f"acked_seq >= {minimum}")
 
             await flowing(2000)
-            faults: list[tuple[str, Callable[[], None], Callable[[], None]]] = [
-                ("broker", mosquitto.kill, mosquitto.restart),
-                ("agent", agent.kill, agent.start),
-                ("ingest", ingest.kill, ingest.start),
-                ("postgres", postgres.kill, postgres.restart),
-            ]
+
+            def graceful_stop() -> None:
+                # SIGTERM while events flow: drains, exits 0, loses nothing committed.
+                assert agent.stop() == 0
+
+            faults: list[tuple[str, Callable[[], None], Callable[[], None]]] = (
+                [
+                    ("broker", mosquitto.kill, mosquitto.restart),
+                    ("agent", agent.kill, agent.start),
+                    ("ingest", ingest.kill, ingest.start),
+                    ("postgres", postgres.kill, postgres.restart),
+                ]
+                if scenario == "kill-everything"
+                else [("agent-sigterm", graceful_stop, agent.start)]
+            )
             kills = dict.fromkeys((name for name, _, _ in faults), 0)
-            for _round in range(2):
+            for _round in range(2 if scenario == "kill-everything" else 3):
                 for name, kill, restart in faults:
                     kills[name] += 1
                     before = latest_health() or {"acked_seq": 0}
@@ -193,7 +203,9 @@ async def test_kill_everything_loses_nothing(
     assert stream == health[-1]["stream"]
     assert committed == health[-1]["committed_seq"] + 1
     assert outbox_acked == committed
-    assert committed > 10_000, "a few thousand events per second for the whole test"
+    assert committed > (10_000 if scenario == "kill-everything" else 5_000), (
+        "a few thousand events per second for the whole test"
+    )
     connection = await asyncpg.connect(dsn)
     try:
         rows = await connection.fetch(
@@ -217,4 +229,7 @@ async def test_kill_everything_loses_nothing(
     assert not missing, f"{len(missing)} seqs lost, e.g. {sorted(missing)[:10]}"
     assert max(seqs) == committed
     assert acked == committed
-    assert kills == {"broker": 2, "agent": 2, "ingest": 2, "postgres": 2}
+    if scenario == "kill-everything":
+        assert kills == {"broker": 2, "agent": 2, "ingest": 2, "postgres": 2}
+    else:
+        assert kills == {"agent-sigterm": 3}
