@@ -103,6 +103,11 @@ class Service:
         self.process.wait()
         self.kills += 1
 
+    def ensure_dead(self) -> None:
+        """Teardown: a failing test must not leave the service running."""
+        if self.process is not None and self.process.poll() is None:
+            self.kill()
+
     def stop(self) -> int:
         assert self.process is not None
         if self.process.poll() is None:
@@ -117,7 +122,11 @@ class Service:
 
 @pytest.mark.parametrize("scenario", ["kill-everything", "sigterm-under-load"])
 async def test_faults_lose_nothing(
-    mosquitto: MosquittoBroker, postgres: PostgresServer, tmp_path: Path, scenario: str
+    mosquitto: MosquittoBroker,
+    postgres: PostgresServer,
+    tmp_path: Path,
+    scenario: str,
+    request: pytest.FixtureRequest,
 ) -> None:
     dsn = await asyncio.to_thread(postgres.create_database, "plant")
     # speed 4: every poll sees a new simulated second; a third of the bulk tags change.
@@ -133,6 +142,8 @@ async def test_faults_lose_nothing(
             [*python, "ingest", "-c", str(tmp_path / "central.toml")],
             tmp_path / "ingest.log",
         )
+        request.addfinalizer(agent.ensure_dead)
+        request.addfinalizer(ingest.ensure_dead)
         ingest.start()
         agent.start()
         health: list[dict[str, Any]] = []
