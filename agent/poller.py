@@ -13,6 +13,7 @@ from typing import Literal
 import pybreaker
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_random_exponential
 
+from agent.tasks import forget_taskgroup_cancel, raise_if_cancelled
 from drivers.base import Driver, DriverError, DriverUnavailable, JsonValue, Reading
 from drivers.config import DeviceConfigBase
 
@@ -102,13 +103,17 @@ class DevicePoller:
 
     async def run(self) -> None:
         """Connect, poll, reconnect; forever."""
+        task = asyncio.current_task()
         while True:
             driver, first = await self._connect()
+            before = task.cancelling() if task is not None else 0
             try:
                 await self._run_connected(driver, first)
             except* (DriverError, pybreaker.CircuitBreakerError, OSError) as group:
+                forget_taskgroup_cancel(before)
                 await self._went_down(_first_reason(group))
             except* Exception as group:
+                forget_taskgroup_cancel(before)
                 # A bug (ours or a library's) must not take the daemon down: log it with its
                 # traceback, treat the device as down, reconnect with a fresh driver.
                 log.error("device %s: unexpected error", self.name, exc_info=group.exceptions[0])
@@ -190,6 +195,9 @@ class DevicePoller:
         interval = self.config.poll_interval
         next_tick = self._clock()
         while True:
+            # A driver library may have swallowed our cancellation (see raise_if_cancelled):
+            # polling on would keep the device's TaskGroup, and so shutdown, waiting forever.
+            raise_if_cancelled()
             started = self._clock()
             self.last_activity = started
             if first is not None:
@@ -216,6 +224,7 @@ class DevicePoller:
 
     async def _consume(self, stream: object) -> None:
         async for readings in stream:  # type: ignore[attr-defined]
+            raise_if_cancelled()
             self.last_activity = self._clock()
             if readings:
                 await self._submit(self.name, readings)

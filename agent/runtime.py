@@ -23,6 +23,7 @@ from agent.pipeline import Pipeline
 from agent.poller import DevicePoller
 from agent.sdnotify import SdNotifier
 from agent.settings import AgentSettings
+from agent.tasks import cancel_and_wait
 from agent.topics import health_topic, live_topic, status_payload, status_topic
 from agent.watchdog import liveness_problems, status_line, watchdog_loop
 from agent.workflows import WorkflowEngine, attach_workflows
@@ -37,6 +38,7 @@ from sync.outbox import Outbox
 log = logging.getLogger("edge_agent.runtime")
 
 SHUTDOWN_GRACE = 5.0  # seconds for the last publishes after the sources stopped
+SLOW_SHUTDOWN_REPORT = 15.0  # seconds into a stop before the pending tasks are logged
 
 
 def make_driver_factory(
@@ -351,11 +353,7 @@ class Runtime:
                 # Runtime's READY=1 ends the reload.
                 self.notifier.watchdog(status="reloading: restarting inside the process")
             # Sources first: no new readings; their pending appends complete or are cancelled.
-            sources = list(self._sources.values())
-            for task in sources:
-                task.cancel()
-            if sources:
-                await asyncio.wait(sources)
+            await cancel_and_wait(self._sources.values())
             await outbox.append([_lifecycle("stop", outbox.stream)])
             # Bounded time for the last live values and the last acknowledgements.
             with contextlib.suppress(TimeoutError):
@@ -401,8 +399,7 @@ class Runtime:
         task = self._sources.pop(name, None)
         self.pollers.pop(name, None)
         if task is not None:
-            task.cancel()
-            await asyncio.wait([task])
+            await cancel_and_wait([task])
 
     # -- reload (SIGHUP) -----------------------------------------------------------------------
 
@@ -515,6 +512,35 @@ def _needs_restart(old: AgentSettings, new: AgentSettings) -> bool:
     )
 
 
+def awaiting(coro: object) -> list[str]:
+    """`file:line function` of each coroutine in an await chain, outermost first."""
+    frames: list[str] = []
+    while coro is not None and len(frames) < 50:
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+        if frame is not None:
+            code = frame.f_code
+            frames.append(f"{Path(code.co_filename).name}:{frame.f_lineno} {code.co_name}")
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+    return frames
+
+
+async def report_slow_shutdown(stop: asyncio.Event, after: float) -> None:
+    """Log every pending task's stack once if shutdown takes longer than `after` seconds."""
+    # A hung stop is otherwise invisible (the loop idles, systemd kills us after
+    # TimeoutStopSec): name what it is waiting for so that the log explains the SIGKILL.
+    await stop.wait()
+    await asyncio.sleep(after)
+    me = asyncio.current_task()
+    lines = []
+    for task in sorted(asyncio.all_tasks(), key=lambda t: t.get_name()):
+        if task is me or task.done():
+            continue
+        lines.append(f"  {task.get_name()}: {' > '.join(awaiting(task.get_coro())) or '?'}")
+    log.warning(
+        "shutdown has taken more than %.0f s; still waiting on:\n%s", after, "\n".join(lines)
+    )
+
+
 async def run_until_signalled(settings: AgentSettings, config_path: Path | None = None) -> int:
     """`edge-agent run`: SIGTERM/SIGINT stop, SIGHUP reloads; exit code 0."""
     loop = asyncio.get_running_loop()
@@ -526,9 +552,14 @@ async def run_until_signalled(settings: AgentSettings, config_path: Path | None 
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
         loop.add_signal_handler(signal.SIGHUP, runtime.request_reload)
+        reporter = asyncio.create_task(
+            report_slow_shutdown(stop, SLOW_SHUTDOWN_REPORT), name="slow-shutdown-report"
+        )
         try:
             await runtime.run(stop)
         finally:
+            reporter.cancel()
+            await asyncio.wait([reporter])
             for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(signum)
         if runtime.restart_settings is None:
