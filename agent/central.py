@@ -11,8 +11,8 @@ import uuid
 from agent.sdnotify import SdNotifier
 from agent.settings import CentralSettings
 from agent.watchdog import ingest_status_line, liveness_problems, watchdog_loop
-from sync.ingest import Ingest
-from sync.mqtt import MqttClient, TlsOptions
+from sync.ingest import Ingest, presence_payload, presence_topic
+from sync.mqtt import MqttClient, TlsOptions, Will
 
 log = logging.getLogger("edge_agent.ingest")
 
@@ -40,6 +40,7 @@ def ingest_for(settings: CentralSettings) -> Ingest:
         tls=tls,
         keepalive=mqtt.keepalive,
         name="ingest-mqtt",
+        will=Will(presence_topic(mqtt.sync_prefix, client_id), lambda: presence_payload("offline")),
     )
     dsn = settings.postgres.dsn
     assert dsn is not None  # checked at load

@@ -9,8 +9,10 @@ that deletes events here — a PUBACK only means the broker has the message.
 
 Flow control: at most ``window`` batches are unacknowledged. Without progress for
 ``ack_timeout`` seconds, and after every reconnect (paho forgets in-flight messages: every
-connection starts empty), sending restarts from the lowest unacknowledged seq; duplicates on
-the wire are expected and absorbed by the central store. ``max_rate`` paces the durable path so
+connection starts empty), sending restarts from the lowest unacknowledged seq; likewise when an
+ingest replica announces that it is (back) online on ``{sync_prefix}/_central/status/{replica}``
+(batches sent while no replica was subscribed went nowhere). Duplicates on the wire are expected
+and absorbed by the central store. ``max_rate`` paces the durable path so
 that a backlog replay leaves the link to live values.
 
 Oversized messages: some brokers drop a message above their size limit silently, others
@@ -101,6 +103,7 @@ class Forwarder:
         self._gateway = gateway_id
         self.sync_topic = f"{sync_prefix}/{gateway_id}/sync"
         self.ack_topic = f"{sync_prefix}/{gateway_id}/ack"
+        self.central_topic = f"{sync_prefix}/_central/status/+"
         # While pacing, keep each batch to about 200 ms worth of events so that the link sees
         # an even trickle rather than one large burst per second.
         self._batch_events = min(batch_events, max(1, max_rate // 5)) if max_rate else batch_events
@@ -125,6 +128,7 @@ class Forwarder:
         self._stalls = 0  # consecutive stalls without progress
         self._reconnected = False
         self._lost_inflight = False
+        self._central_back = False
         self._rejected: _Sent | None = None
         self._send_at = 0.0
         self._started = False
@@ -172,6 +176,7 @@ class Forwarder:
         self._next_after = self._high_sent = outbox.acked_seq
         self._committed_at_start = outbox.committed_seq
         self._client.subscribe(self.ack_topic, self._on_ack_message, qos=1)
+        self._client.subscribe(self.central_topic, self._on_central_status, qos=1)
         self._client.add_listener(self._on_connection)
         outbox.add_commit_listener(self._wake.set)
         try:
@@ -231,6 +236,7 @@ class Forwarder:
 
     def _check_stalls(self, now: float) -> None:
         rejected, self._rejected = self._rejected, None
+        central_back, self._central_back = self._central_back, False
         if self._reconnected:
             self._reconnected = False
             if self._lost_inflight:
@@ -240,6 +246,10 @@ class Forwarder:
             self._lost_inflight = False
         elif rejected is not None and rejected.epoch == self._epoch:
             self._stall(now, "broker rejected a batch", rejected_size=rejected.size)
+        elif central_back and self._inflight:
+            # What is in flight may have gone nowhere (nobody subscribed, or lost with the
+            # ingest process): resend now, not after ack_timeout. Not a stall.
+            self._restart(now, "the central store is back online")
         elif (
             self._inflight
             and self._client.is_connected  # while disconnected the reconnect decides
@@ -407,6 +417,17 @@ class Forwarder:
             acked = limit
         if acked > self._ack_target:
             self._ack_target = acked
+            self._wake.set()
+
+    def _on_central_status(self, message: Message) -> None:
+        if message.retain:
+            return  # an old announcement, delivered because we (re)subscribed
+        try:
+            status = json.loads(message.payload).get("status")
+        except (ValueError, AttributeError):
+            return
+        if status == "online":
+            self._central_back = True
             self._wake.set()
 
     def _on_connection(self, up: bool) -> None:

@@ -33,7 +33,7 @@ from typing import Any, NoReturn, TypeVar
 import asyncpg  # type: ignore[import-untyped, unused-ignore]
 
 from .central_schema import SCHEMA_VERSION, migrate
-from .events import EVENT_KINDS, dumps
+from .events import EVENT_KINDS, dumps, rfc3339
 from .mqtt import Message, MqttClient, NotConnected
 from .partitions import kept_window, maintain_partitions
 
@@ -63,8 +63,20 @@ _INSERT = (
     f"SELECT {_COLUMN_LIST} FROM {STAGING_TABLE} ON CONFLICT DO NOTHING"
 )
 _COMMIT_RANGE = "SELECT edge_commit_range($1, $2, $3, $4)"
+_TOPIC_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 # One encoder for every value: json.dumps with options builds a new encoder per call.
 _encode_json = json.JSONEncoder(separators=(",", ":")).encode
+
+
+def presence_topic(sync_prefix: str, client_id: str) -> str:
+    """``{sync_prefix}/_central/status/{replica}``: a replica's retained online/offline."""
+    # Four levels: never matched by the gateways' {prefix}/+/sync and {prefix}/+/ack.
+    return f"{sync_prefix}/_central/status/{_TOPIC_UNSAFE.sub('_', client_id)[:128]}"
+
+
+def presence_payload(status: str) -> bytes:
+    """``{"ts","status"}`` with status ``online`` or ``offline``."""
+    return dumps({"ts": rfc3339(time.time()), "status": status})
 
 
 # -- parsing ----------------------------------------------------------------------------------
@@ -340,6 +352,10 @@ class Ingest:
         self._maintenance_ok = True
         self._last_maintenance = 0.0
         self.stats = IngestStats()
+        # Announce every (re)connect: a gateway whose batches went nowhere while we were away
+        # (no subscriber, or lost with our process) resends at once instead of after its
+        # ack_timeout. Sent after the subscription, on the same connection, so in order.
+        mqtt.add_listener(self._on_connection)
 
     # -- public state ---------------------------------------------------------------------------
 
@@ -348,6 +364,18 @@ class Ingest:
         """The subscription: ``{prefix}/+/sync``, as ``$share/{group}/...`` with a group."""
         topic = f"{self._prefix}/+/sync"
         return f"$share/{self._group}/{topic}" if self._group else topic
+
+    @property
+    def presence_topic(self) -> str:
+        """Where this replica announces itself (retained ``online``/``offline``)."""
+        return presence_topic(self._prefix, self._mqtt.client_id)
+
+    def _on_connection(self, up: bool) -> None:
+        if up:
+            with contextlib.suppress(NotConnected):
+                self._mqtt.publish(
+                    self.presence_topic, presence_payload("online"), qos=1, retain=True
+                )
 
     @property
     def db_up(self) -> bool:
@@ -388,12 +416,17 @@ class Ingest:
             # Not fatal when it fails: edge_events_default takes every row meanwhile.
             await self._maintain()
             self._mqtt.subscribe(self.topic, self._on_message, qos=1)
-            async with self._mqtt, asyncio.TaskGroup() as tasks:
-                for number in range(self._pool_size):
-                    tasks.create_task(self._worker(), name=f"ingest-worker-{number}")
-                tasks.create_task(self._maintenance_loop(), name="ingest-maintenance")
-                log.info("ingest: consuming %s", self.topic)
-                self._ready.set()
+            async with self._mqtt:
+                try:
+                    async with asyncio.TaskGroup() as tasks:
+                        for number in range(self._pool_size):
+                            tasks.create_task(self._worker(), name=f"ingest-worker-{number}")
+                        tasks.create_task(self._maintenance_loop(), name="ingest-maintenance")
+                        log.info("ingest: consuming %s", self.topic)
+                        self._ready.set()
+                finally:
+                    offline = (self.presence_topic, presence_payload("offline"), True)
+                    await self._mqtt.close(final_publish=offline)
         finally:
             self._ready.clear()
             await self._close_pool()

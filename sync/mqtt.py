@@ -197,8 +197,7 @@ class MqttClient:
         runner, self._runner = self._runner, None
         if runner is not None:
             runner.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await runner
+            await asyncio.wait([runner])  # not `await runner`: our own cancellation must pass
         client = self._client
         if client is not None and self._connected.is_set():
             if final_publish is not None:
@@ -208,6 +207,11 @@ class MqttClient:
                     await asyncio.wait_for(future, timeout=2.0)
             client.disconnect()
         self._teardown(client, reason="closed")
+
+    @property
+    def client_id(self) -> str:
+        """The MQTT client identifier."""
+        return self._client_id
 
     @property
     def is_connected(self) -> bool:

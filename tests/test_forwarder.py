@@ -121,6 +121,16 @@ class FakeCentral:
                 self.watermark = max(self.watermark, self.covered.pop(0)[1])
             return {"stream": self.stream, "acked_seq": self.watermark}
 
+    def announce(self, status: str = "online", *, retain: bool = False) -> None:
+        """Publish this replica's presence as the ingest does on every (re)connect."""
+        info = self.client.publish(
+            f"{PREFIX}/_central/status/{self.client._client_id.decode()}",
+            json.dumps({"ts": rfc3339(time.time()), "status": status}),
+            1,
+            retain,
+        )
+        info.wait_for_publish(5)
+
     def publish_ack(self, stream: str, acked_seq: int) -> None:
         """Send an ack as the central store would (e.g. for another stream)."""
         info = self.client.publish(
@@ -432,3 +442,22 @@ def test_arguments_are_validated() -> None:
     ):
         with pytest.raises(ValueError, match=key):
             Forwarder(**{**good, key: value})
+
+
+async def test_batches_that_went_nowhere_are_resent_when_the_central_store_announces_itself(
+    outbox: Outbox, mosquitto: MosquittoBroker
+) -> None:
+    # The broker restarted and the agent reconnected before any ingest subscribed: the window
+    # went nowhere. Without the announcement this waits for the (here 300 s) ack timeout.
+    async with forwarding(outbox, mosquitto, ack_timeout=300, window=2) as (forwarder, client):
+        await outbox.append(events(0, 500))
+        # The broker has it (PUBACK) and had no subscriber for it.
+        await async_wait_until(lambda: client.stats.acked >= 1, message="batch at the broker")
+        with FakeCentral(mosquitto) as central:
+            assert central.received == []  # subscribed after the batch was published
+            central.announce("offline")  # only "online" means the batches can arrive now
+            central.announce("online")
+            await all_acked(outbox, central, within=20)
+    assert_complete(outbox, central)
+    assert forwarder.stalls_total == 0  # a restart, not a stall (no batch size inference)
+    assert forwarder.batches_resent >= 1

@@ -590,3 +590,32 @@ async def test_a_configuration_error_stops_the_ingest(
     with pytest.raises(asyncpg.InvalidCatalogNameError):
         async with asyncio.timeout(20):
             await ingest.run()
+
+
+async def test_each_replica_announces_itself_online_and_offline_retained(
+    postgres_database: str, mosquitto: MosquittoBroker
+) -> None:
+    # Gateways resend their window when a replica comes (back) online (sync/forwarder.py).
+    seen: list[Message] = []
+    watcher = MqttClient(host=mosquitto.host, port=mosquitto.port, client_id="presence-watch")
+    watcher.subscribe("edge/_central/status/+", seen.append, qos=1)
+
+    def last_status(topic: str) -> str | None:
+        mine = [m for m in seen if m.topic == topic]
+        return json.loads(mine[-1].payload)["status"] if mine else None
+
+    async with watcher:
+        async with running_ingest(postgres_database, mosquitto) as ingest:
+            topic = ingest.presence_topic
+            assert topic.startswith("edge/_central/status/ingest-")
+            await async_wait_until(lambda: last_status(topic) == "online", message="online")
+            online = next(m for m in seen if m.topic == topic)
+            assert set(json.loads(online.payload)) == {"ts", "status"}
+        await async_wait_until(lambda: last_status(topic) == "offline", message="offline")
+    # Retained: whoever subscribes later learns the replica's last state.
+    late: list[Message] = []
+    async with MqttClient(host=mosquitto.host, port=mosquitto.port, client_id="late") as client:
+        client.subscribe(topic, late.append, qos=1)
+        await async_wait_until(lambda: bool(late), message="retained presence")
+    assert late[0].retain
+    assert json.loads(late[0].payload)["status"] == "offline"
