@@ -227,6 +227,10 @@ _TRANSIENT: tuple[type[BaseException], ...] = (
     asyncpg.PostgresSystemError,  # class 58: I/O error
     asyncpg.TransactionRollbackError,  # class 40: deadlock or serialization failure
     asyncpg.ReadOnlySQLTransactionError,  # a fail-over left us on a read-only standby
+    # PostgreSQL killed mid-COPY can leave asyncpg's protocol confused ("cannot switch to state
+    # 15; another operation (2) is in progress", seen in bench/soak.py); the connection is
+    # terminated (see _commit) and the batch retried on a fresh one.
+    asyncpg.InternalClientError,
 )
 # The batch's content was refused: it is malformed.
 _DATA: tuple[type[BaseException], ...] = (
@@ -575,7 +579,11 @@ class Ingest:
 
     async def _commit(self, batch: Batch) -> tuple[int, int]:
         async with self._pool.acquire() as conn:
-            return await commit_batch(conn, batch)
+            try:
+                return await commit_batch(conn, batch)
+            except asyncpg.InternalClientError:
+                conn.terminate()  # its protocol state is unknown: never reuse it
+                raise
 
     def _publish_ack(self, batch: Batch, acked: int) -> None:
         key = (batch.gateway, batch.stream_id)

@@ -15,7 +15,14 @@ import pytest
 
 from sync.central_schema import migrate
 from sync.events import rfc3339
-from sync.ingest import Batch, MalformedBatch, commit_batch, parse_batch, prepare_connection
+from sync.ingest import (
+    Batch,
+    MalformedBatch,
+    commit_batch,
+    is_transient,
+    parse_batch,
+    prepare_connection,
+)
 from sync.partitions import maintain_partitions
 
 GW = "plant1-line3"
@@ -260,3 +267,18 @@ async def test_a_refused_batch_leaves_no_trace(pool: asyncpg.Pool) -> None:
     assert await pool.fetchval("SELECT count(*) FROM edge_streams") == 0
     # The session is still usable, its staging table empty.
     assert await commit(pool, batch(1, 3, stream=stream)) == (3, 3)
+
+
+@pytest.mark.parametrize(
+    ("error", "transient"),
+    [
+        (ConnectionRefusedError(111, "refused"), True),
+        (asyncpg.ConnectionDoesNotExistError("closed"), True),
+        # PostgreSQL killed mid-COPY (seen in bench/soak.py): retry on a fresh connection.
+        (asyncpg.InternalClientError("cannot switch to state 15"), True),
+        (asyncpg.DataError("bad value"), False),
+        (asyncpg.UndefinedTableError("gone"), False),
+    ],
+)
+def test_which_database_errors_are_retried(error: BaseException, transient: bool) -> None:
+    assert is_transient(error) is transient
