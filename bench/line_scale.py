@@ -32,7 +32,6 @@ import math
 import os
 import random
 import shutil
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -58,7 +57,8 @@ from pymodbus.client import AsyncModbusTcpClient  # noqa: E402
 from sync.events import Event, dumps, parse_rfc3339, rfc3339  # noqa: E402
 from sync.ingest import COLUMNS  # noqa: E402
 from sync.outbox import encode_event  # noqa: E402
-from tests.fixtures import MosquittoBroker, PostgresServer, free_port  # noqa: E402
+from tests.fixtures import ChildProcess, MosquittoBroker, PostgresServer, free_port  # noqa: E402
+from tests.fixtures.procs import read_text_lossy, tail  # noqa: E402
 
 GATEWAY = "line-scale"
 ROOT = "bench/line"  # mqtt.topic_root
@@ -268,92 +268,6 @@ def machine_busy() -> tuple[float, float]:
     return total - idle, total
 
 
-def log_tail(path: Path, lines: int = 30) -> str:
-    """The last lines of a log file."""
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return ""
-    return "\n".join(text.splitlines()[-lines:])
-
-
-class Proc:
-    """A child process in its own session (its whole group can be killed), logging to a file."""
-
-    def __init__(self, name: str, argv: list[str], log: Path) -> None:
-        """Prepare; `start()` runs it."""
-        self.name = name
-        self.argv = argv
-        self.log = log
-        self.process: subprocess.Popen[bytes] | None = None
-        self.starts = 0
-
-    def start(self) -> None:
-        """Start (again) with the same command line."""
-        with self.log.open("ab") as out:
-            self.process = subprocess.Popen(
-                self.argv,
-                cwd=REPO,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        self.starts += 1
-
-    @property
-    def alive(self) -> bool:
-        """Whether the process runs."""
-        return self.process is not None and self.process.poll() is None
-
-    @property
-    def pid(self) -> int | None:
-        """Pid while running."""
-        return self.process.pid if self.alive and self.process is not None else None
-
-    def kill(self) -> None:
-        """SIGKILL the whole process group and reap it."""
-        if self.process is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait()
-
-    def stop(self, timeout: float = 30.0) -> int | None:
-        """SIGTERM and wait; SIGKILL after `timeout`. The exit code (-9 if it was killed).
-
-        A process that ignores SIGTERM gets its Python stacks dumped into its log first
-        (py-spy, when installed), so that the hang can be understood afterwards.
-        """
-        if self.process is None:
-            return None
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.dump_stacks()
-                self.kill()
-                return -9
-        return self.process.returncode
-
-    def dump_stacks(self) -> None:
-        """Append `py-spy dump` of the running process to its log (best effort)."""
-        py_spy = Path(PYTHON).parent / "py-spy"
-        if self.process is None or not py_spy.exists():
-            return
-        with self.log.open("ab") as out, contextlib.suppress(OSError, subprocess.SubprocessError):
-            out.write(f"\n--- {self.name} did not stop: py-spy dump ---\n".encode())
-            out.flush()
-            subprocess.run(
-                [str(py_spy), "dump", "--pid", str(self.process.pid)],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                timeout=30,
-                check=False,
-            )
-
-
 async def accepts(port: int) -> bool:
     """Whether a TCP connection to 127.0.0.1:port succeeds now."""
     try:
@@ -368,7 +282,12 @@ async def accepts(port: int) -> bool:
 
 
 async def wait_for(
-    check: Any, deadline_s: float, what: str, *, interval: float = 0.1, proc: Proc | None = None
+    check: Any,
+    deadline_s: float,
+    what: str,
+    *,
+    interval: float = 0.1,
+    proc: ChildProcess | None = None,
 ) -> None:
     """Await `check()` (sync or async) until true; TimeoutError after `deadline_s` seconds."""
     deadline = time.monotonic() + deadline_s
@@ -379,9 +298,8 @@ async def wait_for(
         if result:
             return
         if proc is not None and proc.process is not None and not proc.alive:
-            raise RuntimeError(
-                f"{proc.name} exited while waiting for {what}:\n{log_tail(proc.log)}"
-            )
+            log = tail(read_text_lossy(proc.log), 30)
+            raise RuntimeError(f"{proc.name} exited while waiting for {what}:\n{log}")
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {deadline_s:.0f} s waiting for {what}")
         await asyncio.sleep(interval)
@@ -437,7 +355,7 @@ class Line:
         self.http_port = free_port()
         self.dsn = ""
         self.modbus = [
-            Proc(
+            ChildProcess(
                 f"modbus{index}",
                 [
                     PYTHON,
@@ -458,7 +376,7 @@ class Line:
             )
             for index, port in enumerate(self.modbus_ports)
         ]
-        self.opcua = Proc(
+        self.opcua = ChildProcess(
             "opcua",
             [
                 PYTHON,
@@ -476,31 +394,31 @@ class Line:
             workdir / "opcua.log",
         )
         agent_cli = [PYTHON, "-m", "agent.cli", "--log-level", log_level]
-        self.agent = Proc(
+        self.agent = ChildProcess(
             "agent", [*agent_cli, "run", "-c", str(workdir / "agent.toml")], workdir / "agent.log"
         )
-        self.ingest = Proc(
+        self.ingest = ChildProcess(
             "ingest",
             [*agent_cli, "ingest", "-c", str(workdir / "central.toml")],
             workdir / "ingest.log",
         )
 
     @property
-    def simulators(self) -> list[Proc]:
+    def simulators(self) -> list[ChildProcess]:
         """Every simulator process."""
         return [*self.modbus, self.opcua]
 
     @property
-    def processes(self) -> list[Proc]:
+    def processes(self) -> list[ChildProcess]:
         """Every child process of the line (not the broker and PostgreSQL)."""
         return [*self.simulators, self.ingest, self.agent]
 
     @staticmethod
-    def control_port(sim: Proc) -> int:
+    def control_port(sim: ChildProcess) -> int:
         """The fault-control port a simulator was started with (ready when it accepts)."""
         return int(sim.argv[sim.argv.index("--control-port") + 1])
 
-    async def start_simulator(self, sim: Proc) -> None:
+    async def start_simulator(self, sim: ChildProcess) -> None:
         """Start a simulator process and wait until it serves."""
         sim.start()
         port = self.control_port(sim)
@@ -595,7 +513,7 @@ class Line:
     def close(self) -> None:
         """Kill everything that still runs (idempotent)."""
         for proc in reversed(self.processes):
-            proc.kill()
+            proc.ensure_dead()
         self.broker.close()
         self.postgres.close()
 

@@ -7,10 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
 import sqlite3
-import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +17,7 @@ import asyncpg
 import pytest
 
 from simulators.modbus import ModbusSimulator
-from tests.fixtures import MosquittoBroker, PostgresServer
+from tests.fixtures import ChildProcess, MosquittoBroker, PostgresServer
 from tests.fixtures.collector import TopicCollector
 from tests.fixtures.ports import async_wait_until
 
@@ -81,45 +78,6 @@ months_ahead = 1
 """
 
 
-class Service:
-    """A subprocess that the test kills with SIGKILL and starts again."""
-
-    def __init__(self, name: str, argv: list[str], log: Path) -> None:
-        self.name = name
-        self.argv = argv
-        self.log = log
-        self.process: subprocess.Popen[bytes] | None = None
-        self.kills = 0
-
-    def start(self) -> None:
-        with self.log.open("ab") as out:
-            self.process = subprocess.Popen(
-                self.argv, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-            )
-
-    def kill(self) -> None:
-        assert self.process is not None
-        os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait()
-        self.kills += 1
-
-    def ensure_dead(self) -> None:
-        """Teardown: a failing test must not leave the service running."""
-        if self.process is not None and self.process.poll() is None:
-            self.kill()
-
-    def stop(self) -> int:
-        assert self.process is not None
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                return self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.kill()
-                return -9
-        return self.process.returncode
-
-
 @pytest.mark.parametrize("scenario", ["kill-everything", "sigterm-under-load"])
 async def test_faults_lose_nothing(
     mosquitto: MosquittoBroker,
@@ -134,10 +92,10 @@ async def test_faults_lose_nothing(
         (tmp_path / "agent.toml").write_text(agent_config(mosquitto, sim.port, tmp_path / "data"))
         (tmp_path / "central.toml").write_text(central_config(mosquitto, dsn))
         python = [sys.executable, "-m", "agent.cli"]
-        agent = Service(
+        agent = ChildProcess(
             "agent", [*python, "run", "-c", str(tmp_path / "agent.toml")], tmp_path / "agent.log"
         )
-        ingest = Service(
+        ingest = ChildProcess(
             "ingest",
             [*python, "ingest", "-c", str(tmp_path / "central.toml")],
             tmp_path / "ingest.log",
