@@ -181,7 +181,7 @@ class MqttConfig(TlsClientConfig):
         description="Largest S/sync message; keep it under the broker's message size limit.",
     )
     sync_window: int = Field(
-        default=8,
+        default=32,
         ge=1,
         le=1000,
         description="Most S/sync batches sent but not yet acknowledged by the central store.",

@@ -742,15 +742,16 @@ async def raw_pymodbus(port: int, seconds: float) -> tuple[float, float]:
     return cpu / count * 1e6, count / elapsed
 
 
-async def raw_asyncua(port: int, spec: LineSpec, seconds: float) -> tuple[float, float]:
-    """Bare asyncua: one subscription with the line's monitored items, a callback that counts
-    the notifications: (CPU µs per notification, notifications/s)."""
+async def raw_asyncua(
+    port: int, nodes: list[str], seconds: float, interval_ms: float = 1000.0
+) -> tuple[float, float]:
+    """Bare asyncua: one subscription monitoring `nodes` (ns=2 string ids), a callback that
+    counts the notifications: (CPU µs per notification, notifications/s)."""
     from asyncua import ua
     from asyncua.client.client import Client
     from asyncua.ua.attribute_ids import AttributeIds
 
     logging.getLogger("asyncua").setLevel(logging.CRITICAL)
-    interval_ms = 1000.0
     client = Client(f"opc.tcp://127.0.0.1:{port}", timeout=10)
     await client.connect()
     count = 0
@@ -771,8 +772,6 @@ async def raw_asyncua(port: int, spec: LineSpec, seconds: float) -> tuple[float,
             Priority=0,
         )
         subscription = await client.uaclient.create_subscription(params, on_publish)
-        nodes = ["Filler.State", "Filler.Counters.Total", "Filler.Counters.Rejected"]
-        nodes += [f"Bulk.{i:04d}" for i in range(spec.opcua_bulk)]
         for start in range(0, len(nodes), 1000):
             items = [
                 ua.MonitoredItemCreateRequest(
@@ -1165,7 +1164,9 @@ async def raw_limits(
     read_us, read_rate = min(
         [await raw_pymodbus(line.modbus_ports[0], seconds / 6) for _ in range(3)]
     )
-    notification_us, notification_rate = await raw_asyncua(line.opcua_port, spec, seconds)
+    nodes = ["Filler.State", "Filler.Counters.Total", "Filler.Counters.Rejected"]
+    nodes += [f"Bulk.{i:04d}" for i in range(spec.opcua_bulk)]
+    notification_us, notification_rate = await raw_asyncua(line.opcua_port, nodes, seconds)
     events = sample_events(max(20_000 if args.quick else 200_000, group * 10), spec)
     sqlite_us = min(raw_sqlite(line.workdir / f"raw{i}.db", events, group) for i in range(3))
     live_topics = [f"{ROOT}/{e.device}/{e.tag}" for e in events[:10_000]]

@@ -9,7 +9,9 @@ batches.
 Prints: notifications per second handled (= value changes published to
 MQTT), agent CPU % of one core, RSS, p50/p99 delay from the value's SourceTimestamp to the
 subscriber; beside it the driver alone (no pipeline, no MQTT) in this process, same
-simulator. No asserts: figures only.
+simulator. In the same run, the raw limits of the same work with the bare libraries
+(asyncua subscription notifications, paho QoS 1 retained publishes, sqlite3 grouped inserts)
+and their sum at the measured rate, as % of one core. No asserts: figures only.
 
     .venv/bin/python bench/opcua_subscribe.py            # 60 s measurement
     .venv/bin/python bench/opcua_subscribe.py --quick    # a few seconds (smoke test)
@@ -35,9 +37,10 @@ sys.path.insert(0, str(REPO))
 import paho.mqtt.client as paho  # noqa: E402
 from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
 
+from bench.line_scale import raw_asyncua, raw_paho, raw_sqlite  # noqa: E402
 from drivers.opcua import OpcUaDriver  # noqa: E402
 from drivers.opcua_config import OpcUaDeviceConfig  # noqa: E402
-from sync.events import parse_rfc3339  # noqa: E402
+from sync.events import Event, parse_rfc3339  # noqa: E402
 from tests.fixtures.mosquitto import MosquittoBroker  # noqa: E402
 from tests.fixtures.ports import free_port, port_accepts, wait_until  # noqa: E402
 
@@ -208,6 +211,36 @@ async def driver_alone(
         return count / elapsed, (time.process_time() - cpu0) / elapsed * 100, sorted(delays)
 
 
+# The outbox commits every commit_interval (50 ms): at 5,000 values/s about 250 per transaction.
+RAW_SQLITE_GROUP = 250
+
+
+async def raw_limits(
+    broker: MosquittoBroker, port: int, items: int, interval: float, quick: bool, workdir: Path
+) -> dict[str, float]:
+    """CPU µs per value of the bare libraries doing the agent's work for one changed value."""
+    seconds = 2.0 if quick else 10.0
+    nodes = [f"Bulk.{i:04d}" for i in range(items)]
+    asyncua_us, _ = await raw_asyncua(port, nodes, seconds, interval * 1000.0)
+    now = time.time()
+    events = [
+        Event(now + i * 2e-4, "sample", "plc", f"b{i % items}", i * 0.37, "good")
+        for i in range(20_000 if quick else 200_000)
+    ]
+    sqlite_us = min(raw_sqlite(workdir / f"raw{i}.db", events, RAW_SQLITE_GROUP) for i in range(3))
+    topics = [f"{ROOT}/plc/b{i}" for i in range(items)]
+    payloads = [
+        f'{{"ts":"2026-11-29T04:00:00.{i % 1000:03d}Z","value":{i * 0.37!r},'
+        f'"quality":"good"}}'.encode()
+        for i in range(1000)
+    ]
+    publishes = 2_000 if quick else 20_000
+    paho_us = min(
+        [await asyncio.to_thread(raw_paho, broker, topics, payloads, publishes) for _ in range(3)]
+    )
+    return {"asyncua": asyncua_us, "paho": paho_us, "sqlite3": sqlite_us}
+
+
 def percentile(values: list[float], fraction: float) -> float:
     """The value at `fraction` of a sorted list."""
     return values[min(len(values) - 1, int(len(values) * fraction))]
@@ -274,6 +307,7 @@ async def main() -> None:
         alone_rate, alone_cpu, alone_delays = await driver_alone(
             port, args.items, interval, min(args.seconds, 20.0)
         )
+        raw = await raw_limits(broker, port, args.items, interval, args.quick, workdir)
     finally:
         simulator.terminate()
         simulator.wait(timeout=30)
@@ -301,6 +335,18 @@ async def main() -> None:
             f"  SourceTimestamp -> driver   p50 {percentile(alone_delays, 0.5) * 1000:.0f} ms, "
             f"p99 {percentile(alone_delays, 0.99) * 1000:.0f} ms (driver alone)"
         )
+    rate = messages / elapsed
+    raw_sum = sum(raw.values())
+    agent_us = cpu / max(messages, 1) * 1e6
+    print(
+        "  raw libraries, same run     "
+        + ", ".join(f"{name} {us:.1f}" for name, us in raw.items())
+        + f" = {raw_sum:.1f} µs CPU per value"
+    )
+    print(
+        f"  raw sum at {rate:.0f} values/s  {raw_sum * rate / 1e4:.1f} % of one core; agent "
+        f"{agent_us:.1f} µs per value = {agent_us / raw_sum:.2f}x the raw sum"
+    )
     print(
         f"  same machine ({os.cpu_count()} cores)   "
         + ", ".join(f"{name} {share * 100:.0f} %" for name, share in load.items())

@@ -40,9 +40,11 @@ def rfc3339(ts: float) -> str:
     return f"{_second_text(seconds)}.{ms:03d}Z"
 
 
-@functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=256)
 def _second_text(seconds: int) -> str:
     # Every event is stamped: format each second once (events come in bursts per second).
+    # Small on purpose: events arrive in time order, and a cache that keeps filling for an
+    # hour (one entry per second) reads as a memory leak on a long-running gateway.
     return datetime.fromtimestamp(seconds, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S")
 
 
