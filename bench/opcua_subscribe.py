@@ -24,6 +24,7 @@ import asyncio
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -312,6 +313,7 @@ async def main() -> None:
         simulator.terminate()
         simulator.wait(timeout=30)
         broker.close()
+        shutil.rmtree(workdir, ignore_errors=True)
     print(
         f"edge-agent OPC UA subscription benchmark ({args.items} monitored items changing "
         f"every second, publishing interval {args.publishing_interval})"
