@@ -6,6 +6,7 @@ hot paths carry no instrumentation; only poll durations are observed as they hap
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -61,6 +62,7 @@ class _RuntimeCollector(Collector):
         yield from self._uplink()
         yield from self._oee()
         yield from self._workflows()
+        yield from self._process()
 
     def _devices(self) -> Iterator[Metric]:
         up = _gauge("device_up", "1 when the device is connected and answering.", ["device"])
@@ -184,6 +186,16 @@ class _RuntimeCollector(Collector):
         for outcome, count in sorted(counts.items()):
             family.add_metric([outcome], count)
         yield family
+
+    def _process(self) -> Iterator[Metric]:
+        try:
+            tasks = len(asyncio.all_tasks())
+        except RuntimeError:  # rendered outside the event loop: there is no figure to give
+            return
+        yield _simple(
+            _gauge("asyncio_tasks", "asyncio tasks alive in the agent's event loop (stays flat)."),
+            tasks,
+        )
 
 
 def _simple(family: Any, value: float) -> Metric:

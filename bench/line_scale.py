@@ -1014,6 +1014,10 @@ async def measure(args: argparse.Namespace, spec: LineSpec, line: Line) -> dict[
             "agent_rss_mib_end": round(sampler.rss_mib[-1], 1),
             "agent_fds_max": max(sampler.fds),
             "agent_threads_max": max(sampler.threads),
+            "agent_tasks": [
+                int(metrics0.get("edge_agent_asyncio_tasks", -1)),
+                int(metrics1.get("edge_agent_asyncio_tasks", -1)),
+            ],
             "events_per_s": round(events / elapsed),
             "live_publishes_per_s": round(
                 delta(metrics1, metrics0, "edge_agent_live_published_total") / elapsed
@@ -1141,6 +1145,8 @@ async def measure(args: argparse.Namespace, spec: LineSpec, line: Line) -> dict[
             "live_opcua_sample_during_drain": summary(subscriber.opcua.get("drain", [])),
         }
         await line.wait_acked((await line.status() or before)["committed_seq"], 120)
+        after = await line.metrics()
+        result["outage"]["agent_tasks_after_drain"] = int(after.get("edge_agent_asyncio_tasks", -1))
     finally:
         subscriber.close()
 
@@ -1319,8 +1325,9 @@ def report(args: argparse.Namespace, spec: LineSpec, result: dict[str, Any]) -> 
         f"< 35 %  {ok('agent CPU < 35 % of one core')}",
         f"  {'agent RSS (max in window)':<44}{w['agent_rss_mib_max']:.1f} MiB{'':<46}"
         f"< 150 MiB  {ok('agent RSS < 150 MiB')}",
-        f"  {'agent open fds / threads (max)':<44}{w['agent_fds_max']} / "
-        f"{w['agent_threads_max']} (asyncio tasks are not visible from outside)",
+        f"  {'agent open fds / threads (max) / tasks':<44}{w['agent_fds_max']} / "
+        f"{w['agent_threads_max']} / {w['agent_tasks'][0]} -> {w['agent_tasks'][1]} "
+        "(asyncio tasks at the start and end of the window)",
         f"  {'events accepted (outbox commits)':<44}{w['events_per_s']:,} /s "
         f"({w['events_per_commit']:g} per commit, {w['outbox_commits_per_s']:g} commits/s)",
         f"  {'rows committed in PostgreSQL (samples)':<44}"
@@ -1343,7 +1350,8 @@ def report(args: argparse.Namespace, spec: LineSpec, result: dict[str, Any]) -> 
         + f"{'':<4}>= 10x  {ok('drain >= 10x faster than built up')}",
         f"  {'  agent reconnect / CPU / peak RSS':<44}{outage['agent_reconnect_s']:g} s / "
         f"{outage['agent_cpu_pct_during_drain']:.0f} % of one core / "
-        f"{outage['agent_rss_mib_peak_during_drain']:.0f} MiB",
+        f"{outage['agent_rss_mib_peak_during_drain']:.0f} MiB; "
+        f"{outage.get('agent_tasks_after_drain', -1)} asyncio tasks after it",
         f"  {'  same machine during the drain':<44}"
         + ", ".join(
             f"{k} {x:.0f} %"

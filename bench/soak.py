@@ -63,6 +63,7 @@ class Sample:
     rss_mib: float
     fds: int
     threads: int
+    tasks: int  # asyncio tasks (edge_agent_asyncio_tasks on /metrics; -1 if it did not answer)
     cpu_s: float
     quiet: bool  # every device up and the uplink up: no fault in progress
 
@@ -101,6 +102,7 @@ class Soak:
         while not stop.is_set():
             pid = self.line.agent.pid
             status = await self.line.status()
+            metrics = await self.line.metrics()
             values, fds = proc_status(pid), fd_count(pid)
             if pid is not None and values and fds is not None:
                 quiet = (
@@ -115,6 +117,7 @@ class Soak:
                         values["VmRSS"] / 1024,
                         fds,
                         values["Threads"],
+                        int(metrics.get("edge_agent_asyncio_tasks", -1)),
                         cpu_seconds(pid),
                         quiet,
                     )
@@ -463,8 +466,9 @@ def report(
         + "   target < 1 MB/h",
         f"  agent open fds              {flat([s.fds for s in warm])} (quiet samples after "
         f"warm-up; all samples {flat([s.fds for s in samples])})",
-        f"  agent threads               {flat([s.threads for s in warm])} (asyncio tasks are "
-        f"not visible from outside)",
+        f"  agent threads               {flat([s.threads for s in warm])}",
+        f"  agent asyncio tasks         {flat([s.tasks for s in warm])} (quiet samples after "
+        f"warm-up; all samples {flat([s.tasks for s in samples])})",
     ]
     for name, scan in logs.items():
         lines.append(

@@ -70,6 +70,8 @@ async def test_endpoints_metrics_and_status(mosquitto: MosquittoBroker, tmp_path
             assert families["edge_agent_mqtt_connected"].samples[0].value == 1.0
             assert families["edge_agent_outbox_committed_seq"].samples[0].value >= 1
             assert "edge_agent_sync_batches_sent" in families
+            # at least one task per device poller, plus the uplink's and the HTTP server's
+            assert families["edge_agent_asyncio_tasks"].samples[0].value >= 4
             assert (await asyncio.to_thread(get, port, "/nope"))[0] == 404
             result = await asyncio.to_thread(status_command, tmp_path / "agent.toml")
             assert result.returncode == 1, result.stdout + result.stderr  # "gone" is down
