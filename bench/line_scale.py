@@ -54,9 +54,10 @@ import paho.mqtt.client as paho  # noqa: E402
 from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
 from pymodbus.client import AsyncModbusTcpClient  # noqa: E402
 
+from agent.topics import live_topic, sample_payload  # noqa: E402
 from sync.events import Event, dumps, parse_rfc3339, rfc3339  # noqa: E402
 from sync.ingest import COLUMNS  # noqa: E402
-from sync.outbox import encode_event  # noqa: E402
+from sync.outbox import SCHEMA, encode_event  # noqa: E402
 from tests.fixtures import ChildProcess, MosquittoBroker, PostgresServer, free_port  # noqa: E402
 from tests.fixtures.procs import read_text_lossy, tail  # noqa: E402
 
@@ -808,19 +809,26 @@ async def raw_asyncua(
     return cpu / max(handled, 1) * 1e6, handled / elapsed
 
 
+RAW_INSERT = "INSERT INTO events VALUES (?,?,?,?,?,?,?)"
+
+
+def raw_events_db(path: Path) -> sqlite3.Connection:
+    """A bare sqlite3 database with the outbox's tables, WAL and synchronous=FULL like the
+    outbox; insert rows of (seq, *encode_event(event)) with RAW_INSERT."""
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("PRAGMA journal_mode = WAL")
+    db.execute("PRAGMA synchronous = FULL")
+    for statement in SCHEMA:
+        db.execute(statement)
+    return db
+
+
 def raw_sqlite(path: Path, events: list[Event], group: int) -> float:
     """Bare sqlite3 executemany in transactions of `group` rows, WAL + synchronous=FULL like
     the outbox: CPU µs per row (fsync waits are not CPU)."""
     rows = [encode_event(event) for event in events]
-    db = sqlite3.connect(path, isolation_level=None)
+    db = raw_events_db(path)
     try:
-        db.execute("PRAGMA journal_mode = WAL")
-        db.execute("PRAGMA synchronous = FULL")
-        db.execute(
-            "CREATE TABLE events (seq INTEGER PRIMARY KEY, ts REAL NOT NULL, kind INTEGER "
-            "NOT NULL, device TEXT, tag TEXT, value TEXT, quality TEXT)"
-        )
-        insert = "INSERT INTO events VALUES (?,?,?,?,?,?,?)"
         seq = 0
         cpu0 = time.process_time()
         for start in range(0, len(rows), group):
@@ -829,7 +837,7 @@ def raw_sqlite(path: Path, events: list[Event], group: int) -> float:
                 seq += 1
                 chunk.append((seq, *row))
             db.execute("BEGIN")
-            db.executemany(insert, chunk)
+            db.executemany(RAW_INSERT, chunk)
             db.execute("COMMIT")
         return (time.process_time() - cpu0) / len(rows) * 1e6
     finally:
@@ -1175,10 +1183,8 @@ async def raw_limits(
     notification_us, notification_rate = await raw_asyncua(line.opcua_port, nodes, seconds)
     events = sample_events(max(20_000 if args.quick else 200_000, group * 10), spec)
     sqlite_us = min(raw_sqlite(line.workdir / f"raw{i}.db", events, group) for i in range(3))
-    live_topics = [f"{ROOT}/{e.device}/{e.tag}" for e in events[:10_000]]
-    live_payloads = [
-        dumps({"ts": rfc3339(e.ts), "value": e.value, "quality": "good"}) for e in events[:1000]
-    ]
+    live_topics = [live_topic(ROOT, e.device or "", e.tag or "") for e in events[:10_000]]
+    live_payloads = [sample_payload(e.ts, e.value, "good") for e in events[:1000]]
     batch_payload = dumps(
         {
             "gateway": GATEWAY,

@@ -38,6 +38,7 @@ sys.path.insert(0, str(REPO))
 import paho.mqtt.client as paho  # noqa: E402
 from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
 
+from agent.topics import live_topic, sample_payload  # noqa: E402
 from bench.line_scale import raw_asyncua, raw_paho, raw_sqlite  # noqa: E402
 from drivers.opcua import OpcUaDriver  # noqa: E402
 from drivers.opcua_config import OpcUaDeviceConfig  # noqa: E402
@@ -229,12 +230,8 @@ async def raw_limits(
         for i in range(20_000 if quick else 200_000)
     ]
     sqlite_us = min(raw_sqlite(workdir / f"raw{i}.db", events, RAW_SQLITE_GROUP) for i in range(3))
-    topics = [f"{ROOT}/plc/b{i}" for i in range(items)]
-    payloads = [
-        f'{{"ts":"2026-11-29T04:00:00.{i % 1000:03d}Z","value":{i * 0.37!r},'
-        f'"quality":"good"}}'.encode()
-        for i in range(1000)
-    ]
+    topics = [live_topic(ROOT, "plc", f"b{i}") for i in range(items)]
+    payloads = [sample_payload(now + i * 1e-3, i * 0.37, "good") for i in range(1000)]
     publishes = 2_000 if quick else 20_000
     paho_us = min(
         [await asyncio.to_thread(raw_paho, broker, topics, payloads, publishes) for _ in range(3)]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import sqlite3
 import sys
 import tempfile
 import time
@@ -17,6 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.line_scale import RAW_INSERT, raw_events_db
 from sync.events import Event
 from sync.outbox import Outbox, encode_event
 
@@ -57,15 +57,8 @@ async def outbox_rate(
 def raw_rate(path: Path, producers: int, batch: int, events: int) -> tuple[int, float]:
     """Rows and seconds of plain sqlite3 executemany, 1,000 rows per transaction."""
     rows = [encode_event(event) for k in range(producers) for event in make_events(k, batch)]
-    db = sqlite3.connect(path, isolation_level=None)
+    db = raw_events_db(path)
     try:
-        db.execute("PRAGMA journal_mode = WAL")
-        db.execute("PRAGMA synchronous = FULL")
-        db.execute(
-            "CREATE TABLE events (seq INTEGER PRIMARY KEY, ts REAL NOT NULL, kind INTEGER "
-            "NOT NULL, device TEXT, tag TEXT, value TEXT, quality TEXT)"
-        )
-        insert = "INSERT INTO events VALUES (?,?,?,?,?,?,?)"
         seq = 0
         started = time.perf_counter()
         while seq < events:
@@ -75,7 +68,7 @@ def raw_rate(path: Path, producers: int, batch: int, events: int) -> tuple[int, 
                 seq += 1
                 chunk.append((seq, *row))
             db.execute("BEGIN")
-            db.executemany(insert, chunk)
+            db.executemany(RAW_INSERT, chunk)
             db.execute("COMMIT")
         return seq, time.perf_counter() - started
     finally:
