@@ -682,7 +682,7 @@ class WorkflowEngine:
             # Unsent replies go back to the front, in order, for the next connection.
             self._replies.extendleft(reversed(lost + retry))
             if not sent:
-                await asyncio.sleep(0.5)  # connected, yet paho refused: do not spin
+                await asyncio.sleep(0.5)  # connected, yet the client refused: do not spin
 
     # -- commands --------------------------------------------------------------------------
 

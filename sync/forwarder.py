@@ -8,12 +8,12 @@ by the cap and are declared by a gap event). The central store answers on
 that deletes events here — a PUBACK only means the broker has the message.
 
 Flow control: at most ``window`` batches are unacknowledged. Without progress for
-``ack_timeout`` seconds, and after every reconnect (paho forgets in-flight messages: every
-connection starts empty), sending restarts from the lowest unacknowledged seq; likewise when an
-ingest replica announces that it is (back) online on ``{sync_prefix}/_central/status/{replica}``
-(batches sent while no replica was subscribed went nowhere). Duplicates on the wire are expected
-and absorbed by the central store. ``max_rate`` paces the durable path so
-that a backlog replay leaves the link to live values.
+``ack_timeout`` seconds, and after every reconnect (the MQTT client forgets in-flight
+messages: every connection starts empty), sending restarts from the lowest unacknowledged seq;
+likewise when an ingest replica announces that it is (back) online on
+``{sync_prefix}/_central/status/{replica}`` (batches sent while no replica was subscribed went
+nowhere). Duplicates on the wire are expected and absorbed by the central store. ``max_rate``
+paces the durable path so that a backlog replay leaves the link to live values.
 
 Oversized messages: some brokers drop a message above their size limit silently, others
 disconnect the client (mosquitto 2.0 with an MQTT 5 client) or reject it in the PUBACK. Each

@@ -498,7 +498,7 @@ class Ingest:
         return topic
 
     def _on_message(self, message: Message) -> None:
-        # Runs on the loop thread inside paho's read callback: queue and return at once.
+        # Runs on the loop thread inside the MQTT client's read callback: queue and return at once.
         self.stats.messages += 1
         if self._queue.full():
             # The oldest is the likeliest to have been resent already by its gateway.

@@ -4,6 +4,7 @@ resubscribe, TLS, refused credentials."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 
@@ -60,9 +61,9 @@ async def test_birth_and_will(mosquitto: MosquittoBroker) -> None:
             message = await asyncio.to_thread(watcher.wait_for_message, 5)
             assert (message.payload, message.retain) == (b"online", False)
             # Kill the client's socket without DISCONNECT: the broker publishes the will.
-            paho_client = client._client  # simulate a dead TCP connection
-            assert paho_client is not None
-            sock = paho_client.socket()
+            connection = client._connection  # simulate a dead TCP connection
+            assert connection is not None
+            sock = connection.socket()
             assert sock is not None
             sock.shutdown(socket.SHUT_RDWR)
             message = await asyncio.to_thread(watcher.wait_for_message, 10)
@@ -103,9 +104,9 @@ async def test_loss_fails_pending_acks(mosquitto: MosquittoBroker) -> None:
             await client.wait_connected()
         await asyncio.to_thread(mosquitto.pause)  # SIGSTOP: accepts nothing, acks nothing
         future = client.publish_acked("p/x", b"1")
-        paho_client = client._client
-        assert paho_client is not None
-        sock = paho_client.socket()
+        connection = client._connection
+        assert connection is not None
+        sock = connection.socket()
         assert sock is not None
         sock.shutdown(socket.SHUT_RDWR)
         with pytest.raises(ConnectionLost):
@@ -192,3 +193,115 @@ async def test_mutual_tls(mosquitto_factory: MosquittoFactory) -> None:
         async with asyncio.timeout(10):
             await client.wait_connected()
         await asyncio.wait_for(client.publish_acked("mtls/x", b"1"), 5)
+
+
+@pytest.mark.parametrize("protocol", [5, 4])
+async def test_paho_as_peer_sees_what_we_publish_and_we_see_what_it_publishes(
+    mosquitto: MosquittoBroker, protocol: int
+) -> None:
+    # An independent MQTT implementation on the other side of the broker checks our bytes:
+    # retained flag, a payload long enough for a multi-byte length, and its QoS 2 handshake.
+    big = bytes(range(256)) * 300  # 76,800 bytes
+    received: list[Message] = []
+    with MqttTestClient(mosquitto.host, mosquitto.port) as peer:
+        peer.subscribe("peer/out/#")
+        async with client_for(mosquitto, protocol=protocol) as client:
+            async with asyncio.timeout(10):
+                await client.wait_connected()
+            await asyncio.wait_for(client.publish_acked("peer/out/big", big, retain=True), 5)
+            client.publish("peer/out/small", b"s", qos=0)
+            messages = [await asyncio.to_thread(peer.wait_for_message, 5) for _ in range(2)]
+            by_topic = {message.topic: message for message in messages}
+            assert by_topic["peer/out/big"].payload == big
+            assert by_topic["peer/out/big"].retain is False  # live delivery, not the stored copy
+            assert by_topic["peer/out/small"].payload == b"s"
+
+            client.subscribe("peer/in/#", received.append, qos=1)
+            client.subscribe("peer/out/big", received.append, qos=1)  # the retained copy
+            await async_wait_until(lambda: bool(received), timeout=5, message="retained copy")
+            assert (received[0].topic, received[0].payload, received[0].retain) == (
+                "peer/out/big",
+                big,
+                True,
+            )
+            await asyncio.to_thread(peer.publish, "peer/in/q2", b"two", 2)
+            await async_wait_until(
+                lambda: any(m.topic == "peer/in/q2" for m in received), timeout=5
+            )
+            await asyncio.sleep(0.2)  # a duplicate would arrive within this
+            assert [m.payload for m in received if m.topic == "peer/in/q2"] == [b"two"]
+            assert client.inflight == 0
+
+
+async def test_stalled_broker_is_noticed_by_the_keepalive(mosquitto: MosquittoBroker) -> None:
+    # SIGSTOP: TCP stays up, nothing is acknowledged. We keep sending, so only the silence
+    # from the broker's side can tell; a PINGREQ without PINGRESP ends the connection.
+    changes: list[bool] = []
+    async with client_for(mosquitto, keepalive=5) as client:
+        client.add_listener(changes.append)
+        async with asyncio.timeout(10):
+            await client.wait_connected()
+        await asyncio.to_thread(mosquitto.pause)
+        try:
+
+            async def lost() -> bool:
+                with contextlib.suppress(NotConnected):
+                    client.publish("stall/x", b"1", qos=0)
+                return not client.is_connected
+
+            await async_wait_until(lost, timeout=20, message="keep-alive timeout noticed")
+            assert client.last_error == "keep-alive timeout"
+        finally:
+            await asyncio.to_thread(mosquitto.resume)
+        async with asyncio.timeout(15):
+            await client.wait_connected()
+        assert changes[:3] == [True, False, True]
+
+
+@pytest.mark.parametrize(
+    ("after_connack", "reason"),
+    [
+        # A packet type no broker sends: the connection is dropped, the loop lives on.
+        (b"\x10\x00", "malformed packet from the broker: packet type 1 is not sent by a broker"),
+        # A PUBLISH whose properties end in the middle of one.
+        (
+            b"\x30\x05\x00\x01t\x01\x01",
+            "malformed packet from the broker: property runs past the packet",
+        ),
+        # MQTT 5 DISCONNECT from the broker with a reason code and a reason string.
+        (
+            b"\xe0\x08\x8e\x06\x1f\x00\x03dup",
+            "disconnected by the broker: Session taken over (dup)",
+        ),
+    ],
+)
+async def test_what_the_broker_sends_after_connack_ends_the_connection_with_a_reason(
+    after_connack: bytes, reason: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="edge_agent.mqtt")
+    sent = asyncio.Event()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1024)
+        writer.write(b"\x20\x03\x00\x00\x00")  # CONNACK: success, no properties
+        await writer.drain()
+        await sent.wait()
+        writer.write(after_connack)
+        await writer.drain()
+        await reader.read(1024)
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        client = MqttClient(
+            host="127.0.0.1", port=port, client_id="m", reconnect_min=5, reconnect_max=5
+        )
+        async with client:
+            async with asyncio.timeout(10):
+                await client.wait_connected()
+            sent.set()
+            await async_wait_until(lambda: not client.is_connected, timeout=10)
+            assert client.last_error == reason
+            assert client.stats.lost == 1
+    assert f"lost: {reason}" in caplog.text

@@ -1,0 +1,158 @@
+"""sync.mqtt_wire: the MQTT packets the client sends and parses, as table tests."""
+
+from __future__ import annotations
+
+import pytest
+
+from sync import mqtt_wire as wire
+
+
+@pytest.mark.parametrize(
+    ("value", "encoded"),
+    [
+        (0, b"\x00"),
+        (127, b"\x7f"),
+        (128, b"\x80\x01"),
+        (16_383, b"\xff\x7f"),
+        (16_384, b"\x80\x80\x01"),
+        (2_097_151, b"\xff\xff\x7f"),
+        (2_097_152, b"\x80\x80\x80\x01"),
+        (268_435_455, b"\xff\xff\xff\x7f"),
+    ],
+)
+def test_varint_round_trip(value: int, encoded: bytes) -> None:
+    # The boundaries of spec table 1.5.5.
+    assert wire.encode_varint(value) == encoded
+    assert wire.decode_varint(b"\xaa" + encoded + b"\xbb", 1) == (value, 1 + len(encoded))
+
+
+def test_varint_limits() -> None:
+    with pytest.raises(ValueError, match="does not fit"):
+        wire.encode_varint(268_435_456)
+    assert wire.decode_varint(b"\x80\x80", 0) is None  # not all bytes here yet
+    with pytest.raises(wire.MalformedPacket, match="four bytes"):
+        wire.decode_varint(b"\x80\x80\x80\x80\x01", 0)
+
+
+@pytest.mark.parametrize(
+    ("topic_filter", "topic", "matches"),
+    [
+        ("a/b", "a/b", True),
+        ("a/b", "a/c", False),
+        ("a/+", "a/b", True),
+        ("a/+", "a/b/c", False),
+        ("a/+/c", "a/b/c", True),
+        ("a/#", "a", True),  # "#" also matches the parent level (spec 4.7.1.2)
+        ("a/#", "a/b/c", True),
+        ("#", "a/b", True),
+        ("#", "$SYS/broker", False),  # $-topics are not matched by leading wildcards
+        ("+/broker", "$SYS/broker", False),
+        ("$SYS/#", "$SYS/broker", True),
+        ("a/+", "a/", True),  # an empty level is a level
+        ("+", "/a", False),
+        ("a/b/c", "a/b", False),
+    ],
+)
+def test_topic_matches(topic_filter: str, topic: str, matches: bool) -> None:
+    assert wire.topic_matches(topic_filter, topic) is matches
+
+
+@pytest.mark.parametrize("topic", ["", "a/+", "a/#", "a\x00b"])
+def test_invalid_topic_names_are_refused(topic: str) -> None:
+    with pytest.raises(ValueError, match="invalid topic name"):
+        wire.check_topic_name(topic)
+
+
+def test_connect_v5_with_will_and_credentials() -> None:
+    will = wire.WillMessage("r/_agent/status", b"off", qos=1, retain=True)
+    packet = wire.encode_connect(
+        client_id="gw", keepalive=30, v5=True, username="u", password="p", will=will
+    )
+    body = (
+        b"\x00\x04MQTT\x05"
+        + bytes(
+            (0x80 | 0x40 | 0x20 | 0x08 | 0x04 | 0x02,)
+        )  # user, pass, will retain/QoS 1/flag, clean
+        + b"\x00\x1e"  # keep-alive 30 s
+        + b"\x00"  # no CONNECT properties
+        + b"\x00\x02gw"
+        + b"\x00"  # no will properties
+        + b"\x00\x0fr/_agent/status"
+        + b"\x00\x03off"
+        + b"\x00\x01u"
+        + b"\x00\x01p"
+    )
+    assert packet == b"\x10" + bytes((len(body),)) + body
+
+
+def test_connect_v311_minimal() -> None:
+    assert wire.encode_connect(client_id="c", keepalive=5, v5=False) == (
+        b"\x10\x0d\x00\x04MQTT\x04\x02\x00\x05\x00\x01c"
+    )
+
+
+@pytest.mark.parametrize(
+    ("qos", "retain", "v5", "expected"),
+    [
+        (0, False, False, b"\x30\x05\x00\x01tab"),
+        (1, True, False, b"\x33\x07\x00\x01t\x12\x34ab"),
+        (1, True, True, b"\x33\x08\x00\x01t\x12\x34\x00ab"),
+        (0, True, True, b"\x31\x06\x00\x01t\x00ab"),
+    ],
+)
+def test_publish_header(qos: int, retain: bool, v5: bool, expected: bytes) -> None:
+    assert wire.publish_header(b"t", 2, qos, retain, 0x1234, v5) + b"ab" == expected
+
+
+def test_publish_header_with_a_long_payload_uses_a_multi_byte_length() -> None:
+    header = wire.publish_header(b"t", 200, 1, False, 1, True)
+    # 2 + 1 (topic) + 2 (id) + 1 (properties) + 200 = 206 = 0xCE 0x01
+    assert header == b"\x32\xce\x01\x00\x01t\x00\x01\x00"
+
+
+def test_subscribe_options() -> None:
+    assert wire.encode_subscribe(7, "a/#", 1, no_local=True, v5=True) == (
+        b"\x82\x09\x00\x07\x00\x00\x03a/#\x05"
+    )
+    assert wire.encode_subscribe(7, "a/#", 1, no_local=True, v5=False) == (
+        b"\x82\x08\x00\x07\x00\x03a/#\x01"
+    )
+    assert wire.encode_unsubscribe(8, "a/#", v5=True) == b"\xa2\x08\x00\x08\x00\x00\x03a/#"
+
+
+def test_parse_properties_by_type() -> None:
+    properties = (
+        b"\x13\x00\x3c"  # server keep-alive 60
+        + b"\x21\x00\x14"  # receive maximum 20
+        + b"\x27\x00\x01\x00\x00"  # maximum packet size 65,536
+        + b"\x26\x00\x01k\x00\x01v"  # a user property (skipped)
+        + b"\x1f\x00\x04oops"  # reason string
+        + b"\x0b\x81\x01"  # subscription identifier 129 (variable byte integer)
+    )
+    data = b"\xff" + wire.encode_varint(len(properties)) + properties + b"rest"
+    found, end = wire.parse_properties(data, 1, len(data))
+    assert found == {0x13: 60, 0x21: 20, 0x27: 65_536, 0x1F: "oops", 0x0B: 129}
+    assert data[end:] == b"rest"
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"\x05\x13\x00",  # length says 5, 2 bytes there
+        b"\x03\x7e\x00\x00",  # unknown identifier
+        b"\x02\x13\x00\x3c",  # a property longer than the declared length
+        b"\x01\x01",  # a byte property without its byte
+        b"\x04\x1f\x00\x05a",  # a string longer than what is left
+        b"\x02\x0b\x80",  # a variable byte integer cut short
+    ],
+)
+def test_malformed_properties_are_refused(data: bytes) -> None:
+    with pytest.raises(wire.MalformedPacket):
+        wire.parse_properties(data, 0, len(data))
+
+
+def test_reason_names() -> None:
+    assert wire.reason_name(0x87) == "Not authorized"
+    assert wire.reason_name(4, v5=False) == "Bad user name or password"
+    assert wire.reason_name(0x7A) == "reason code 0x7A"
+    assert wire.ack(wire.PUBACK, 0x0102) == b"\x40\x02\x01\x02"
