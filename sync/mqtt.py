@@ -156,7 +156,7 @@ class _Connection(asyncio.Protocol):
                     owner._on_puback((buffer[start] << 8) | buffer[start + 1], reason)
                 else:
                     # A copy: a view into `buffer` would pin it against the `del` below.
-                    owner._on_packet(self, first, memoryview(bytes(buffer[start:end])))
+                    owner._on_packet(self, first, memoryview(bytes(memoryview(buffer)[start:end])))
                 pos = end
                 if self.closed:
                     return

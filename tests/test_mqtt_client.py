@@ -305,3 +305,27 @@ async def test_what_the_broker_sends_after_connack_ends_the_connection_with_a_re
             assert client.last_error == reason
             assert client.stats.lost == 1
     assert f"lost: {reason}" in caplog.text
+
+
+async def test_the_brokers_keepalive_overrides_ours() -> None:
+    # MQTT 5 CONNACK property Server Keep Alive (0x13): the client must ping within it.
+    pings = asyncio.Event()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1024)
+        writer.write(b"\x20\x06\x00\x00\x03\x13\x00\x01")  # CONNACK, Server Keep Alive 1 s
+        await writer.drain()
+        while data := await reader.read(1024):
+            if b"\xc0\x00" in data:
+                pings.set()
+                writer.write(b"\xd0\x00")
+                await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server, MqttClient(host="127.0.0.1", port=port, client_id="k", keepalive=60) as c:
+        async with asyncio.timeout(10):
+            await c.wait_connected()
+            await pings.wait()  # with our own 60 s it would not come for a minute
+        assert c.is_connected

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import itertools
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sync import mqtt_wire as wire
+from sync.mqtt import Message, MqttClient, _Connection
 
 
 @pytest.mark.parametrize(
@@ -156,3 +162,80 @@ def test_reason_names() -> None:
     assert wire.reason_name(4, v5=False) == "Bad user name or password"
     assert wire.reason_name(0x7A) == "reason code 0x7A"
     assert wire.ack(wire.PUBACK, 0x0102) == b"\x40\x02\x01\x02"
+
+
+# -- framing: what arrives in arbitrary TCP chunks is parsed the same ---------------------------
+
+
+def _publish(topic: str, payload: bytes, qos: int, mid: int, *, retain: bool = False) -> bytes:
+    return wire.publish_header(topic.encode(), len(payload), qos, retain, mid, True) + payload
+
+
+STREAM = (
+    b"\x40\x02\x00\x01"  # PUBACK 1 (MQTT 5 without a reason code)
+    + b"\x40\x03\x00\x02\x00"  # PUBACK 2 with reason "Success"
+    + _publish("a/b", b"x" * 300, 1, 7)  # a two-byte remaining length
+    + b"\xd0\x00"  # PINGRESP
+    + _publish("a/c", b"", 0, 0, retain=True)
+    + b"\x40\x04\x00\x03\x97\x00"  # PUBACK 3: "Quota exceeded", empty properties
+    + _publish("a/d", bytes(range(256)) * 70, 1, 8)  # 17,920 bytes: three-byte length
+)
+
+
+class _Recorder:
+    """Stands in for the transport: what the connection wrote back."""
+
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def is_closing(self) -> bool:
+        return False
+
+
+def _feed(chunks: list[bytes]) -> tuple[list[tuple[str, bytes, int, bool]], dict[int, int]]:
+    async def run() -> tuple[list[tuple[str, bytes, int, bool]], dict[int, int]]:
+        client = MqttClient(host="127.0.0.1", port=1, client_id="framing")
+        received: list[Message] = []
+        client.subscribe("a/#", received.append)
+        connection = _Connection(client, asyncio.get_running_loop(), v5=True)
+        connection.transport = _Recorder()  # type: ignore[assignment]
+        client._connection = connection
+        acks: dict[int, int] = {}
+        client._on_puback = lambda mid, reason: acks.__setitem__(mid, reason)  # type: ignore[method-assign]
+        for chunk in chunks:
+            connection.data_received(chunk)
+        assert not connection.buffer, "every byte belongs to a complete packet"
+        connection.flush()
+        recorder = connection.transport
+        assert isinstance(recorder, _Recorder)
+        # QoS 1 publishes are acknowledged with PUBACK, in order.
+        assert recorder.written == [b"\x40\x02\x00\x07\x40\x02\x00\x08"]
+        assert connection.ping_sent is None
+        return [(m.topic, m.payload, m.qos, m.retain) for m in received], acks
+
+    return asyncio.run(run())
+
+
+EXPECTED = (
+    [
+        ("a/b", b"x" * 300, 1, False),
+        ("a/c", b"", 0, True),
+        ("a/d", bytes(range(256)) * 70, 1, False),
+    ],
+    {1: 0, 2: 0, 3: 0x97},
+)
+
+
+def test_framing_in_one_chunk_and_byte_by_byte() -> None:
+    assert _feed([STREAM]) == EXPECTED
+    assert _feed([STREAM[i : i + 1] for i in range(len(STREAM))]) == EXPECTED
+
+
+@given(st.lists(st.integers(min_value=1, max_value=len(STREAM) - 1), max_size=12))
+@settings(max_examples=60, deadline=None)
+def test_framing_at_any_split(cuts: list[int]) -> None:
+    points = [0, *sorted(set(cuts)), len(STREAM)]
+    assert _feed([STREAM[a:b] for a, b in itertools.pairwise(points)]) == EXPECTED
