@@ -701,7 +701,8 @@ class MqttClient:
         # stopped while we keep publishing must be noticed too); no PINGRESP within another
         # period means the connection is dead even if TCP has not noticed.
         while not connection.closed:
-            await asyncio.sleep(1.0)
+            # The broker gives up after 1.5 keep-alive periods without a packet from us.
+            await asyncio.sleep(min(1.0, self._active_keepalive / 4))
             keepalive = self._active_keepalive
             now = time.monotonic()
             if connection.ping_sent is not None:
