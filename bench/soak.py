@@ -267,6 +267,9 @@ def scan_log(path: Path) -> dict[str, Any]:
     for index, line in enumerate(lines):
         if " ERROR " in line or " CRITICAL " in line:
             errors += 1
+            # Kept as an example too: the work dir (and its logs) is deleted at the end.
+            key = line.split(" ", 2)[-1][:160]  # without the date and time
+            examples[key] = examples.get(key, 0) + 1
         if any(marker in line for marker in UNHANDLED):
             unhandled += 1
             key = line.split(" ", 3)[-1][:160]  # without the timestamp
