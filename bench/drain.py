@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import json
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -166,6 +167,7 @@ async def main() -> None:
             process.wait(timeout=30)
         await asyncio.to_thread(broker.close)
         await asyncio.to_thread(postgres.close)
+        shutil.rmtree(workdir, ignore_errors=True)
     rate = count / drain_seconds
     print(f"edge-agent backlog drain benchmark ({count:,} events, stream {stream[:8]})")
     print(f"  backlog written to the outbox   {fill_seconds:.1f} s (not counted)")

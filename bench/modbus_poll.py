@@ -15,6 +15,7 @@ import asyncio
 import json
 import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -233,6 +234,7 @@ async def main() -> None:
         for simulator in simulators:
             await simulator.close()
         broker.close()
+        shutil.rmtree(workdir, ignore_errors=True)
     tags = args.devices * args.tags_per_device
     requests_per_cycle = args.devices * (-(-(args.tags_per_device - SPARE_COUNT) // 125) + 1)
     delays.sort()
