@@ -283,6 +283,8 @@ class MqttClient:
         self._last_error: str | None = None
         self._up_logged = False
         self._connack: asyncio.Future[int] | None = None
+        self._active_keepalive = self._keepalive  # the broker's Server Keep Alive may lower it
+        self._connack_detail: str | None = None  # MQTT 5 reason string of a refused CONNECT
         self._topic_bytes: dict[str, bytes] = {}
         self.stats = MqttStats()
 
@@ -574,9 +576,6 @@ class MqttClient:
                 )
 
     # -- connection management --------------------------------------------------------------------
-
-    _active_keepalive: int = 0
-    _connack_detail: str | None = None
 
     async def _run(self) -> None:
         attempt = 0
