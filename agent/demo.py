@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
+from agent.calendar import ShiftWindow
 from agent.config_loader import load_agent_settings
 from agent.runtime import Runtime
 from agent.settings import AgentSettings
@@ -51,6 +52,17 @@ def _pct(value: Any) -> str:
     return "     -" if not isinstance(value, int | float) else f"{value * 100:5.1f}%"
 
 
+def shift_label(window: ShiftWindow | None, now: float) -> str:
+    """The shift column: the running shift's name, and why the figures are blank in a break."""
+    if window is None:  # outside every shift, or nothing observed yet
+        return ""
+    if any(start <= now < end for start, end in window.breaks):
+        # A break is no planned time: a machine observed only since the break began has no
+        # figures yet, so say so instead of leaving a row of unexplained dashes.
+        return f"{window.name}, break"
+    return window.name
+
+
 def render(runtime: Runtime, *, started: float) -> str:
     """One screen of the demo."""
     settings = runtime.settings
@@ -73,7 +85,7 @@ def render(runtime: Runtime, *, started: float) -> str:
         engine = oee.engine(machine.name) if oee is not None else None
         state = engine.state.state if engine is not None and engine.state is not None else "-"
         report = (oee.machines.get(machine.name) if oee is not None else None) or {}
-        shift = report.get("window", {}).get("name", "")
+        shift = shift_label(engine.current_window(), time.time()) if engine is not None else ""
         lines.append(
             f"{machine.name:<10}{state:<16}{_pct(report.get('availability')):>13}"
             f"{_pct(report.get('performance')):>13}{_pct(report.get('quality')):>9}"
