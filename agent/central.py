@@ -7,11 +7,12 @@ import contextlib
 import logging
 import signal
 import uuid
+from typing import Any
 
 from agent.sdnotify import SdNotifier
 from agent.settings import CentralSettings
 from agent.watchdog import ingest_status_line, liveness_problems, watchdog_loop
-from sync.ingest import Ingest, presence_payload, presence_topic
+from sync.ingest import Ingest, is_orphaned_asyncpg_waiter, presence_payload, presence_topic
 from sync.mqtt import MqttClient, TlsOptions, Will
 
 log = logging.getLogger("edge_agent.ingest")
@@ -56,6 +57,15 @@ def ingest_for(settings: CentralSettings) -> Ingest:
     )
 
 
+def asyncio_report(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """The ingest's asyncio exception handler: asyncpg's orphaned waiters at DEBUG, the rest
+    to asyncio's default handler (ERROR)."""
+    if is_orphaned_asyncpg_waiter(context):
+        log.debug("ingest: asyncpg left a waiter behind on a lost connection (commit retried)")
+        return
+    loop.default_exception_handler(context)
+
+
 async def run_until_signalled(settings: CentralSettings) -> int:
     """Run one replica until SIGTERM/SIGINT; exit code 0."""
     loop = asyncio.get_running_loop()
@@ -89,6 +99,8 @@ async def run_until_signalled(settings: CentralSettings) -> int:
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop)
+    previous_handler = loop.get_exception_handler()
+    loop.set_exception_handler(asyncio_report)
     try:
         with contextlib.suppress(asyncio.CancelledError):
             await task
@@ -97,5 +109,6 @@ async def run_until_signalled(settings: CentralSettings) -> int:
             watchdog.cancel()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
+        loop.set_exception_handler(previous_handler)
     log.info("ingest stopped")
     return 0

@@ -51,7 +51,12 @@ FAULTS = ("broker", "plc", "ingest", "postgres", "agent")
 TRACEBACK = "Traceback (most recent call last)"
 # asyncio's reports of exceptions nobody handled (they come without "Traceback" when the
 # exception was never raised in a frame).
-UNHANDLED = ("Task exception was never retrieved", "Exception in callback", "Unhandled exception")
+UNHANDLED = (
+    "Task exception was never retrieved",
+    "Future exception was never retrieved",
+    "Exception in callback",
+    "Unhandled exception",
+)
 
 
 @dataclass(slots=True)

@@ -229,7 +229,7 @@ _TRANSIENT: tuple[type[BaseException], ...] = (
     asyncpg.ReadOnlySQLTransactionError,  # a fail-over left us on a read-only standby
     # PostgreSQL killed mid-COPY can leave asyncpg's protocol confused ("cannot switch to state
     # 15; another operation (2) is in progress", seen in bench/soak.py); the connection is
-    # terminated (see _commit) and the batch retried on a fresh one.
+    # terminated (see commit_pooled) and the batch retried on a fresh one.
     asyncpg.InternalClientError,
 )
 # The batch's content was refused: it is malformed.
@@ -244,6 +244,53 @@ _DATA: tuple[type[BaseException], ...] = (
 def is_transient(exc: BaseException) -> bool:
     """Whether a database error means 'try again later' rather than 'this batch is bad'."""
     return isinstance(exc, _TRANSIENT)
+
+
+# Server-reported errors after which the session is gone or ending anyway.
+_SESSION_ENDING: tuple[type[BaseException], ...] = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.OperatorInterventionError,
+    asyncpg.PostgresSystemError,
+)
+
+
+def connection_survives(exc: BaseException) -> bool:
+    """Whether a connection may go back to the pool after ``exc`` ended a commit on it.
+
+    Only an error the server reported for a statement leaves the session in a known state
+    (the transaction rolled back, the protocol idle). After anything else - a lost socket,
+    or asyncpg's protocol confused by a FATAL message that arrived while it was idle (a
+    PostgreSQL shutdown or crash: the next command then fails with "cannot switch to state
+    21; another operation (2) is in progress" and the ROLLBACK with "another operation is in
+    progress") - the pool's reset would run on a broken session: asyncio reports "Resetting
+    connection with an active transaction" and the reset fails too.
+    """
+    return isinstance(exc, asyncpg.PostgresError) and not isinstance(exc, _SESSION_ENDING)
+
+
+async def commit_pooled(pool: Any, batch: Batch) -> tuple[int, int]:
+    """``commit_batch`` on a connection of ``pool``; a connection in doubt is terminated."""
+    async with pool.acquire() as conn:
+        try:
+            return await commit_batch(conn, batch)
+        except Exception as exc:
+            if not connection_survives(exc):
+                conn.terminate()  # never reused: the pool opens a fresh one
+            raise
+
+
+def is_orphaned_asyncpg_waiter(context: dict[str, Any]) -> bool:
+    """Whether an asyncio exception report is asyncpg's orphaned waiter of a lost connection.
+
+    asyncpg (0.32) creates a command's waiter before it switches the protocol state; when the
+    switch fails (the FATAL case of ``connection_survives``) the command raises but its waiter
+    stays behind, and the connection's end sets ``ConnectionDoesNotExistError`` on it that
+    nobody reads: asyncio then reports "Future exception was never retrieved". The failure
+    itself reached the commit, which retries it, so the report says nothing new.
+    """
+    return context.get("message") == "Future exception was never retrieved" and isinstance(
+        context.get("exception"), asyncpg.ConnectionDoesNotExistError
+    )
 
 
 def _describe(exc: BaseException) -> str:
@@ -578,12 +625,7 @@ class Ingest:
             return acked
 
     async def _commit(self, batch: Batch) -> tuple[int, int]:
-        async with self._pool.acquire() as conn:
-            try:
-                return await commit_batch(conn, batch)
-            except asyncpg.InternalClientError:
-                conn.terminate()  # its protocol state is unknown: never reuse it
-                raise
+        return await commit_pooled(self._pool, batch)
 
     def _publish_ack(self, batch: Batch, acked: int) -> None:
         key = (batch.gateway, batch.stream_id)

@@ -1,0 +1,277 @@
+"""A PostgreSQL FATAL message that reaches an idle pooled connection, as in a server shutdown.
+
+bench/soak.py found it: PostgreSQL killed while the ingest committed left two ERROR lines from
+asyncio in the ingest's log. A FATAL ErrorResponse that arrives while asyncpg's protocol is idle
+(right after BEGIN's ReadyForQuery) puts it in an error state with no operation waiting; the
+COPY that follows fails to switch state, the ROLLBACK fails with "another operation is in
+progress", and the pool then resets that broken session ("Resetting connection with an active
+transaction"). A proxy in front of a real PostgreSQL injects the message at exactly that point.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import json
+import logging
+import struct
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+
+from agent.central import asyncio_report
+from sync.central_schema import migrate
+from sync.events import rfc3339
+from sync.ingest import (
+    Batch,
+    commit_pooled,
+    connection_survives,
+    is_orphaned_asyncpg_waiter,
+    is_transient,
+    parse_batch,
+    prepare_connection,
+)
+from sync.partitions import maintain_partitions
+
+GW = "plant1-line3"
+TS = 1_795_000_000.0
+
+
+def fatal_message(text: str, code: str = "57P01") -> bytes:
+    """A PostgreSQL ErrorResponse ('E') with severity FATAL."""
+    body = b"SFATAL\0VFATAL\0C" + code.encode() + b"\0M" + text.encode() + b"\0\0"
+    return b"E" + struct.pack("!I", len(body) + 4) + body
+
+
+class FatalInjector:
+    """A TCP proxy to PostgreSQL that, once armed, sends a FATAL right after the next
+    ReadyForQuery, in the same segment (as a server shutting down would, between commands)."""
+
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self._target = (target_host, target_port)
+        self._server: asyncio.Server | None = None
+        self._armed = False
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.port = 0
+        self.injected = 0
+
+    async def __aenter__(self) -> FatalInjector:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._server.wait_closed()
+
+    def arm(self) -> None:
+        """Inject after the next ReadyForQuery of any connection."""
+        self._armed = True
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self._target)
+            try:
+                async with asyncio.TaskGroup() as group:
+                    group.create_task(self._pipe(reader, up_writer))
+                    group.create_task(self._from_server(up_reader, writer))
+            finally:
+                up_writer.close()
+        except* (ConnectionError, asyncio.IncompleteReadError, EOFError):
+            pass  # either side went away: the connection ends
+        finally:
+            writer.close()
+            self._tasks.discard(task)
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+        raise EOFError  # the client went away: end the other direction too
+
+    async def _from_server(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        # Server -> client messages are all typed (sslmode=disable: no one-byte SSL answer).
+        while True:
+            head = await reader.readexactly(5)
+            body = await reader.readexactly(struct.unpack("!I", head[1:])[0] - 4)
+            out = head + body
+            if head[:1] == b"Z" and self._armed:
+                self._armed = False
+                self.injected += 1
+                out += fatal_message("terminating connection due to administrator command")
+            writer.write(out)
+            await writer.drain()
+
+
+def batch(first: int, last: int, stream: str) -> Batch:
+    doc = {
+        "gateway": GW,
+        "stream": stream,
+        "first_seq": first,
+        "last_seq": last,
+        "events": [
+            {
+                "seq": seq,
+                "ts": rfc3339(TS + seq / 1000),
+                "kind": "sample",
+                "device": "press1",
+                "tag": "temperature",
+                "value": seq / 10,
+                "quality": "good",
+            }
+            for seq in range(first, last + 1)
+        ],
+    }
+    return parse_batch(GW, json.dumps(doc).encode())
+
+
+def via(dsn: str, port: int) -> str:
+    parts = urlsplit(dsn)
+    netloc = parts.netloc.rsplit("@", 1)[0] + f"@127.0.0.1:{port}"
+    return urlunsplit(parts._replace(netloc=netloc, query="sslmode=disable"))
+
+
+@pytest.fixture
+async def schema(postgres_database: str) -> str:
+    connection = await asyncpg.connect(postgres_database)
+    try:
+        await migrate(connection)
+        now = datetime.fromtimestamp(TS, tz=UTC)
+        await maintain_partitions(connection, months_ahead=1, retention_months=24, now=now)
+    finally:
+        await connection.close()
+    return postgres_database
+
+
+@contextlib.contextmanager
+def asyncio_reports() -> Any:
+    """Every context the running loop's exception handler is given."""
+    loop = asyncio.get_running_loop()
+    reports: list[dict[str, Any]] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, context: reports.append(context))
+    try:
+        yield reports
+    finally:
+        loop.set_exception_handler(previous)
+
+
+async def test_fatal_between_begin_and_copy_is_an_outage_and_the_session_is_not_reused(
+    schema: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    host_port = urlsplit(schema).netloc.rsplit("@", 1)[1]
+    host, port = host_port.rsplit(":", 1)
+    stream = str(uuid.uuid4())
+    async with (
+        FatalInjector(host, int(port)) as proxy,
+        asyncpg.create_pool(
+            via(schema, proxy.port), min_size=1, max_size=1, init=prepare_connection
+        ) as pool,
+    ):
+        with asyncio_reports() as reports, caplog.at_level(logging.WARNING):
+            # A first commit prepares the session (temp table, cached COPY statement).
+            assert await commit_pooled(pool, batch(1, 100, stream)) == (100, 100)
+            proxy.arm()
+            # asyncpg: the COPY cannot switch state, then ROLLBACK: another operation in progress
+            with pytest.raises((asyncpg.InterfaceError, asyncpg.InternalClientError)) as failed:
+                await commit_pooled(pool, batch(101, 200, stream))
+            assert proxy.injected == 1
+            # An outage to retry, not a bad batch to skip: the ingest retries it.
+            assert is_transient(failed.value), repr(failed.value)
+            assert not connection_survives(failed.value)
+            # The retry gets a fresh session and commits.
+            assert await commit_pooled(pool, batch(101, 200, stream)) == (200, 100)
+            gc.collect()
+            await asyncio.sleep(0)
+        # Without the termination the pool reset the broken session: asyncio logged
+        # "Resetting connection with an active transaction" and the release raised.
+        assert not [r for r in reports if "Resetting connection" in r], reports
+        # What stays is asyncpg's orphaned waiter, which the ingest's handler logs at DEBUG.
+        assert all(is_orphaned_asyncpg_waiter(r) for r in reports), reports
+    async with asyncpg.create_pool(schema, min_size=1, max_size=1) as check:
+        assert await check.fetchval("SELECT count(*) FROM edge_events") == 200
+
+
+@pytest.mark.parametrize(
+    ("exc", "survives"),
+    [
+        (asyncpg.UniqueViolationError("duplicate"), True),  # a statement error: session fine
+        (asyncpg.SerializationError("conflict"), True),
+        (asyncpg.AdminShutdownError("terminating connection"), False),
+        (asyncpg.ConnectionDoesNotExistError("closed in the middle"), False),
+        (asyncpg.InterfaceError("another operation is in progress"), False),
+        (asyncpg.InternalClientError("cannot switch to state 21"), False),
+        (ConnectionResetError(104, "reset"), False),
+        (TimeoutError(), False),
+    ],
+)
+def test_which_errors_leave_the_connection_reusable(exc: BaseException, survives: bool) -> None:
+    assert connection_survives(exc) is survives
+
+
+@pytest.mark.parametrize(
+    ("context", "orphan"),
+    [
+        (
+            {
+                "message": "Future exception was never retrieved",
+                "exception": asyncpg.ConnectionDoesNotExistError("closed in the middle"),
+            },
+            True,
+        ),
+        # A task's unretrieved exception is a bug of ours: it stays an ERROR.
+        (
+            {
+                "message": "Task exception was never retrieved",
+                "exception": asyncpg.ConnectionDoesNotExistError("closed in the middle"),
+            },
+            False,
+        ),
+        (
+            {
+                "message": "Future exception was never retrieved",
+                "exception": asyncpg.InterfaceError("another operation is in progress"),
+            },
+            False,
+        ),
+        ({"message": "Resetting connection with an active transaction"}, False),
+    ],
+)
+def test_only_asyncpg_orphaned_waiters_are_quietened(context: dict[str, Any], orphan: bool) -> None:
+    assert is_orphaned_asyncpg_waiter(context) is orphan
+
+
+def test_ingest_process_handler_logs_orphans_at_debug_and_the_rest_as_errors(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        with caplog.at_level(logging.DEBUG):
+            asyncio_report(
+                loop,
+                {
+                    "message": "Future exception was never retrieved",
+                    "exception": asyncpg.ConnectionDoesNotExistError("closed"),
+                },
+            )
+            asyncio_report(loop, {"message": "Task exception was never retrieved"})
+    finally:
+        loop.close()
+    levels = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert levels[0][0] == "DEBUG"
+    assert "waiter" in levels[0][1]
+    assert levels[1] == ("ERROR", "Task exception was never retrieved")
