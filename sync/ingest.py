@@ -273,7 +273,7 @@ async def commit_pooled(pool: Any, batch: Batch) -> tuple[int, int]:
     async with pool.acquire() as conn:
         try:
             return await commit_batch(conn, batch)
-        except Exception as exc:
+        except BaseException as exc:  # a cancellation mid-command leaves the session in doubt too
             if not connection_survives(exc):
                 conn.terminate()  # never reused: the pool opens a fresh one
             raise

@@ -217,6 +217,7 @@ async def test_fatal_between_begin_and_copy_is_an_outage_and_the_session_is_not_
         (asyncpg.InternalClientError("cannot switch to state 21"), False),
         (ConnectionResetError(104, "reset"), False),
         (TimeoutError(), False),
+        (asyncio.CancelledError(), False),  # cancelled mid-command: the session is in doubt
     ],
 )
 def test_which_errors_leave_the_connection_reusable(exc: BaseException, survives: bool) -> None:
