@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import json
 import logging
 import struct
 import uuid
@@ -26,20 +25,16 @@ import pytest
 
 from agent.central import asyncio_report
 from sync.central_schema import migrate
-from sync.events import rfc3339
 from sync.ingest import (
-    Batch,
     commit_pooled,
     connection_survives,
     is_orphaned_asyncpg_waiter,
     is_transient,
-    parse_batch,
     prepare_connection,
 )
 from sync.partitions import maintain_partitions
-
-GW = "plant1-line3"
-TS = 1_795_000_000.0
+from tests.fixtures.relay import TcpRelay
+from tests.test_ingest_commit import TS, batch
 
 
 def fatal_message(text: str, code: str = "57P01") -> bytes:
@@ -48,95 +43,35 @@ def fatal_message(text: str, code: str = "57P01") -> bytes:
     return b"E" + struct.pack("!I", len(body) + 4) + body
 
 
-class FatalInjector:
-    """A TCP proxy to PostgreSQL that, once armed, sends a FATAL right after the next
+class FatalInjector(TcpRelay):
+    """A relay to PostgreSQL that, once armed, sends a FATAL right after the next
     ReadyForQuery, in the same segment (as a server shutting down would, between commands)."""
 
-    def __init__(self, target_host: str, target_port: int) -> None:
-        self._target = (target_host, target_port)
-        self._server: asyncio.Server | None = None
+    def __init__(self, target_port: int, target_host: str) -> None:
+        super().__init__(target_port, target_host)
         self._armed = False
-        self._tasks: set[asyncio.Task[None]] = set()
-        self.port = 0
         self.injected = 0
-
-    async def __aenter__(self) -> FatalInjector:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._server is not None
-        self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self._server.wait_closed()
 
     def arm(self) -> None:
         """Inject after the next ReadyForQuery of any connection."""
         self._armed = True
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        try:
-            up_reader, up_writer = await asyncio.open_connection(*self._target)
-            try:
-                async with asyncio.TaskGroup() as group:
-                    group.create_task(self._pipe(reader, up_writer))
-                    group.create_task(self._from_server(up_reader, writer))
-            finally:
-                up_writer.close()
-        except* (ConnectionError, asyncio.IncompleteReadError, EOFError):
-            pass  # either side went away: the connection ends
-        finally:
-            writer.close()
-            self._tasks.discard(task)
-
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-        raise EOFError  # the client went away: end the other direction too
-
-    async def _from_server(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
+    async def downstream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         # Server -> client messages are all typed (sslmode=disable: no one-byte SSL answer).
-        while True:
-            head = await reader.readexactly(5)
-            body = await reader.readexactly(struct.unpack("!I", head[1:])[0] - 4)
-            out = head + body
-            if head[:1] == b"Z" and self._armed:
-                self._armed = False
-                self.injected += 1
-                out += fatal_message("terminating connection due to administrator command")
-            writer.write(out)
-            await writer.drain()
-
-
-def batch(first: int, last: int, stream: str) -> Batch:
-    doc = {
-        "gateway": GW,
-        "stream": stream,
-        "first_seq": first,
-        "last_seq": last,
-        "events": [
-            {
-                "seq": seq,
-                "ts": rfc3339(TS + seq / 1000),
-                "kind": "sample",
-                "device": "press1",
-                "tag": "temperature",
-                "value": seq / 10,
-                "quality": "good",
-            }
-            for seq in range(first, last + 1)
-        ],
-    }
-    return parse_batch(GW, json.dumps(doc).encode())
+        try:
+            while True:
+                head = await reader.readexactly(5)
+                body = await reader.readexactly(struct.unpack("!I", head[1:])[0] - 4)
+                out = head + body
+                if head[:1] == b"Z" and self._armed:
+                    self._armed = False
+                    self.injected += 1
+                    out += fatal_message("terminating connection due to administrator command")
+                writer.write(out)
+                await writer.drain()
+        except (OSError, asyncio.IncompleteReadError):
+            pass  # either side went away
+        writer.close()
 
 
 def via(dsn: str, port: int) -> str:
@@ -177,29 +112,29 @@ async def test_fatal_between_begin_and_copy_is_an_outage_and_the_session_is_not_
     host, port = host_port.rsplit(":", 1)
     stream = str(uuid.uuid4())
     async with (
-        FatalInjector(host, int(port)) as proxy,
+        FatalInjector(int(port), host) as proxy,
         asyncpg.create_pool(
             via(schema, proxy.port), min_size=1, max_size=1, init=prepare_connection
         ) as pool,
     ):
         with asyncio_reports() as reports, caplog.at_level(logging.WARNING):
             # A first commit prepares the session (temp table, cached COPY statement).
-            assert await commit_pooled(pool, batch(1, 100, stream)) == (100, 100)
+            assert await commit_pooled(pool, batch(1, 100, stream=stream)) == (100, 100)
             proxy.arm()
             # asyncpg: the COPY cannot switch state, then ROLLBACK: another operation in progress
             with pytest.raises((asyncpg.InterfaceError, asyncpg.InternalClientError)) as failed:
-                await commit_pooled(pool, batch(101, 200, stream))
+                await commit_pooled(pool, batch(101, 200, stream=stream))
             assert proxy.injected == 1
             # An outage to retry, not a bad batch to skip: the ingest retries it.
             assert is_transient(failed.value), repr(failed.value)
             assert not connection_survives(failed.value)
             # The retry gets a fresh session and commits.
-            assert await commit_pooled(pool, batch(101, 200, stream)) == (200, 100)
+            assert await commit_pooled(pool, batch(101, 200, stream=stream)) == (200, 100)
             gc.collect()
             await asyncio.sleep(0)
         # Without the termination the pool reset the broken session: asyncio logged
         # "Resetting connection with an active transaction" and the release raised.
-        assert not [r for r in reports if "Resetting connection" in r], reports
+        assert not [r for r in reports if "Resetting connection" in str(r["message"])], reports
         # What stays is asyncpg's orphaned waiter, which the ingest's handler logs at DEBUG.
         assert all(is_orphaned_asyncpg_waiter(r) for r in reports), reports
     async with asyncpg.create_pool(schema, min_size=1, max_size=1) as check:

@@ -25,6 +25,7 @@ from agent.runtime import Runtime
 from agent.settings import AgentSettings
 from tests.fixtures.mosquitto import MosquittoBroker
 from tests.fixtures.mqtt_client import MqttTestClient
+from tests.fixtures.relay import TcpRelay
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "config" / "agent.example.toml"
@@ -289,7 +290,7 @@ def step_rows(db: Path, saga: str) -> list[dict[str, Any]]:
         ]
 
 
-class GatedProxy:
+class GatedProxy(TcpRelay):
     """A TCP relay between the agent and the broker whose gate the test opens and closes.
 
     The broker is still killed for real (the relay passes the loss on); the gate only decides
@@ -297,25 +298,12 @@ class GatedProxy:
     """
 
     def __init__(self, target_port: int) -> None:
-        self._target = target_port
-        self._server: asyncio.Server | None = None
+        super().__init__(target_port)
         self._open = True
-        self._tasks: set[asyncio.Task[None]] = set()
-        self.port = 0
 
-    async def __aenter__(self) -> GatedProxy:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._server is not None
-        self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.wait(self._tasks)
-        await self._server.wait_closed()
+    def accepting(self) -> bool:
+        """Relay only while the gate is open."""
+        return self._open
 
     def close_gate(self) -> None:
         """Refuse new connections (accepted and closed at once)."""
@@ -324,34 +312,3 @@ class GatedProxy:
     def open_gate(self) -> None:
         """Relay new connections again."""
         self._open = True
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        try:
-            if not self._open:
-                return
-            try:
-                up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self._target)
-            except OSError:
-                return
-            try:
-                async with asyncio.TaskGroup() as group:
-                    group.create_task(_pipe(reader, up_writer), name="proxy-up")
-                    group.create_task(_pipe(up_reader, writer), name="proxy-down")
-            finally:
-                up_writer.close()
-        finally:
-            writer.close()
-            self._tasks.discard(task)
-
-
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    try:
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-    except OSError:
-        pass  # one side died: close both (the caller's finally)
-    writer.close()
