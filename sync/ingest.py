@@ -275,7 +275,11 @@ async def commit_pooled(pool: Any, batch: Batch) -> tuple[int, int]:
             return await commit_batch(conn, batch)
         except BaseException as exc:  # a cancellation mid-command leaves the session in doubt too
             if not connection_survives(exc):
-                conn.terminate()  # never reused: the pool opens a fresh one
+                # Never reused: the pool opens a fresh one. A connection that closed by itself
+                # has already been handed back to the pool, whose proxy then refuses every call
+                # ("connection has been released back to the pool"): nothing left to do.
+                with contextlib.suppress(asyncpg.InterfaceError):
+                    conn.terminate()
             raise
 
 

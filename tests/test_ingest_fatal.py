@@ -50,11 +50,13 @@ class FatalInjector(TcpRelay):
     def __init__(self, target_port: int, target_host: str) -> None:
         super().__init__(target_port, target_host)
         self._armed = False
+        self._hang_up = False
         self.injected = 0
 
-    def arm(self) -> None:
-        """Inject after the next ReadyForQuery of any connection."""
+    def arm(self, *, hang_up: bool = False) -> None:
+        """Inject after the next ReadyForQuery of any connection (or close it there)."""
         self._armed = True
+        self._hang_up = hang_up
 
     async def downstream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         # Server -> client messages are all typed (sslmode=disable: no one-byte SSL answer).
@@ -66,6 +68,9 @@ class FatalInjector(TcpRelay):
                 if head[:1] == b"Z" and self._armed:
                     self._armed = False
                     self.injected += 1
+                    if self._hang_up:
+                        writer.write(out)
+                        break
                     out += fatal_message("terminating connection due to administrator command")
                 writer.write(out)
                 await writer.drain()
@@ -139,6 +144,30 @@ async def test_fatal_between_begin_and_copy_is_an_outage_and_the_session_is_not_
         assert all(is_orphaned_asyncpg_waiter(r) for r in reports), reports
     async with asyncpg.create_pool(schema, min_size=1, max_size=1) as check:
         assert await check.fetchval("SELECT count(*) FROM edge_events") == 200
+
+
+async def test_connection_lost_between_begin_and_copy_raises_the_loss_itself(
+    schema: str,
+) -> None:
+    # The lost connection is handed back to the pool by asyncpg itself; terminating it then
+    # raised "connection has been released back to the pool" over the real error (soak).
+    host_port = urlsplit(schema).netloc.rsplit("@", 1)[1]
+    host, port = host_port.rsplit(":", 1)
+    stream = str(uuid.uuid4())
+    async with (
+        FatalInjector(int(port), host) as proxy,
+        asyncpg.create_pool(
+            via(schema, proxy.port), min_size=1, max_size=1, init=prepare_connection
+        ) as pool,
+    ):
+        assert await commit_pooled(pool, batch(1, 100, stream=stream)) == (100, 100)
+        proxy.arm(hang_up=True)
+        with pytest.raises((asyncpg.InterfaceError, asyncpg.ConnectionDoesNotExistError)) as lost:
+            await commit_pooled(pool, batch(101, 200, stream=stream))
+        assert proxy.injected == 1
+        assert "released back to the pool" not in str(lost.value)
+        assert is_transient(lost.value)
+        assert await commit_pooled(pool, batch(101, 200, stream=stream)) == (200, 100)
 
 
 @pytest.mark.parametrize(
