@@ -144,17 +144,22 @@ def test_parse_rejects_an_invalid_topic_gateway() -> None:
 # -- the watermark -------------------------------------------------------------------------------
 
 
-@pytest.fixture
-async def pool(postgres_database: str) -> AsyncIterator[asyncpg.Pool]:
-    """A pool on a fresh database with the schema and ingest sessions prepared."""
-    connection = await asyncpg.connect(postgres_database)
+async def prepare_schema(dsn: str) -> None:
+    """The central schema, with a partition for TS's month (and the next one), like the
+    ingest's first maintenance."""
+    connection = await asyncpg.connect(dsn)
     try:
         await migrate(connection)
-        # A partition for TS's month (and the next one), like the ingest's first maintenance.
         now = datetime.fromtimestamp(TS, tz=UTC)
         await maintain_partitions(connection, months_ahead=1, retention_months=24, now=now)
     finally:
         await connection.close()
+
+
+@pytest.fixture
+async def pool(postgres_database: str) -> AsyncIterator[asyncpg.Pool]:
+    """A pool on a fresh database with the schema and ingest sessions prepared."""
+    await prepare_schema(postgres_database)
     async with asyncpg.create_pool(
         postgres_database, min_size=1, max_size=8, init=prepare_connection
     ) as created:

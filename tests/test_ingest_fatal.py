@@ -16,7 +16,7 @@ import gc
 import logging
 import struct
 import uuid
-from datetime import UTC, datetime
+from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -24,7 +24,6 @@ import asyncpg
 import pytest
 
 from agent.central import asyncio_report
-from sync.central_schema import migrate
 from sync.ingest import (
     commit_pooled,
     connection_survives,
@@ -32,9 +31,8 @@ from sync.ingest import (
     is_transient,
     prepare_connection,
 )
-from sync.partitions import maintain_partitions
 from tests.fixtures.relay import TcpRelay
-from tests.test_ingest_commit import TS, batch
+from tests.test_ingest_commit import batch, prepare_schema
 
 
 def fatal_message(text: str, code: str = "57P01") -> bytes:
@@ -87,14 +85,21 @@ def via(dsn: str, port: int) -> str:
 
 @pytest.fixture
 async def schema(postgres_database: str) -> str:
-    connection = await asyncpg.connect(postgres_database)
-    try:
-        await migrate(connection)
-        now = datetime.fromtimestamp(TS, tz=UTC)
-        await maintain_partitions(connection, months_ahead=1, retention_months=24, now=now)
-    finally:
-        await connection.close()
+    await prepare_schema(postgres_database)
     return postgres_database
+
+
+@pytest.fixture
+async def proxied(schema: str) -> AsyncIterator[tuple[FatalInjector, asyncpg.Pool]]:
+    """A one-connection ingest pool whose connection goes through a FatalInjector."""
+    host, port = urlsplit(schema).netloc.rsplit("@", 1)[1].rsplit(":", 1)
+    async with (
+        FatalInjector(int(port), host) as proxy,
+        asyncpg.create_pool(
+            via(schema, proxy.port), min_size=1, max_size=1, init=prepare_connection
+        ) as pool,
+    ):
+        yield proxy, pool
 
 
 @contextlib.contextmanager
@@ -111,63 +116,49 @@ def asyncio_reports() -> Any:
 
 
 async def test_fatal_between_begin_and_copy_is_an_outage_and_the_session_is_not_reused(
-    schema: str, caplog: pytest.LogCaptureFixture
+    schema: str, proxied: tuple[FatalInjector, asyncpg.Pool]
 ) -> None:
-    host_port = urlsplit(schema).netloc.rsplit("@", 1)[1]
-    host, port = host_port.rsplit(":", 1)
+    proxy, pool = proxied
     stream = str(uuid.uuid4())
-    async with (
-        FatalInjector(int(port), host) as proxy,
-        asyncpg.create_pool(
-            via(schema, proxy.port), min_size=1, max_size=1, init=prepare_connection
-        ) as pool,
-    ):
-        with asyncio_reports() as reports, caplog.at_level(logging.WARNING):
-            # A first commit prepares the session (temp table, cached COPY statement).
-            assert await commit_pooled(pool, batch(1, 100, stream=stream)) == (100, 100)
-            proxy.arm()
-            # asyncpg: the COPY cannot switch state, then ROLLBACK: another operation in progress
-            with pytest.raises((asyncpg.InterfaceError, asyncpg.InternalClientError)) as failed:
-                await commit_pooled(pool, batch(101, 200, stream=stream))
-            assert proxy.injected == 1
-            # An outage to retry, not a bad batch to skip: the ingest retries it.
-            assert is_transient(failed.value), repr(failed.value)
-            assert not connection_survives(failed.value)
-            # The retry gets a fresh session and commits.
-            assert await commit_pooled(pool, batch(101, 200, stream=stream)) == (200, 100)
-            gc.collect()
-            await asyncio.sleep(0)
-        # Without the termination the pool reset the broken session: asyncio logged
-        # "Resetting connection with an active transaction" and the release raised.
-        assert not [r for r in reports if "Resetting connection" in str(r["message"])], reports
-        # What stays is asyncpg's orphaned waiter, which the ingest's handler logs at DEBUG.
-        assert all(is_orphaned_asyncpg_waiter(r) for r in reports), reports
+    with asyncio_reports() as reports:
+        # A first commit prepares the session (temp table, cached COPY statement).
+        assert await commit_pooled(pool, batch(1, 100, stream=stream)) == (100, 100)
+        proxy.arm()
+        # asyncpg: the COPY cannot switch state, then ROLLBACK: another operation in progress
+        with pytest.raises((asyncpg.InterfaceError, asyncpg.InternalClientError)) as failed:
+            await commit_pooled(pool, batch(101, 200, stream=stream))
+        assert proxy.injected == 1
+        # An outage to retry, not a bad batch to skip: the ingest retries it.
+        assert is_transient(failed.value), repr(failed.value)
+        assert not connection_survives(failed.value)
+        # The retry gets a fresh session and commits.
+        assert await commit_pooled(pool, batch(101, 200, stream=stream)) == (200, 100)
+        gc.collect()
+        await asyncio.sleep(0)
+    # Without the termination the pool reset the broken session: asyncio logged
+    # "Resetting connection with an active transaction" and the release raised.
+    assert not [r for r in reports if "Resetting connection" in str(r["message"])], reports
+    # What stays is asyncpg's orphaned waiter, which the ingest's handler logs at DEBUG.
+    assert all(is_orphaned_asyncpg_waiter(r) for r in reports), reports
     async with asyncpg.create_pool(schema, min_size=1, max_size=1) as check:
         assert await check.fetchval("SELECT count(*) FROM edge_events") == 200
 
 
 async def test_connection_lost_between_begin_and_copy_raises_the_loss_itself(
-    schema: str,
+    proxied: tuple[FatalInjector, asyncpg.Pool],
 ) -> None:
     # The lost connection is handed back to the pool by asyncpg itself; terminating it then
     # raised "connection has been released back to the pool" over the real error (soak).
-    host_port = urlsplit(schema).netloc.rsplit("@", 1)[1]
-    host, port = host_port.rsplit(":", 1)
+    proxy, pool = proxied
     stream = str(uuid.uuid4())
-    async with (
-        FatalInjector(int(port), host) as proxy,
-        asyncpg.create_pool(
-            via(schema, proxy.port), min_size=1, max_size=1, init=prepare_connection
-        ) as pool,
-    ):
-        assert await commit_pooled(pool, batch(1, 100, stream=stream)) == (100, 100)
-        proxy.arm(hang_up=True)
-        with pytest.raises((asyncpg.InterfaceError, asyncpg.ConnectionDoesNotExistError)) as lost:
-            await commit_pooled(pool, batch(101, 200, stream=stream))
-        assert proxy.injected == 1
-        assert "released back to the pool" not in str(lost.value)
-        assert is_transient(lost.value)
-        assert await commit_pooled(pool, batch(101, 200, stream=stream)) == (200, 100)
+    assert await commit_pooled(pool, batch(1, 100, stream=stream)) == (100, 100)
+    proxy.arm(hang_up=True)
+    with pytest.raises((asyncpg.InterfaceError, asyncpg.ConnectionDoesNotExistError)) as lost:
+        await commit_pooled(pool, batch(101, 200, stream=stream))
+    assert proxy.injected == 1
+    assert "released back to the pool" not in str(lost.value)
+    assert is_transient(lost.value)
+    assert await commit_pooled(pool, batch(101, 200, stream=stream)) == (200, 100)
 
 
 @pytest.mark.parametrize(
