@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import OrderedDict
 
 from agent.topics import live_topic, sample_payload
 from sync.events import Event
@@ -24,14 +25,18 @@ class LivePublisher:
         self._client = client
         self._root = topic_root
         self._latest: dict[str, bytes] = {}
-        self._dirty: dict[str, None] = {}  # ordered set of topics to (re)publish
+        # Ordered set of topics to (re)publish. An OrderedDict, not a dict: taking the first
+        # key of a dict whose front entries were deleted scans over the holes, so draining a
+        # dict from the front is quadratic (1 s of blocked event loop for 50,000 topics after
+        # a reconnect); popitem(last=False) is O(1).
+        self._dirty: OrderedDict[str, None] = OrderedDict()
         self._wakeup = asyncio.Event()
         self.published = 0
         client.add_listener(self._on_connection)
 
     def _on_connection(self, connected: bool) -> None:
         if connected:
-            self._dirty = dict.fromkeys(self._latest)
+            self._dirty = OrderedDict.fromkeys(self._latest)
             self._wakeup.set()
 
     def offer(self, topic: str, payload: bytes) -> None:
@@ -84,12 +89,12 @@ class LivePublisher:
             if not client.has_space:
                 await client.wait_space()
                 continue
-            topic = next(iter(self._dirty))
-            del self._dirty[topic]
+            topic, _ = self._dirty.popitem(last=False)
             try:
                 client.publish(topic, self._latest[topic], qos=1, retain=True)
             except NotConnected:
                 self._dirty[topic] = None
+                self._dirty.move_to_end(topic, last=False)  # keep its place for the resend
                 return
             self.published += 1
             if self.published % 256 == 0:

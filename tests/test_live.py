@@ -1,0 +1,156 @@
+"""agent.live.LivePublisher: newest value per topic, first-offer order, the in-flight window,
+a connection lost mid-flush, and a real broker seeing every topic once and in order."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from agent.live import LivePublisher
+from sync.mqtt import ConnectionListener, MqttClient, NotConnected
+from tests.fixtures.mosquitto import MosquittoBroker
+from tests.fixtures.mqtt_client import MqttTestClient
+
+
+class WindowedLink:
+    """Stands in for MqttClient (the project's own class): a window of `space` publishes, a
+    link that can drop before the `fail_at`-th publish, and a record of what was sent."""
+
+    def __init__(self, *, space: int = 1000, fail_at: int | None = None) -> None:
+        self.sent: list[tuple[str, bytes]] = []
+        self.space = space
+        self.fail_at = fail_at
+        self.is_connected = True
+        self.listeners: list[ConnectionListener] = []
+        self._room = asyncio.Event()
+
+    def add_listener(self, listener: ConnectionListener) -> None:
+        self.listeners.append(listener)
+
+    @property
+    def has_space(self) -> bool:
+        return self.space > 0
+
+    async def wait_space(self) -> None:
+        self._room.clear()
+        await self._room.wait()
+
+    def ack(self, count: int) -> None:
+        self.space += count
+        self._room.set()
+
+    async def wait_acked(self) -> None:
+        return None
+
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
+        assert (qos, retain) == (1, True)
+        if self.fail_at is not None and len(self.sent) == self.fail_at:
+            self.is_connected = False
+            raise NotConnected("connection lost")
+        self.space -= 1
+        self.sent.append((topic, payload))
+
+    def reconnect(self) -> None:
+        self.is_connected, self.fail_at = True, None
+        for listener in self.listeners:
+            listener(True)
+
+
+def publisher(link: WindowedLink) -> LivePublisher:
+    return LivePublisher(link, topic_root="site/a/l")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("offers", "sent"),
+    [
+        ([], []),
+        ([("a", b"1")], [("a", b"1")]),
+        ([("a", b"1"), ("b", b"1"), ("c", b"1")], [("a", b"1"), ("b", b"1"), ("c", b"1")]),
+        # A topic offered again before the flush keeps its place and goes out once, newest.
+        ([("a", b"1"), ("b", b"1"), ("a", b"2")], [("a", b"2"), ("b", b"1")]),
+        ([("a", b"1"), ("a", b"2"), ("a", b"3")], [("a", b"3")]),
+        # An empty payload (the tag was removed) deletes the retained value: it is sent too.
+        ([("a", b"1"), ("a", b"")], [("a", b"")]),
+    ],
+)
+async def test_flush_sends_the_newest_payload_once_in_first_offer_order(
+    offers: list[tuple[str, bytes]], sent: list[tuple[str, bytes]]
+) -> None:
+    link = WindowedLink()
+    live = publisher(link)
+    for topic, payload in offers:
+        live.offer(topic, payload)
+    await live.drain()
+    assert link.sent == sent
+    assert live.pending == 0
+
+
+async def test_a_full_window_waits_and_later_offers_join_the_flush() -> None:
+    link = WindowedLink(space=2)
+    live = publisher(link)
+    for topic in "abcd":
+        live.offer(topic, b"1")
+    flush = asyncio.create_task(live.drain())
+    await asyncio.sleep(0)
+    assert [topic for topic, _ in link.sent] == ["a", "b"]
+    live.offer("c", b"2")  # still pending: newest payload, same place
+    live.offer("e", b"1")
+    link.ack(10)
+    await asyncio.wait_for(flush, 5)
+    assert link.sent == [("a", b"1"), ("b", b"1"), ("c", b"2"), ("d", b"1"), ("e", b"1")]
+
+
+async def test_a_connection_lost_mid_flush_keeps_the_rest_in_order() -> None:
+    link = WindowedLink(fail_at=2)
+    live = publisher(link)
+    for topic in "abcde":
+        live.offer(topic, b"1")
+    await live.drain()
+    assert [topic for topic, _ in link.sent] == ["a", "b"]
+    assert live.pending == 3  # c (refused), d and e wait for the connection
+    live.offer("d", b"2")
+    link.is_connected, link.fail_at = True, None  # back, before the listener has run
+    await live.drain()
+    assert link.sent[2:] == [("c", b"1"), ("d", b"2"), ("e", b"1")]
+
+
+async def test_a_reconnect_publishes_every_topic_again_except_forgotten_ones() -> None:
+    link = WindowedLink()
+    live = publisher(link)
+    for topic in "abcde":
+        live.offer(topic, b"1")
+    live.offer("b", b"2")
+    await live.drain()
+    live.forget("d")
+    link.reconnect()
+    await live.drain()
+    assert link.sent[5:] == [("a", b"1"), ("b", b"2"), ("c", b"1"), ("e", b"1")]
+
+
+async def test_every_topic_reaches_a_real_broker_once_and_in_order(
+    mosquitto: MosquittoBroker,
+) -> None:
+    topics = [
+        f"site/a/l/plc/Tag.{index:05d}" for index in range(900)
+    ]  # under the broker queue (1,000)
+    with MqttTestClient.for_broker(mosquitto) as subscriber:
+        subscriber.subscribe("site/a/l/#")
+        async with MqttClient(
+            host=mosquitto.host, port=mosquitto.port, client_id="live-test", max_inflight=50
+        ) as client:
+            async with asyncio.timeout(10):
+                await client.wait_connected()
+            live = LivePublisher(client, topic_root="site/a/l")
+            for topic in topics:
+                live.offer(topic, b"old")
+            for topic in topics[::3]:
+                live.offer(topic, b"new")
+            async with asyncio.timeout(30):
+                await live.drain()
+        received = [subscriber.wait_for_message(timeout=10) for _ in topics]
+    assert [message.topic for message in received] == topics
+    assert [message.payload for message in received] == [
+        b"new" if index % 3 == 0 else b"old" for index in range(len(topics))
+    ]
+    assert subscriber.messages.empty()
