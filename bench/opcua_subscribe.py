@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -28,21 +29,18 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-import paho.mqtt.client as paho  # noqa: E402
-from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
-
 from agent.topics import live_topic, sample_payload  # noqa: E402
 from bench.line_scale import bare_client, raw_asyncua, raw_paho, raw_sqlite  # noqa: E402
 from drivers.opcua import OpcUaDriver  # noqa: E402
 from drivers.opcua_config import OpcUaDeviceConfig  # noqa: E402
 from sync.events import Event, parse_rfc3339  # noqa: E402
+from sync.mqtt import Message, MqttClient, NotConnected  # noqa: E402
 from tests.fixtures.mosquitto import MosquittoBroker  # noqa: E402
 from tests.fixtures.ports import free_port, port_accepts, wait_until  # noqa: E402
 
@@ -96,24 +94,39 @@ def rss_mib(pid: int) -> float:
 
 
 class Subscriber:
-    """Counts messages and records SourceTimestamp-to-arrival delays after `start()`."""
+    """Counts live messages and records SourceTimestamp-to-arrival delays after `start()`;
+    acknowledges S/sync batches. Use as ``async with Subscriber(broker) as subscriber``.
+
+    It runs on this process's event loop with the project's MQTT client. With paho in a thread
+    (until 2026-11-29) the subscriber alone took ~40 % of one core on this 2-core machine,
+    which also runs the simulator, the broker and the agent: the simulator then no longer
+    produced 5,000 changes per second on a slow host.
+    """
 
     def __init__(self, broker: MosquittoBroker) -> None:
         self.count = 0
         self.delays: list[float] = []
         self.recording = False
-        self._lock = threading.Lock()
-        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id="bench-subscriber")
-        self.client.on_message = self._on_message
-        self.client.connect(broker.host, broker.port)
-        self.client.subscribe(f"{ROOT}/plc/#", qos=1)
-        self.client.subscribe(SYNC, qos=1)
-        self.client.loop_start()
+        self.client = MqttClient(
+            host=broker.host, port=broker.port, client_id="bench-subscriber", name="subscriber"
+        )
         self._acked: dict[str, int] = {}
 
-    def _ack(self, batch: dict[str, object]) -> None:
+    async def __aenter__(self) -> Subscriber:
+        await self.client.__aenter__()
+        self.client.subscribe(f"{ROOT}/plc/#", self._on_live, qos=1)
+        self.client.subscribe(SYNC, self._on_sync, qos=1)
+        async with asyncio.timeout(10):
+            await self.client.wait_connected()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.client.__aexit__(None, None, None)
+
+    def _on_sync(self, message: Message) -> None:
         # Plays the central store: acknowledges the contiguous watermark of the durable path
         # at once, so that the agent's outbox stays small and nothing is resent.
+        batch = json.loads(message.payload)
         stream, first, last = str(batch["stream"]), batch["first_seq"], batch["last_seq"]
         assert isinstance(first, int)
         assert isinstance(last, int)
@@ -121,36 +134,26 @@ class Subscriber:
         if first <= acked + 1:
             acked = max(acked, last)
         self._acked[stream] = acked
-        self.client.publish(ACK, json.dumps({"stream": stream, "acked_seq": acked}), qos=1)
+        with contextlib.suppress(NotConnected):  # the agent resends what is not acknowledged
+            self.client.publish(ACK, json.dumps({"stream": stream, "acked_seq": acked}).encode())
 
-    def _on_message(self, client: paho.Client, userdata: object, message: paho.MQTTMessage) -> None:
+    def _on_live(self, message: Message) -> None:
         arrived = time.time()
-        if message.topic == SYNC:
-            self._ack(json.loads(message.payload))
-            return
-        with self._lock:
-            self.count += 1
-            if self.recording and not message.retain:
-                ts = json.loads(message.payload)["ts"]
-                self.delays.append(arrived - parse_rfc3339(ts))
+        self.count += 1
+        if self.recording and not message.retain:
+            ts = json.loads(message.payload)["ts"]
+            self.delays.append(arrived - parse_rfc3339(ts))
 
     def start(self) -> int:
         """Begin recording delays; returns the message count so far."""
-        with self._lock:
-            self.recording = True
-            self.delays.clear()
-            return self.count
+        self.recording = True
+        self.delays.clear()
+        return self.count
 
     def stop(self) -> tuple[int, list[float]]:
         """Stop recording; (message count, delays)."""
-        with self._lock:
-            self.recording = False
-            return self.count, sorted(self.delays)
-
-    def close(self) -> None:
-        """Disconnect."""
-        self.client.loop_stop()
-        self.client.disconnect()
+        self.recording = False
+        return self.count, sorted(self.delays)
 
 
 def start_simulator(port: int, control: int, items: int) -> subprocess.Popen[bytes]:
@@ -267,41 +270,42 @@ async def main() -> None:
     config_path.write_text(
         config(broker, port, args.items, args.publishing_interval, workdir / "data")
     )
-    subscriber = Subscriber(broker)
-    agent = subprocess.Popen(  # noqa: ASYNC220 - once, before the measurement
-        [
-            sys.executable,
-            "-m",
-            "agent.cli",
-            "--log-level",
-            "warning",
-            "run",
-            "-c",
-            str(config_path),
-        ],
-        cwd=REPO,
-    )
-    try:
-        await asyncio.sleep(args.warmup)
-        messages0 = subscriber.start()
-        others = {
-            "simulator": simulator.pid,
-            "mosquitto": broker.pid or 0,
-            "bench process (subscriber, acks)": os.getpid(),
-        }
-        others0 = {name: cpu_seconds(pid) for name, pid in others.items()}
-        cpu0, t0 = cpu_seconds(agent.pid), time.monotonic()
-        await asyncio.sleep(args.seconds)
-        elapsed = time.monotonic() - t0
-        cpu = cpu_seconds(agent.pid) - cpu0
-        rss = rss_mib(agent.pid)
-        load = {name: (cpu_seconds(pid) - others0[name]) / elapsed for name, pid in others.items()}
-        messages, delays = subscriber.stop()
-        messages -= messages0
-    finally:
-        agent.terminate()
-        agent.wait(timeout=30)
-        subscriber.close()
+    async with Subscriber(broker) as subscriber:
+        agent = subprocess.Popen(  # noqa: ASYNC220 - once, before the measurement
+            [
+                sys.executable,
+                "-m",
+                "agent.cli",
+                "--log-level",
+                "warning",
+                "run",
+                "-c",
+                str(config_path),
+            ],
+            cwd=REPO,
+        )
+        try:
+            await asyncio.sleep(args.warmup)
+            messages0 = subscriber.start()
+            others = {
+                "simulator": simulator.pid,
+                "mosquitto": broker.pid or 0,
+                "bench process (subscriber, acks)": os.getpid(),
+            }
+            others0 = {name: cpu_seconds(pid) for name, pid in others.items()}
+            cpu0, t0 = cpu_seconds(agent.pid), time.monotonic()
+            await asyncio.sleep(args.seconds)
+            elapsed = time.monotonic() - t0
+            cpu = cpu_seconds(agent.pid) - cpu0
+            rss = rss_mib(agent.pid)
+            load = {
+                name: (cpu_seconds(pid) - others0[name]) / elapsed for name, pid in others.items()
+            }
+            messages, delays = subscriber.stop()
+            messages -= messages0
+        finally:
+            agent.terminate()
+            agent.wait(timeout=30)
     try:
         alone_rate, alone_cpu, alone_delays = await driver_alone(
             port, args.items, interval, min(args.seconds, 20.0)
