@@ -270,6 +270,20 @@ def machine_busy() -> tuple[float, float]:
     return total - idle, total
 
 
+def host_reference_ms(iterations: int = 2_000_000, runs: int = 5) -> float:
+    """CPU ms of a plain Python loop (best of `runs`): how fast this host runs interpreter-bound
+    code right now. Cloud hosts of the same kind differ (and drift) by 2x; quoting this beside
+    a CPU % shows whether two runs are comparable."""
+    best = float("inf")
+    for _ in range(runs):
+        cpu0 = time.process_time()
+        total = 0
+        for value in range(iterations):
+            total += value
+        best = min(best, time.process_time() - cpu0)
+    return best * 1000.0
+
+
 async def accepts(port: int) -> bool:
     """Whether a TCP connection to 127.0.0.1:port succeeds now."""
     try:

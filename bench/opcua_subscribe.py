@@ -36,7 +36,13 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from agent.topics import live_topic, sample_payload  # noqa: E402
-from bench.line_scale import bare_client, raw_asyncua, raw_paho, raw_sqlite  # noqa: E402
+from bench.line_scale import (  # noqa: E402
+    bare_client,
+    host_reference_ms,
+    raw_asyncua,
+    raw_paho,
+    raw_sqlite,
+)
 from drivers.opcua import OpcUaDriver  # noqa: E402
 from drivers.opcua_config import OpcUaDeviceConfig  # noqa: E402
 from sync.events import Event, parse_rfc3339  # noqa: E402
@@ -261,6 +267,7 @@ async def main() -> None:
     logging.getLogger("asyncua").setLevel(logging.CRITICAL)
     interval = float(args.publishing_interval.removesuffix("ms")) / 1000.0
 
+    reference_before = host_reference_ms()
     broker = MosquittoBroker()
     broker.start()
     port, control = free_port(), free_port()
@@ -316,11 +323,16 @@ async def main() -> None:
         simulator.wait(timeout=30)
         broker.close()
         shutil.rmtree(workdir, ignore_errors=True)
+    reference_after = host_reference_ms()
     print(
         f"edge-agent OPC UA subscription benchmark ({args.items} monitored items changing "
         f"every second, publishing interval {args.publishing_interval})"
     )
     print(f"  window                      {elapsed:.1f} s after {args.warmup:.0f} s warm-up")
+    print(
+        f"  host speed                  reference loop {reference_before:.0f} ms before, "
+        f"{reference_after:.0f} ms after (CPython, best of 5; lower is faster)"
+    )
     print(f"  notifications handled       {messages / elapsed:.0f} /s (values published to MQTT)")
     print(f"  agent CPU                   {cpu / elapsed * 100:.1f} % of one core")
     print(f"  agent RSS                   {rss:.1f} MiB")
