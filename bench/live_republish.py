@@ -47,8 +47,9 @@ async def longest_block(stop: asyncio.Event, period: float = 0.005) -> float:
 
 async def republish(
     broker: MosquittoBroker, topics: list[str], payload: bytes
-) -> tuple[float, float, float]:
-    """Offer every topic, flush, wait for the PUBACKs: (CPU µs per topic, wall s, block s)."""
+) -> tuple[float, float, float, int]:
+    """Offer every topic, flush, wait for the PUBACKs: (CPU µs per topic, wall s, block s,
+    the client's in-flight window)."""
     async with MqttClient(
         host=broker.host, port=broker.port, client_id=f"bench-live-{os.getpid()}"
     ) as client:
@@ -65,25 +66,36 @@ async def republish(
             wall = time.perf_counter() - wall0
             cpu = time.process_time() - cpu0
             stop.set()
-        return cpu / len(topics) * 1e6, wall, ticker.result()
+        return cpu / len(topics) * 1e6, wall, ticker.result(), client.window
 
 
 async def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--topics", type=int, default=50_000)
+    parser.add_argument(
+        "--broker-inflight",
+        type=int,
+        default=None,
+        help="mosquitto's max_inflight_messages, which it announces as Receive Maximum "
+        "(default: mosquitto's own, 20)",
+    )
     parser.add_argument("--quick", action="store_true", help="2,000 topics (smoke test)")
     args = parser.parse_args()
     count = 2_000 if args.quick else args.topics
     topics = [live_topic(ROOT, f"plc{index // 1000}", f"Tag.{index:06d}") for index in range(count)]
     payload = sample_payload(time.time(), 21.5, "good")
-    broker = MosquittoBroker()
+    extra = (
+        [] if args.broker_inflight is None else [f"max_inflight_messages {args.broker_inflight}"]
+    )
+    broker = MosquittoBroker(extra_config=extra)
     broker.start()
     try:
-        live_us, wall, block = await republish(broker, topics, payload)
+        live_us, wall, block, window = await republish(broker, topics, payload)
         bare_us = await bare_client(broker, topics, [payload], count)
     finally:
         broker.close()
     print(f"edge-agent live republish ({count:,} retained topics at once, as after a reconnect)")
+    print(f"  in-flight window    {window} QoS 1 messages (the broker's Receive Maximum)")
     print(f"  live publisher      {live_us:.1f} µs CPU per topic, all PUBACKs after {wall:.2f} s")
     print(f"  event loop blocked  at most {block * 1000:.0f} ms at a time")
     print(

@@ -260,6 +260,13 @@ async def main() -> None:
     parser.add_argument("--seconds", type=float, default=60.0, help="measurement window")
     parser.add_argument("--warmup", type=float, default=15.0)
     parser.add_argument("--publishing-interval", default="100ms")
+    parser.add_argument(
+        "--broker-inflight",
+        type=int,
+        default=None,
+        help="mosquitto's max_inflight_messages, announced as Receive Maximum: the agent's "
+        "in-flight window (default: mosquitto's own, 20)",
+    )
     parser.add_argument("--quick", action="store_true", help="a few seconds, for smoke tests")
     args = parser.parse_args()
     if args.quick:
@@ -268,7 +275,10 @@ async def main() -> None:
     interval = float(args.publishing_interval.removesuffix("ms")) / 1000.0
 
     reference_before = host_reference_ms()
-    broker = MosquittoBroker()
+    extra = (
+        [] if args.broker_inflight is None else [f"max_inflight_messages {args.broker_inflight}"]
+    )
+    broker = MosquittoBroker(extra_config=extra)
     broker.start()
     port, control = free_port(), free_port()
     simulator = start_simulator(port, control, args.items)
@@ -329,6 +339,8 @@ async def main() -> None:
         f"every second, publishing interval {args.publishing_interval})"
     )
     print(f"  window                      {elapsed:.1f} s after {args.warmup:.0f} s warm-up")
+    inflight = "20 (mosquitto's default)" if args.broker_inflight is None else args.broker_inflight
+    print(f"  broker Receive Maximum      {inflight} QoS 1 messages in flight per client")
     print(
         f"  host speed                  reference loop {reference_before:.0f} ms before, "
         f"{reference_after:.0f} ms after (CPython, best of 5; lower is faster)"

@@ -9,6 +9,14 @@ list, flushed once per event-loop turn in one `transport.write`, and a PUBACK is
 read in place. The packets are in `sync.mqtt_wire` (pure functions, table-tested); tests
 check this client against mosquitto and against paho as an independent peer.
 
+Flow control: an MQTT 5 broker announces in its CONNACK how many QoS 1 messages it takes
+unacknowledged (Receive Maximum; mosquitto sends its `max_inflight_messages`, 20 by default,
+EMQX its `max_inflight`, HiveMQ 10), and EMQX and HiveMQ disconnect a client that sends more
+(0x93). The window is therefore min(max_inflight, Receive Maximum) per connection; a QoS 1
+publish beyond it waits in a small queue inside the client (in order) until a PUBACK frees
+a slot. The owners of bulk data (live publisher, forwarder) check `has_space` first, so the
+queue only holds the occasional acknowledgement or reply.
+
 Why a fresh connection state per connection: the SQLite outbox is the only queue of this
 project, so every connection starts empty (clean start, session expiry 0) and the owners of
 the data (forwarder, live publisher) decide what to send again.
@@ -23,6 +31,7 @@ import random
 import socket
 import ssl
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
@@ -276,6 +285,9 @@ class MqttClient:
         self._control: dict[int, str] = {}  # SUBSCRIBE/UNSUBSCRIBE packet id -> topic filter
         self._incoming_qos2: set[int] = set()
         self._inflight = 0
+        self._window = max_inflight  # min(max_inflight, the broker's Receive Maximum)
+        # QoS 1 publishes beyond the window, in order: (topic, payload, retain, future).
+        self._queued: deque[tuple[bytes, bytes, bool, asyncio.Future[None] | None]] = deque()
         self._space = asyncio.Event()
         self._space.set()
         self._idle = asyncio.Event()
@@ -381,9 +393,15 @@ class MqttClient:
         return self._inflight
 
     @property
+    def window(self) -> int:
+        """QoS 1 messages allowed in flight on this connection: min(max_inflight, Receive
+        Maximum of the broker's CONNACK)."""
+        return self._window
+
+    @property
     def has_space(self) -> bool:
-        """Whether another QoS 1 message may be sent without exceeding max_inflight."""
-        return self._inflight < self._max_inflight
+        """Whether another QoS 1 message would be sent at once (the window has room)."""
+        return self._inflight + len(self._queued) < self._window
 
     async def wait_acked(self) -> None:
         """Wait until nothing is in flight (every QoS 1 message acknowledged or lost)."""
@@ -437,17 +455,34 @@ class MqttClient:
             raise ValueError("only QoS 0 and 1 are published by this client")
         if len(payload) > wire.MAX_REMAINING_LENGTH - len(topic_bytes) - 8:
             raise ValueError(f"payload of {len(payload)} bytes is too large for MQTT")
-        mid = connection.new_mid() if qos else 0
-        connection.write(
-            wire.publish_header(topic_bytes, len(payload), qos, retain, mid, self._v5) + payload
-        )
-        self.stats.published += 1
         if qos == 0:
+            connection.write(
+                wire.publish_header(topic_bytes, len(payload), 0, retain, 0, self._v5) + payload
+            )
+            self.stats.published += 1
             if future is not None:
                 future.set_result(None)
             return
-        self._inflight += 1
         self._idle.clear()
+        if self._queued or self._inflight >= self._window:
+            self._queued.append((topic_bytes, payload, retain, future))
+            return
+        self._send_qos1(connection, topic_bytes, payload, retain, future)
+
+    def _send_qos1(
+        self,
+        connection: _Connection,
+        topic_bytes: bytes,
+        payload: bytes,
+        retain: bool,
+        future: asyncio.Future[None] | None,
+    ) -> None:
+        mid = connection.new_mid()
+        connection.write(
+            wire.publish_header(topic_bytes, len(payload), 1, retain, mid, self._v5) + payload
+        )
+        self.stats.published += 1
+        self._inflight += 1
         self._pending[mid] = future
 
     # -- incoming packets (loop thread, from _Connection.data_received) -----------------------
@@ -457,10 +492,16 @@ class MqttClient:
             return
         future = self._pending.pop(mid)
         self._inflight -= 1
-        if self._inflight == 0:
-            self._idle.set()
         self.stats.acked += 1
-        if not self._space.is_set():
+        queued = self._queued
+        if queued:
+            connection = self._connection
+            if connection is not None:
+                while queued and self._inflight < self._window:
+                    self._send_qos1(connection, *queued.popleft())
+        elif self._inflight == 0:
+            self._idle.set()
+        if not self._space.is_set() and self._inflight + len(queued) < self._window:
             self._space.set()
         if future is not None and not future.done():
             if reason >= 0x80:
@@ -552,6 +593,12 @@ class MqttClient:
             if isinstance(keepalive, int) and keepalive > 0:
                 # The broker's keep-alive overrides ours (MQTT 5, 3.2.2.3.14).
                 self._active_keepalive = keepalive
+            receive_maximum = properties.get(wire.RECEIVE_MAXIMUM)
+            if receive_maximum is not None:
+                if receive_maximum == 0:  # a protocol error (MQTT 5, 3.2.2.3.3)
+                    raise wire.MalformedPacket("CONNACK with Receive Maximum 0")
+                if isinstance(receive_maximum, int) and receive_maximum < self._max_inflight:
+                    self._window = receive_maximum
             detail = properties.get(wire.REASON_STRING)
             if isinstance(detail, str) and detail and code >= 0x80:
                 self._connack_detail = detail
@@ -612,6 +659,7 @@ class MqttClient:
         self._connection = connection
         self._lost.clear()
         self._active_keepalive = self._keepalive
+        self._window = self._max_inflight
         self._connack_detail = None
         connack: asyncio.Future[int] = loop.create_future()
         self._connack = connack
@@ -662,10 +710,15 @@ class MqttClient:
         self._misc = asyncio.create_task(
             self._keepalive_loop(connection), name=f"{self._name}-keepalive"
         )
+        window = ""
+        if self._window < self._max_inflight:
+            window = f", at most {self._window} QoS 1 messages in flight (broker's Receive Maximum)"
         if self._last_error is not None and not self._up_logged:
-            log.info("%s: connected to %s:%d (recovered)", self._name, self._host, self._port)
+            log.info(
+                "%s: connected to %s:%d (recovered)%s", self._name, self._host, self._port, window
+            )
         else:
-            log.info("%s: connected to %s:%d", self._name, self._host, self._port)
+            log.info("%s: connected to %s:%d%s", self._name, self._host, self._port, window)
         self._up_logged = True
         self._last_error = None
         self._connected.set()
@@ -747,10 +800,12 @@ class MqttClient:
         self._control.clear()
         self._incoming_qos2.clear()
         pending, self._pending = self._pending, {}
+        queued, self._queued = self._queued, deque()
         self._inflight = 0
         self._space.set()
         self._idle.set()
-        for future in pending.values():
+        futures = [*pending.values(), *(future for *_, future in queued)]
+        for future in futures:
             if future is not None and not future.done():
                 future.set_exception(ConnectionLost(reason))
         self._lost.set()

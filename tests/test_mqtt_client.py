@@ -329,3 +329,163 @@ async def test_the_brokers_keepalive_overrides_ours() -> None:
             await c.wait_connected()
             await pings.wait()  # with our own 60 s it would not come for a minute
         assert c.is_connected
+
+
+class StrictBroker:
+    """A broker that enforces its Receive Maximum as EMQX and HiveMQ do: more unacknowledged
+    QoS 1 PUBLISH packets than announced end the connection with DISCONNECT 0x93. It
+    acknowledges each PUBLISH a few loop turns later, so the window really fills."""
+
+    def __init__(self, receive_maximum: int | None) -> None:
+        self.receive_maximum = receive_maximum
+        self.topics: list[str] = []
+        self.peak = 0
+        self.violations = 0
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        outstanding: set[int] = set()
+        first = True
+        while packet := await self._read_packet(reader):
+            kind, body = packet
+            if first:  # CONNECT: answer CONNACK with (or without) Receive Maximum
+                first = False
+                properties = b""
+                if self.receive_maximum is not None:
+                    properties = b"\x21" + self.receive_maximum.to_bytes(2, "big")
+                writer.write(bytes([0x20, 3 + len(properties), 0, 0, len(properties)]) + properties)
+            elif kind & 0xF0 == 0x30 and kind & 0x06:  # QoS 1 PUBLISH
+                topic_end = 2 + int.from_bytes(body[:2], "big")
+                self.topics.append(body[2:topic_end].decode())
+                mid = int.from_bytes(body[topic_end : topic_end + 2], "big")
+                outstanding.add(mid)
+                self.peak = max(self.peak, len(outstanding))
+                if self.receive_maximum is not None and len(outstanding) > self.receive_maximum:
+                    self.violations += 1
+                    writer.write(b"\xe0\x02\x93\x00")  # DISCONNECT, Receive Maximum exceeded
+                    await writer.drain()
+                    break
+                asyncio.get_running_loop().call_later(0.002, self._ack, writer, outstanding, mid)
+            elif kind == 0xC0:
+                writer.write(b"\xd0\x00")
+            elif kind == 0xE0:
+                break
+        writer.close()
+
+    @staticmethod
+    def _ack(writer: asyncio.StreamWriter, outstanding: set[int], mid: int) -> None:
+        if not writer.is_closing():
+            outstanding.discard(mid)
+            writer.write(b"\x40\x03" + mid.to_bytes(2, "big") + b"\x00")
+
+    @staticmethod
+    async def _read_packet(reader: asyncio.StreamReader) -> tuple[int, bytes] | None:
+        try:
+            kind = (await reader.readexactly(1))[0]
+            length, shift = 0, 0
+            while True:
+                byte = (await reader.readexactly(1))[0]
+                length |= (byte & 0x7F) << shift
+                shift += 7
+                if byte < 0x80:
+                    break
+            return kind, await reader.readexactly(length)
+        except asyncio.IncompleteReadError:
+            return None
+
+
+async def test_the_window_is_the_brokers_receive_maximum() -> None:
+    # Publishers that ignore has_space (acks, replies) are queued in order inside the client.
+    broker = StrictBroker(receive_maximum=3)
+    server = await asyncio.start_server(broker.handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server, MqttClient(host="127.0.0.1", port=port, client_id="rm") as client:
+        async with asyncio.timeout(10):
+            await client.wait_connected()
+        assert client.window == 3
+        futures = [client.publish_acked(f"t/{index}", b"x") for index in range(60)]
+        assert not client.has_space
+        assert client.inflight == 3
+        async with asyncio.timeout(10):
+            await asyncio.gather(*futures)
+            await client.wait_acked()
+        assert client.is_connected
+        assert client.has_space
+    assert broker.violations == 0
+    assert broker.peak == 3
+    assert broker.topics == [f"t/{index}" for index in range(60)]
+
+
+async def test_without_receive_maximum_the_window_is_max_inflight() -> None:
+    broker = StrictBroker(receive_maximum=None)
+    server = await asyncio.start_server(broker.handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with (
+        server,
+        MqttClient(host="127.0.0.1", port=port, client_id="rm", max_inflight=40) as client,
+    ):
+        async with asyncio.timeout(10):
+            await client.wait_connected()
+        assert client.window == 40
+        for index in range(100):
+            if not client.has_space:
+                await client.wait_space()
+            client.publish(f"t/{index}", b"x")
+        async with asyncio.timeout(10):
+            await client.wait_acked()
+    assert broker.peak == 40
+    assert broker.topics == [f"t/{index}" for index in range(100)]
+
+
+async def test_queued_publishes_fail_with_the_connection() -> None:
+    broker = StrictBroker(receive_maximum=1)
+    server = await asyncio.start_server(broker.handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server, MqttClient(host="127.0.0.1", port=port, client_id="rm") as client:
+        async with asyncio.timeout(10):
+            await client.wait_connected()
+        futures = [client.publish_acked(f"t/{index}", b"x") for index in range(5)]
+        connection = client._connection
+        assert connection is not None
+        connection.abort()
+        results = await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), 10)
+        assert all(isinstance(result, ConnectionLost) for result in results[1:])
+        assert client.inflight == 0
+        assert client.has_space
+
+
+async def test_receive_maximum_zero_is_a_protocol_error(caplog: pytest.LogCaptureFixture) -> None:
+    broker = StrictBroker(receive_maximum=0)
+    server = await asyncio.start_server(broker.handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with (
+        server,
+        MqttClient(
+            host="127.0.0.1", port=port, client_id="rm", reconnect_min=5, reconnect_max=5
+        ) as client,
+    ):
+        await async_wait_until(lambda: client.last_error is not None, timeout=10)
+        assert "Receive Maximum 0" in (client.last_error or "")
+        assert not client.is_connected
+
+
+@pytest.mark.parametrize(("setting", "window"), [(None, 20), ("5", 5), ("0", 1000)])
+async def test_mosquittos_max_inflight_messages_sets_the_window(
+    mosquitto_factory: MosquittoFactory, setting: str | None, window: int
+) -> None:
+    extra = [] if setting is None else [f"max_inflight_messages {setting}"]
+    broker = mosquitto_factory(extra_config=extra)
+    async with client_for(broker) as client:
+        async with asyncio.timeout(10):
+            await client.wait_connected()
+        assert client.window == window
+        futures = [client.publish_acked(f"w/{index}", b"x") for index in range(200)]
+        assert client.inflight == min(window, 200)
+        async with asyncio.timeout(10):
+            await asyncio.gather(*futures)
+
+
+async def test_mqtt_311_has_no_receive_maximum(mosquitto: MosquittoBroker) -> None:
+    async with client_for(mosquitto, protocol=4, max_inflight=100) as client:
+        async with asyncio.timeout(10):
+            await client.wait_connected()
+        assert client.window == 100
