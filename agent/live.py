@@ -86,8 +86,12 @@ class LivePublisher:
         while self._dirty:
             if not client.is_connected:
                 return  # the reconnect listener marks everything dirty again
-            if not client.has_space:
-                await client.wait_space()
+            # Leave an eighth of the window to the forwarder and to replies: a line whose
+            # values change faster than the broker acknowledges would otherwise take every
+            # slot the moment it frees, and the durable path would wait behind live values.
+            needed = client.window // 8 + 1
+            if client.free_slots < needed:
+                await client.wait_space(needed)
                 continue
             topic, _ = self._dirty.popitem(last=False)
             try:

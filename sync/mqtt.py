@@ -403,13 +403,18 @@ class MqttClient:
         """Whether another QoS 1 message would be sent at once (the window has room)."""
         return self._inflight + len(self._queued) < self._window
 
+    @property
+    def free_slots(self) -> int:
+        """QoS 1 messages that would be sent at once (window minus in flight and queued)."""
+        return self._window - self._inflight - len(self._queued)
+
     async def wait_acked(self) -> None:
         """Wait until nothing is in flight (every QoS 1 message acknowledged or lost)."""
         await self._idle.wait()
 
-    async def wait_space(self) -> None:
-        """Wait until the in-flight window has room."""
-        while not self.has_space:
+    async def wait_space(self, free: int = 1) -> None:
+        """Wait until the in-flight window has `free` slots (or the connection is lost)."""
+        while self.free_slots < free and self.is_connected:
             self._space.clear()
             await self._space.wait()
 
@@ -502,7 +507,7 @@ class MqttClient:
         elif self._inflight == 0:
             self._idle.set()
         if not self._space.is_set() and self._inflight + len(queued) < self._window:
-            self._space.set()
+            self._space.set()  # waiters for more than one slot check again
         if future is not None and not future.done():
             if reason >= 0x80:
                 future.set_exception(

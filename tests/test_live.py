@@ -17,9 +17,12 @@ class WindowedLink:
     """Stands in for MqttClient (the project's own class): a window of `space` publishes, a
     link that can drop before the `fail_at`-th publish, and a record of what was sent."""
 
-    def __init__(self, *, space: int = 1000, fail_at: int | None = None) -> None:
+    def __init__(
+        self, *, space: int = 1000, fail_at: int | None = None, window: int | None = None
+    ) -> None:
         self.sent: list[tuple[str, bytes]] = []
         self.space = space
+        self.window = space if window is None else window
         self.fail_at = fail_at
         self.is_connected = True
         self.listeners: list[ConnectionListener] = []
@@ -29,12 +32,13 @@ class WindowedLink:
         self.listeners.append(listener)
 
     @property
-    def has_space(self) -> bool:
-        return self.space > 0
+    def free_slots(self) -> int:
+        return self.space
 
-    async def wait_space(self) -> None:
-        self._room.clear()
-        await self._room.wait()
+    async def wait_space(self, free: int = 1) -> None:
+        while self.space < free:
+            self._room.clear()
+            await self._room.wait()
 
     def ack(self, count: int) -> None:
         self.space += count
@@ -87,7 +91,7 @@ async def test_flush_sends_the_newest_payload_once_in_first_offer_order(
 
 
 async def test_a_full_window_waits_and_later_offers_join_the_flush() -> None:
-    link = WindowedLink(space=2)
+    link = WindowedLink(space=2, window=2)
     live = publisher(link)
     for topic in "abcd":
         live.offer(topic, b"1")
@@ -99,6 +103,30 @@ async def test_a_full_window_waits_and_later_offers_join_the_flush() -> None:
     link.ack(10)
     await asyncio.wait_for(flush, 5)
     assert link.sent == [("a", b"1"), ("b", b"1"), ("c", b"2"), ("d", b"1"), ("e", b"1")]
+
+
+@pytest.mark.parametrize(
+    ("window", "used"), [(1, 1), (7, 7), (8, 7), (10, 9), (20, 18), (1000, 875)]
+)
+async def test_live_values_leave_an_eighth_of_the_window_to_the_durable_path(
+    window: int, used: int
+) -> None:
+    link = WindowedLink(space=window)
+    live = publisher(link)
+    for index in range(2 * window):
+        live.offer(f"t/{index}", b"1")
+    flush = asyncio.create_task(live.drain())
+    for _ in range(10):  # the flush yields every 256 publishes
+        await asyncio.sleep(0)
+    assert len(link.sent) == used
+    assert link.free_slots == window - used
+    link.ack(1)  # one more goes out, the reserve stays free
+    await asyncio.sleep(0)
+    assert len(link.sent) == used + 1
+    assert link.free_slots == window - used
+    link.ack(2 * window)
+    await asyncio.wait_for(flush, 5)
+    assert len(link.sent) == 2 * window
 
 
 async def test_a_connection_lost_mid_flush_keeps_the_rest_in_order() -> None:
