@@ -359,12 +359,15 @@ class Line:
         *,
         log_level: str = "info",
         ack_timeout: str | None = None,
+        broker_inflight: int | None = None,
     ) -> None:
-        """Prepare ports, files and processes (nothing starts yet)."""
+        """Prepare ports, files and processes (nothing starts yet). `broker_inflight` is
+        mosquitto's max_inflight_messages (its Receive Maximum; None: mosquitto's 20)."""
         self.spec = spec
         self.ack_timeout = ack_timeout
         self.workdir = workdir
-        self.broker = MosquittoBroker()
+        extra = [] if broker_inflight is None else [f"max_inflight_messages {broker_inflight}"]
+        self.broker = MosquittoBroker(extra_config=extra)
         self.postgres = PostgresServer()
         self.modbus_ports = [free_port() for _ in range(spec.plcs)]
         self.opcua_port = free_port()
@@ -1363,6 +1366,8 @@ def report(args: argparse.Namespace, spec: LineSpec, result: dict[str, Any]) -> 
         f"{spec.change_fraction:.0%} changing per cycle",
         f"  window {w['seconds']} s after {args.warmup:g} s warm-up "
         f"(initial values: {result['initial_events']:,} events); machine {os.cpu_count()} cores",
+        f"  broker Receive Maximum {args.broker_inflight or '20 (mosquitto default)'}: "
+        "the agent's MQTT in-flight window",
         "",
         f"  {'figure':<44}{'value':<54}target",
         f"  {'agent CPU':<44}{w['agent_cpu_pct']:.1f} % of one core{'':<36}"
@@ -1455,6 +1460,13 @@ async def main() -> None:
     parser.add_argument(
         "--ack-timeout", help="the agent's mqtt.ack_timeout (default: the product's, 30s)"
     )
+    parser.add_argument(
+        "--broker-inflight",
+        type=int,
+        default=None,
+        help="mosquitto's max_inflight_messages, announced as Receive Maximum: the agent's "
+        "MQTT in-flight window (default: mosquitto's own, 20)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs)")
     parser.add_argument("--quick", action="store_true", help="a few seconds, for smoke tests")
     args = parser.parse_args()
@@ -1464,7 +1476,7 @@ async def main() -> None:
         args.seconds, args.warmup, args.outage = 4.0, 1.0, 3.0
     logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
     workdir = Path(tempfile.mkdtemp(prefix="edge-agent-line-"))
-    line = Line(spec, workdir, ack_timeout=args.ack_timeout)
+    line = Line(spec, workdir, ack_timeout=args.ack_timeout, broker_inflight=args.broker_inflight)
     failed = True
     try:
         await line.start()

@@ -53,9 +53,11 @@ _CEILING_TTL = 600.0
 # Stalls in a row after which sizes acknowledged earlier no longer prove anything (the
 # broker's limit may have been lowered).
 _STALE_AFTER = 4
-# Poll interval while the MQTT client's in-flight window is full (rare: live values and the
-# forwarder share it; the forwarder itself uses at most `window` slots).
-_SPACE_POLL = 0.02
+# Longest wait for a free slot of the MQTT client's in-flight window before acks and stalls
+# are looked at again. Live values share the window, which is the broker's Receive Maximum
+# (mosquitto: 20 by default), so on a busy line it is often full; the PUBACK that frees a
+# slot wakes the wait at once.
+_SPACE_WAIT = 0.5
 _RETRY_AFTER = 1.0
 
 
@@ -323,8 +325,17 @@ class Forwarder:
         """Send batches while the window has room; return a pacing/poll time if one applies."""
         client = self._client
         while len(self._inflight) < self._window and client.is_connected:
-            if not client.has_space:
-                return now + _SPACE_POLL
+            # Leave an eighth of the window to live values (they leave as much to us): a
+            # backlog drain must not hold up the live path.
+            needed = client.window // 8 + 1
+            if client.free_slots < needed:
+                try:
+                    async with asyncio.timeout(_SPACE_WAIT):
+                        await client.wait_space(needed)
+                except TimeoutError:
+                    return time.monotonic()  # acks and stalls first, then try again
+                now = time.monotonic()
+                continue
             if self._max_rate and now < self._send_at:
                 return self._send_at
             epoch = self._epoch

@@ -461,3 +461,28 @@ async def test_batches_that_went_nowhere_are_resent_when_the_central_store_annou
     assert_complete(outbox, central)
     assert forwarder.stalls_total == 0  # a restart, not a stall (no batch size inference)
     assert forwarder.batches_resent >= 1
+
+
+async def test_batches_leave_an_eighth_of_the_brokers_window_to_live_values(
+    outbox: Outbox, mosquitto_factory: MosquittoFactory
+) -> None:
+    # mosquitto announces max_inflight_messages as its Receive Maximum: the client's window.
+    broker = mosquitto_factory(extra_config=["max_inflight_messages 16"])
+    with FakeCentral(broker) as central:
+        async with forwarding(outbox, broker, batch_events=100) as (forwarder, client):
+            async with asyncio.timeout(10):
+                await client.wait_connected()
+            assert client.window == 16
+            await asyncio.to_thread(broker.pause)  # SIGSTOP: no PUBACK comes back
+            try:
+                for index in range(14):  # live values hold 14 slots; 2 stay free
+                    client.publish(f"line/t{index}", b"1", qos=1, retain=True)
+                await outbox.append(events(0, 500))
+                # A negative: give the forwarder time to (wrongly) use the last 2 slots.
+                await asyncio.sleep(0.5)
+                assert client.stats.published == 14
+                assert forwarder.batches_sent == 0
+            finally:
+                await asyncio.to_thread(broker.resume)
+            await all_acked(outbox, central)
+    assert_complete(outbox, central)
