@@ -270,6 +270,30 @@ def machine_busy() -> tuple[float, float]:
     return total - idle, total
 
 
+def add_broker_inflight(parser: argparse.ArgumentParser) -> None:
+    """The --broker-inflight option every bench that starts mosquitto takes."""
+    parser.add_argument(
+        "--broker-inflight",
+        type=int,
+        default=None,
+        help="mosquitto's max_inflight_messages, announced as MQTT 5 Receive Maximum: the "
+        "agent's in-flight window (default: mosquitto's own, 20)",
+    )
+
+
+def broker_extra_config(inflight: int | None) -> list[str]:
+    """mosquitto.conf lines for --broker-inflight (none for mosquitto's default)."""
+    return [] if inflight is None else [f"max_inflight_messages {inflight}"]
+
+
+def start_agent(config_path: Path) -> subprocess.Popen[bytes]:
+    """`edge-agent run -c config_path` as a child process, logging warnings and errors only."""
+    return subprocess.Popen(
+        [PYTHON, "-m", "agent.cli", "--log-level", "warning", "run", "-c", str(config_path)],
+        cwd=REPO,
+    )
+
+
 def host_reference_ms(iterations: int = 2_000_000, runs: int = 5) -> float:
     """CPU ms of a plain Python loop (best of `runs`): how fast this host runs interpreter-bound
     code right now. Cloud hosts of the same kind differ (and drift) by 2x; quoting this beside
@@ -366,8 +390,7 @@ class Line:
         self.spec = spec
         self.ack_timeout = ack_timeout
         self.workdir = workdir
-        extra = [] if broker_inflight is None else [f"max_inflight_messages {broker_inflight}"]
-        self.broker = MosquittoBroker(extra_config=extra)
+        self.broker = MosquittoBroker(extra_config=broker_extra_config(broker_inflight))
         self.postgres = PostgresServer()
         self.modbus_ports = [free_port() for _ in range(spec.plcs)]
         self.opcua_port = free_port()
@@ -1460,13 +1483,7 @@ async def main() -> None:
     parser.add_argument(
         "--ack-timeout", help="the agent's mqtt.ack_timeout (default: the product's, 30s)"
     )
-    parser.add_argument(
-        "--broker-inflight",
-        type=int,
-        default=None,
-        help="mosquitto's max_inflight_messages, announced as Receive Maximum: the agent's "
-        "MQTT in-flight window (default: mosquitto's own, 20)",
-    )
+    add_broker_inflight(parser)
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs)")
     parser.add_argument("--quick", action="store_true", help="a few seconds, for smoke tests")
     args = parser.parse_args()

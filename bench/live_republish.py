@@ -26,7 +26,11 @@ sys.path.insert(0, str(REPO))
 
 from agent.live import LivePublisher  # noqa: E402
 from agent.topics import live_topic, sample_payload  # noqa: E402
-from bench.line_scale import bare_client  # noqa: E402
+from bench.line_scale import (  # noqa: E402
+    add_broker_inflight,
+    bare_client,
+    broker_extra_config,
+)
 from sync.mqtt import MqttClient  # noqa: E402
 from tests.fixtures.mosquitto import MosquittoBroker  # noqa: E402
 
@@ -72,22 +76,13 @@ async def republish(
 async def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--topics", type=int, default=50_000)
-    parser.add_argument(
-        "--broker-inflight",
-        type=int,
-        default=None,
-        help="mosquitto's max_inflight_messages, which it announces as Receive Maximum "
-        "(default: mosquitto's own, 20)",
-    )
+    add_broker_inflight(parser)
     parser.add_argument("--quick", action="store_true", help="2,000 topics (smoke test)")
     args = parser.parse_args()
     count = 2_000 if args.quick else args.topics
     topics = [live_topic(ROOT, f"plc{index // 1000}", f"Tag.{index:06d}") for index in range(count)]
     payload = sample_payload(time.time(), 21.5, "good")
-    extra = (
-        [] if args.broker_inflight is None else [f"max_inflight_messages {args.broker_inflight}"]
-    )
-    broker = MosquittoBroker(extra_config=extra)
+    broker = MosquittoBroker(extra_config=broker_extra_config(args.broker_inflight))
     broker.start()
     try:
         live_us, wall, block, window = await republish(broker, topics, payload)

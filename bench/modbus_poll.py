@@ -17,7 +17,6 @@ import os
 import random
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -31,6 +30,7 @@ import paho.mqtt.client as paho  # noqa: E402
 from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
 from pymodbus.client import AsyncModbusTcpClient  # noqa: E402
 
+from bench.line_scale import start_agent  # noqa: E402
 from simulators.modbus import ModbusSimulator  # noqa: E402
 from tests.fixtures.mosquitto import MosquittoBroker  # noqa: E402
 
@@ -180,19 +180,7 @@ async def main() -> None:
         config(broker, [s.port for s in simulators], args.tags_per_device, workdir / "data")
     )
     subscriber = Subscriber(broker)
-    agent = subprocess.Popen(  # noqa: ASYNC220 - once, before the measurement
-        [
-            sys.executable,
-            "-m",
-            "agent.cli",
-            "--log-level",
-            "warning",
-            "run",
-            "-c",
-            str(config_path),
-        ],
-        cwd=REPO,
-    )
+    agent = start_agent(config_path)
     writer = AsyncModbusTcpClient("127.0.0.1", port=simulators[0].port, timeout=1, retries=0)
     await writer.connect()
     delays: list[float] = []

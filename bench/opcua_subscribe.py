@@ -37,11 +37,14 @@ sys.path.insert(0, str(REPO))
 
 from agent.topics import live_topic, sample_payload  # noqa: E402
 from bench.line_scale import (  # noqa: E402
+    add_broker_inflight,
     bare_client,
+    broker_extra_config,
     host_reference_ms,
     raw_asyncua,
     raw_paho,
     raw_sqlite,
+    start_agent,
 )
 from drivers.opcua import OpcUaDriver  # noqa: E402
 from drivers.opcua_config import OpcUaDeviceConfig  # noqa: E402
@@ -260,13 +263,7 @@ async def main() -> None:
     parser.add_argument("--seconds", type=float, default=60.0, help="measurement window")
     parser.add_argument("--warmup", type=float, default=15.0)
     parser.add_argument("--publishing-interval", default="100ms")
-    parser.add_argument(
-        "--broker-inflight",
-        type=int,
-        default=None,
-        help="mosquitto's max_inflight_messages, announced as Receive Maximum: the agent's "
-        "in-flight window (default: mosquitto's own, 20)",
-    )
+    add_broker_inflight(parser)
     parser.add_argument("--quick", action="store_true", help="a few seconds, for smoke tests")
     args = parser.parse_args()
     if args.quick:
@@ -275,10 +272,7 @@ async def main() -> None:
     interval = float(args.publishing_interval.removesuffix("ms")) / 1000.0
 
     reference_before = host_reference_ms()
-    extra = (
-        [] if args.broker_inflight is None else [f"max_inflight_messages {args.broker_inflight}"]
-    )
-    broker = MosquittoBroker(extra_config=extra)
+    broker = MosquittoBroker(extra_config=broker_extra_config(args.broker_inflight))
     broker.start()
     port, control = free_port(), free_port()
     simulator = start_simulator(port, control, args.items)
@@ -288,19 +282,7 @@ async def main() -> None:
         config(broker, port, args.items, args.publishing_interval, workdir / "data")
     )
     async with Subscriber(broker) as subscriber:
-        agent = subprocess.Popen(  # noqa: ASYNC220 - once, before the measurement
-            [
-                sys.executable,
-                "-m",
-                "agent.cli",
-                "--log-level",
-                "warning",
-                "run",
-                "-c",
-                str(config_path),
-            ],
-            cwd=REPO,
-        )
+        agent = start_agent(config_path)
         try:
             await asyncio.sleep(args.warmup)
             messages0 = subscriber.start()

@@ -7,6 +7,8 @@ import asyncio
 import contextlib
 import logging
 import socket
+from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -393,14 +395,24 @@ class StrictBroker:
             return None
 
 
-async def test_the_window_is_the_brokers_receive_maximum() -> None:
-    # Publishers that ignore has_space (acks, replies) are queued in order inside the client.
-    broker = StrictBroker(receive_maximum=3)
+@contextlib.asynccontextmanager
+async def strict_session(
+    receive_maximum: int | None, *, connected: bool = True, **options: Any
+) -> AsyncIterator[tuple[StrictBroker, MqttClient]]:
+    """A StrictBroker on a free port and a client of it (connected, unless told not to)."""
+    broker = StrictBroker(receive_maximum)
     server = await asyncio.start_server(broker.handle, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    async with server, MqttClient(host="127.0.0.1", port=port, client_id="rm") as client:
-        async with asyncio.timeout(10):
-            await client.wait_connected()
+    async with server, MqttClient(host="127.0.0.1", port=port, client_id="rm", **options) as client:
+        if connected:
+            async with asyncio.timeout(10):
+                await client.wait_connected()
+        yield broker, client
+
+
+async def test_the_window_is_the_brokers_receive_maximum() -> None:
+    # Publishers that ignore has_space (acks, replies) are queued in order inside the client.
+    async with strict_session(3) as (broker, client):
         assert client.window == 3
         futures = [client.publish_acked(f"t/{index}", b"x") for index in range(60)]
         assert not client.has_space
@@ -416,15 +428,7 @@ async def test_the_window_is_the_brokers_receive_maximum() -> None:
 
 
 async def test_without_receive_maximum_the_window_is_max_inflight() -> None:
-    broker = StrictBroker(receive_maximum=None)
-    server = await asyncio.start_server(broker.handle, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    async with (
-        server,
-        MqttClient(host="127.0.0.1", port=port, client_id="rm", max_inflight=40) as client,
-    ):
-        async with asyncio.timeout(10):
-            await client.wait_connected()
+    async with strict_session(None, max_inflight=40) as (broker, client):
         assert client.window == 40
         for index in range(100):
             if not client.has_space:
@@ -437,12 +441,7 @@ async def test_without_receive_maximum_the_window_is_max_inflight() -> None:
 
 
 async def test_queued_publishes_fail_with_the_connection() -> None:
-    broker = StrictBroker(receive_maximum=1)
-    server = await asyncio.start_server(broker.handle, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    async with server, MqttClient(host="127.0.0.1", port=port, client_id="rm") as client:
-        async with asyncio.timeout(10):
-            await client.wait_connected()
+    async with strict_session(1) as (_, client):
         futures = [client.publish_acked(f"t/{index}", b"x") for index in range(5)]
         connection = client._connection
         assert connection is not None
@@ -453,16 +452,8 @@ async def test_queued_publishes_fail_with_the_connection() -> None:
         assert client.has_space
 
 
-async def test_receive_maximum_zero_is_a_protocol_error(caplog: pytest.LogCaptureFixture) -> None:
-    broker = StrictBroker(receive_maximum=0)
-    server = await asyncio.start_server(broker.handle, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    async with (
-        server,
-        MqttClient(
-            host="127.0.0.1", port=port, client_id="rm", reconnect_min=5, reconnect_max=5
-        ) as client,
-    ):
+async def test_receive_maximum_zero_is_a_protocol_error() -> None:
+    async with strict_session(0, connected=False, reconnect_min=5, reconnect_max=5) as (_, client):
         await async_wait_until(lambda: client.last_error is not None, timeout=10)
         assert "Receive Maximum 0" in (client.last_error or "")
         assert not client.is_connected
