@@ -14,8 +14,8 @@ unacknowledged (Receive Maximum; mosquitto sends its `max_inflight_messages`, 20
 EMQX its `max_inflight`, HiveMQ 10), and EMQX and HiveMQ disconnect a client that sends more
 (0x93). The window is therefore min(max_inflight, Receive Maximum) per connection; a QoS 1
 publish beyond it waits in a small queue inside the client (in order) until a PUBACK frees
-a slot. The owners of bulk data (live publisher, forwarder) check `has_space` first, so the
-queue only holds the occasional acknowledgement or reply.
+a slot. The owners of bulk data (live publisher, forwarder) wait for `free_slots` first, so
+the queue only holds the occasional acknowledgement or reply.
 
 Why a fresh connection state per connection: the SQLite outbox is the only queue of this
 project, so every connection starts empty (clean start, session expiry 0) and the owners of
