@@ -86,12 +86,8 @@ class LivePublisher:
         while self._dirty:
             if not client.is_connected:
                 return  # the reconnect listener marks everything dirty again
-            # Leave an eighth of the window to the forwarder and to replies: a line whose
-            # values change faster than the broker acknowledges would otherwise take every
-            # slot the moment it frees, and the durable path would wait behind live values.
-            needed = client.window // 8 + 1
-            if client.free_slots < needed:
-                await client.wait_space(needed)
+            if not client.has_bulk_room:  # leaves slots to the forwarder and to replies
+                await client.wait_bulk_room()
                 continue
             topic, _ = self._dirty.popitem(last=False)
             try:

@@ -325,13 +325,10 @@ class Forwarder:
         """Send batches while the window has room; return a pacing/poll time if one applies."""
         client = self._client
         while len(self._inflight) < self._window and client.is_connected:
-            # Leave an eighth of the window to live values (they leave as much to us): a
-            # backlog drain must not hold up the live path.
-            needed = client.window // 8 + 1
-            if client.free_slots < needed:
+            if not client.has_bulk_room:  # a backlog drain must not hold up live values
                 try:
                     async with asyncio.timeout(_SPACE_WAIT):
-                        await client.wait_space(needed)
+                        await client.wait_bulk_room()
                 except TimeoutError:
                     return time.monotonic()  # acks and stalls first, then try again
                 now = time.monotonic()

@@ -14,8 +14,9 @@ unacknowledged (Receive Maximum; mosquitto sends its `max_inflight_messages`, 20
 EMQX its `max_inflight`, HiveMQ 10), and EMQX and HiveMQ disconnect a client that sends more
 (0x93). The window is therefore min(max_inflight, Receive Maximum) per connection; a QoS 1
 publish beyond it waits in a small queue inside the client (in order) until a PUBACK frees
-a slot. The owners of bulk data (live publisher, forwarder) wait for `free_slots` first, so
-the queue only holds the occasional acknowledgement or reply.
+a slot. The owners of bulk data (live publisher, forwarder) wait for `has_bulk_room` first,
+so the queue only holds the occasional acknowledgement or reply, and each of them leaves
+`bulk_reserve(window)` slots to the others.
 
 Why a fresh connection state per connection: the SQLite outbox is the only queue of this
 project, so every connection starts empty (clean start, session expiry 0) and the owners of
@@ -43,6 +44,17 @@ log = logging.getLogger("edge_agent.mqtt")
 
 MessageHandler = Callable[["Message"], None]
 ConnectionListener = Callable[[bool], None]
+
+
+def bulk_reserve(window: int) -> int:
+    """In-flight slots each owner of bulk data leaves to the others: an eighth of the window.
+
+    The live publisher and the forwarder both fill the window as fast as PUBACKs free it; a
+    line whose values change faster than the broker acknowledges would otherwise take every
+    slot the moment it frees, and the durable path (or the live one, during a backlog drain)
+    would wait behind the other.
+    """
+    return window // 8
 
 
 class NotConnected(Exception):
@@ -417,6 +429,16 @@ class MqttClient:
         while self.free_slots < free and self.is_connected:
             self._space.clear()
             await self._space.wait()
+
+    @property
+    def has_bulk_room(self) -> bool:
+        """Whether an owner of bulk data may send one more QoS 1 message now, leaving
+        `bulk_reserve(window)` slots to the others."""
+        return self.free_slots > bulk_reserve(self._window)
+
+    async def wait_bulk_room(self) -> None:
+        """Wait until `has_bulk_room` (or the connection is lost)."""
+        await self.wait_space(bulk_reserve(self._window) + 1)
 
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
         """Send a message now (fire and forget; it still counts in the in-flight window).

@@ -8,7 +8,7 @@ import asyncio
 import pytest
 
 from agent.live import LivePublisher
-from sync.mqtt import ConnectionListener, MqttClient, NotConnected
+from sync.mqtt import ConnectionListener, MqttClient, NotConnected, bulk_reserve
 from tests.fixtures.mosquitto import MosquittoBroker
 from tests.fixtures.mqtt_client import MqttTestClient
 
@@ -35,8 +35,12 @@ class WindowedLink:
     def free_slots(self) -> int:
         return self.space
 
-    async def wait_space(self, free: int = 1) -> None:
-        while self.space < free:
+    @property
+    def has_bulk_room(self) -> bool:
+        return self.space > bulk_reserve(self.window)  # the client's own rule
+
+    async def wait_bulk_room(self) -> None:
+        while not self.has_bulk_room:
             self._room.clear()
             await self._room.wait()
 
