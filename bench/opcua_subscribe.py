@@ -253,6 +253,12 @@ async def raw_limits(
     return {"asyncua": asyncua_us, "paho": paho_us, "sqlite3": sqlite_us, "sync.mqtt": client_us}
 
 
+def log_time(line: str) -> float:
+    """Epoch seconds of a mosquitto log line (`log_timestamp_format %Y-%m-%dT%H:%M:%S`)."""
+    stamp = line.split(": ", 1)[0]
+    return time.mktime(time.strptime(stamp, "%Y-%m-%dT%H:%M:%S"))
+
+
 def percentile(values: list[float], fraction: float) -> float:
     """The value at `fraction` of a sorted list."""
     return values[min(len(values) - 1, int(len(values) * fraction))]
@@ -284,9 +290,11 @@ async def main() -> None:
     )
     async with Subscriber(broker) as subscriber:
         agent = start_agent(config_path)
+        agent_start = time.time()
         try:
             await asyncio.sleep(args.warmup)
             messages0 = subscriber.start()
+            window_start = time.time()
             others = {
                 "simulator": simulator.pid,
                 "mosquitto": broker.pid or 0,
@@ -296,6 +304,7 @@ async def main() -> None:
             cpu0, t0 = cpu_seconds(agent.pid), time.monotonic()
             await asyncio.sleep(args.seconds)
             elapsed = time.monotonic() - t0
+            window_end = time.time()
             cpu = cpu_seconds(agent.pid) - cpu0
             rss = rss_mib(agent.pid)
             load = {
@@ -336,9 +345,14 @@ async def main() -> None:
         f"  notifications handled       {messages / elapsed:.0f} /s (values published to MQTT; "
         f"the simulator made {args.items} changes/s)"
     )
+    in_window = [line for line in drops if window_start - 1 <= log_time(line) <= window_end + 1]
     print(
-        "  broker drops to subscriber  "
-        + (f"{len(drops)} episodes, first: {drops[0]}" if drops else "none (mosquitto log)")
+        f"  broker drops to subscriber  {len(in_window)} episodes in the window, "
+        f"{len(drops) - len(in_window)} outside it (mosquitto log"
+        + "".join(
+            f"; {log_time(line) - agent_start:+.0f} s after the agent started" for line in drops
+        )
+        + ")"
     )
     print(f"  agent CPU                   {cpu / elapsed * 100:.1f} % of one core")
     print(f"  agent RSS                   {rss:.1f} MiB")
