@@ -41,7 +41,10 @@ from bench.line_scale import (  # noqa: E402
     add_broker_inflight,
     bare_client,
     broker_extra_config,
+    delta,
     host_reference_ms,
+    http_get,
+    parse_metrics,
     raw_asyncua,
     raw_paho,
     raw_sqlite,
@@ -58,7 +61,9 @@ ROOT = "bench/line/opcua"
 SYNC, ACK = "edge/bench/sync", "edge/bench/ack"  # {sync_prefix}/{gateway.id}/sync|ack
 
 
-def config(broker: MosquittoBroker, port: int, items: int, interval: str, data_dir: Path) -> str:
+def config(
+    broker: MosquittoBroker, port: int, items: int, interval: str, data_dir: Path, http_port: int
+) -> str:
     """Agent config: one OPC UA device subscribing to Bulk.0000 .. Bulk.{items-1}."""
     lines = [
         "[gateway]",
@@ -70,7 +75,7 @@ def config(broker: MosquittoBroker, port: int, items: int, interval: str, data_d
         "[mqtt]",
         f'url = "{broker.url}"',
         "[http]",
-        "enabled = false",
+        f'listen = "127.0.0.1:{http_port}"',
         "[[devices]]",
         'name = "plc"',
         'driver = "opcua"',
@@ -253,6 +258,12 @@ async def raw_limits(
     return {"asyncua": asyncua_us, "paho": paho_us, "sqlite3": sqlite_us, "sync.mqtt": client_us}
 
 
+async def agent_counters(http_port: int) -> dict[str, float]:
+    """The agent's /metrics ({} while it does not answer)."""
+    body = await http_get(http_port, "/metrics")
+    return parse_metrics(body.decode()) if body else {}
+
+
 def log_time(line: str) -> float:
     """Epoch seconds of a mosquitto log line (`log_timestamp_format %Y-%m-%dT%H:%M:%S`)."""
     stamp = line.split(": ", 1)[0]
@@ -281,18 +292,19 @@ async def main() -> None:
     reference_before = host_reference_ms()
     broker = MosquittoBroker(extra_config=broker_extra_config(args.broker_inflight))
     broker.start()
-    port, control = free_port(), free_port()
+    port, control, http_port = free_port(), free_port(), free_port()
     simulator = start_simulator(port, control, args.items)
     workdir = Path(tempfile.mkdtemp(prefix="edge-agent-bench-"))
     config_path = workdir / "agent.toml"
     config_path.write_text(
-        config(broker, port, args.items, args.publishing_interval, workdir / "data")
+        config(broker, port, args.items, args.publishing_interval, workdir / "data", http_port)
     )
     async with Subscriber(broker) as subscriber:
         agent = start_agent(config_path)
         agent_start = time.time()
         try:
             await asyncio.sleep(args.warmup)
+            metrics0 = await agent_counters(http_port)
             messages0 = subscriber.start()
             window_start = time.time()
             others = {
@@ -312,6 +324,7 @@ async def main() -> None:
             }
             messages, delays = subscriber.stop()
             messages -= messages0
+            metrics1 = await agent_counters(http_port)
         finally:
             agent.terminate()
             agent.wait(timeout=30)
@@ -343,7 +356,7 @@ async def main() -> None:
     )
     print(
         f"  notifications handled       {messages / elapsed:.0f} /s (values published to MQTT; "
-        f"the simulator made {args.items} changes/s)"
+        f"the simulator is set to {args.items} changes/s)"
     )
     in_window = [line for line in drops if window_start - 1 <= log_time(line) <= window_end + 1]
     print(
@@ -353,6 +366,12 @@ async def main() -> None:
             f"; {log_time(line) - agent_start:+.0f} s after the agent started" for line in drops
         )
         + ")"
+    )
+    print(
+        "  in the agent (/metrics)     "
+        f"{delta(metrics1, metrics0, 'edge_agent_events_total'):.0f} readings accepted, "
+        f"{delta(metrics1, metrics0, 'edge_agent_live_published_total'):.0f} live values "
+        f"published, the subscriber received {messages} (window edges: values in flight)"
     )
     print(f"  agent CPU                   {cpu / elapsed * 100:.1f} % of one core")
     print(f"  agent RSS                   {rss:.1f} MiB")
