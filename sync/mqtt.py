@@ -413,7 +413,7 @@ class MqttClient:
     @property
     def has_space(self) -> bool:
         """Whether another QoS 1 message would be sent at once (the window has room)."""
-        return self._inflight + len(self._queued) < self._window
+        return self.free_slots > 0
 
     @property
     def free_slots(self) -> int:
@@ -528,7 +528,7 @@ class MqttClient:
                     self._send_qos1(connection, *queued.popleft())
         elif self._inflight == 0:
             self._idle.set()
-        if not self._space.is_set() and self._inflight + len(queued) < self._window:
+        if not self._space.is_set() and self.has_space:
             self._space.set()  # waiters for more than one slot check again
         if future is not None and not future.done():
             if reason >= 0x80:
