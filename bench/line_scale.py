@@ -373,6 +373,12 @@ def parse_metrics(text: str) -> dict[str, float]:
     return values
 
 
+async def agent_metrics(http_port: int) -> dict[str, float]:
+    """An agent's /metrics figures ({} while it does not answer)."""
+    body = await http_get(http_port, "/metrics")
+    return parse_metrics(body.decode()) if body else {}
+
+
 class Line:
     """The whole line: PostgreSQL, mosquitto, simulators, ingest and agent."""
 
@@ -513,8 +519,7 @@ class Line:
 
     async def metrics(self) -> dict[str, float]:
         """The agent's /metrics figures ({} while it does not answer)."""
-        body = await http_get(self.http_port, "/metrics")
-        return parse_metrics(body.decode()) if body else {}
+        return await agent_metrics(self.http_port)
 
     async def wait_flowing(self, deadline_s: float) -> dict[str, Any]:
         """Every device up and everything committed so far acknowledged by the ingest."""

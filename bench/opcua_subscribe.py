@@ -39,12 +39,11 @@ sys.path.insert(0, str(REPO))
 from agent.topics import live_topic, sample_payload  # noqa: E402
 from bench.line_scale import (  # noqa: E402
     add_broker_inflight,
+    agent_metrics,
     bare_client,
     broker_extra_config,
     delta,
     host_reference_ms,
-    http_get,
-    parse_metrics,
     raw_asyncua,
     raw_paho,
     raw_sqlite,
@@ -258,12 +257,6 @@ async def raw_limits(
     return {"asyncua": asyncua_us, "paho": paho_us, "sqlite3": sqlite_us, "sync.mqtt": client_us}
 
 
-async def agent_counters(http_port: int) -> dict[str, float]:
-    """The agent's /metrics ({} while it does not answer)."""
-    body = await http_get(http_port, "/metrics")
-    return parse_metrics(body.decode()) if body else {}
-
-
 def log_time(line: str) -> float:
     """Epoch seconds of a mosquitto log line (`log_timestamp_format %Y-%m-%dT%H:%M:%S`)."""
     stamp = line.split(": ", 1)[0]
@@ -304,7 +297,7 @@ async def main() -> None:
         agent_start = time.time()
         try:
             await asyncio.sleep(args.warmup)
-            metrics0 = await agent_counters(http_port)
+            metrics0 = await agent_metrics(http_port)
             messages0 = subscriber.start()
             window_start = time.time()
             others = {
@@ -324,7 +317,7 @@ async def main() -> None:
             }
             messages, delays = subscriber.stop()
             messages -= messages0
-            metrics1 = await agent_counters(http_port)
+            metrics1 = await agent_metrics(http_port)
         finally:
             agent.terminate()
             agent.wait(timeout=30)
