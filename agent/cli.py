@@ -127,7 +127,7 @@ def _is_central(path: Path) -> bool:
 
 def cmd_check(args: argparse.Namespace) -> int:
     """`edge-agent check`: validate and summarise."""
-    from agent.config_loader import load_agent_settings, load_central_settings
+    from agent.settings.loader import load_agent_settings, load_central_settings
 
     path: Path = args.config
     if _is_central(path):
@@ -170,7 +170,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_schema(args: argparse.Namespace) -> int:
     """`edge-agent schema`: the agent config's JSON Schema."""
-    from agent.schema import agent_schema
+    from agent.settings.schema import agent_schema
 
     print(json.dumps(agent_schema(), indent=2, sort_keys=False))
     return EXIT_OK
@@ -180,8 +180,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     """`edge-agent run`: the daemon (config validated before the event loop starts)."""
     import asyncio
 
-    from agent.config_loader import load_agent_settings
-    from agent.runtime import run_until_signalled
+    from agent.daemon.runtime import run_until_signalled
+    from agent.settings.loader import load_agent_settings
 
     settings = load_agent_settings(args.config)
     code = asyncio.run(run_until_signalled(settings, args.config))
@@ -209,8 +209,8 @@ def cmd_probe(args: argparse.Namespace) -> int:
     """`edge-agent probe`: one read of every tag, as a table; exit 0 only if all are good."""
     import asyncio
 
-    from agent.config_loader import load_agent_settings
     from agent.probe import format_table, probe
+    from agent.settings.loader import load_agent_settings
 
     settings = load_agent_settings(args.config)
     rows = asyncio.run(probe(settings))
@@ -229,13 +229,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         if value is not None:
             argv += [flag, str(value)]
     if args.protocol == "modbus":
-        from simulators.modbus import main as modbus_main
+        from simulators.modbus.server import main as modbus_main
 
         for flag, value in (("--serial", args.serial), ("--units", args.units)):
             if value is not None:
                 argv += [flag, str(value)]
         return modbus_main(argv)
-    from simulators.opcua import main as opcua_main
+    from simulators.opcua.server import main as opcua_main
 
     if args.secure:
         argv.append("--secure")
@@ -247,7 +247,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 def cmd_oee(args: argparse.Namespace) -> int:
     """`edge-agent oee`: OEE recomputed offline from recorded samples."""
-    from agent.replay import cmd_oee as run_oee
+    from agent.oee.replay import cmd_oee as run_oee
 
     return run_oee(args)
 
@@ -256,8 +256,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     """`edge-agent ingest`: the central ingest service (config validated before start)."""
     import asyncio
 
-    from agent.central import run_until_signalled
-    from agent.config_loader import load_central_settings
+    from agent.central.service import run_until_signalled
+    from agent.settings.loader import load_central_settings
 
     settings = load_central_settings(args.config)
     return asyncio.run(run_until_signalled(settings))
@@ -265,7 +265,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """`edge-agent status`: 0 healthy, 1 degraded, 2 unreachable."""
-    from agent.config_loader import load_agent_settings
+    from agent.settings.loader import load_agent_settings
     from agent.status import run_status
 
     settings = load_agent_settings(args.config)
@@ -300,7 +300,7 @@ HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `edge-agent` console script."""
-    from agent.config_loader import ConfigError
+    from agent.settings.loader import ConfigError
 
     parser = _build_parser()
     args = parser.parse_args(argv)

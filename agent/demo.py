@@ -18,12 +18,12 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from agent.calendar import ShiftWindow
-from agent.config_loader import load_agent_settings
-from agent.runtime import Runtime
-from agent.settings import AgentSettings
-from simulators.modbus import ModbusSimulator
-from simulators.opcua import OpcUaSimulator
+from agent.daemon.runtime import Runtime
+from agent.oee.calendar import ShiftWindow
+from agent.settings.loader import load_agent_settings
+from agent.settings.models import AgentSettings
+from simulators.modbus.server import ModbusSimulator
+from simulators.opcua.server import OpcUaSimulator
 
 DEMO_CONFIG = "demo.toml"
 

@@ -7,8 +7,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from agent.runtime import make_driver_factory
-from agent.settings import AgentSettings
+from agent.daemon.runtime import make_driver_factory
+from agent.settings.models import AgentSettings
 from drivers.base import DriverError, JsonValue
 from drivers.config import DeviceConfigBase
 

@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO))
 import asyncpg  # noqa: E402
 
 from sync.events import Event  # noqa: E402
-from sync.outbox import Outbox  # noqa: E402
+from sync.outbox.store import Outbox  # noqa: E402
 from tests.fixtures import MosquittoBroker, PostgresServer  # noqa: E402
 from tests.fixtures.collector import TopicCollector  # noqa: E402
 

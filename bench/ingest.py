@@ -24,9 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import asyncpg
 
+from sync.central.ingest import COLUMNS, Ingest, Row, parse_batch
 from sync.events import dumps, rfc3339
-from sync.ingest import COLUMNS, Ingest, Row, parse_batch
-from sync.mqtt import Message, MqttClient
+from sync.mqtt.client import Message, MqttClient
 from tests.fixtures import MosquittoBroker, PostgresServer
 
 BATCH = 1000

@@ -54,11 +54,11 @@ import paho.mqtt.client as paho  # noqa: E402
 from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
 from pymodbus.client import AsyncModbusTcpClient  # noqa: E402
 
-from agent.topics import live_topic, sample_payload  # noqa: E402
+from sync.central.ingest import COLUMNS  # noqa: E402
 from sync.events import Event, dumps, parse_rfc3339, rfc3339  # noqa: E402
-from sync.ingest import COLUMNS  # noqa: E402
-from sync.mqtt import MqttClient  # noqa: E402
-from sync.outbox import SCHEMA, encode_event  # noqa: E402
+from sync.mqtt.client import MqttClient  # noqa: E402
+from sync.outbox.store import SCHEMA, encode_event  # noqa: E402
+from sync.uplink.topics import live_topic, sample_payload  # noqa: E402
 from tests.fixtures import ChildProcess, MosquittoBroker, PostgresServer, free_port  # noqa: E402
 from tests.fixtures.procs import read_text_lossy, tail  # noqa: E402
 
@@ -408,7 +408,7 @@ class Line:
                 [
                     PYTHON,
                     "-m",
-                    "simulators.modbus",
+                    "simulators.modbus.server",
                     "--port",
                     str(port),
                     "--units",
@@ -429,7 +429,7 @@ class Line:
             [
                 PYTHON,
                 "-m",
-                "simulators.opcua",
+                "simulators.opcua.server",
                 "--port",
                 str(self.opcua_port),
                 "--bulk",

@@ -24,14 +24,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from agent.live import LivePublisher  # noqa: E402
-from agent.topics import live_topic, sample_payload  # noqa: E402
 from bench.line_scale import (  # noqa: E402
     add_broker_inflight,
     bare_client,
     broker_extra_config,
 )
-from sync.mqtt import MqttClient  # noqa: E402
+from sync.mqtt.client import MqttClient  # noqa: E402
+from sync.uplink.live import LivePublisher  # noqa: E402
+from sync.uplink.topics import live_topic, sample_payload  # noqa: E402
 from tests.fixtures.mosquitto import MosquittoBroker  # noqa: E402
 
 ROOT = "bench/line/live"

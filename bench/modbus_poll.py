@@ -31,7 +31,7 @@ from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
 from pymodbus.client import AsyncModbusTcpClient  # noqa: E402
 
 from bench.line_scale import start_agent  # noqa: E402
-from simulators.modbus import ModbusSimulator  # noqa: E402
+from simulators.modbus.server import ModbusSimulator  # noqa: E402
 from tests.fixtures.mosquitto import MosquittoBroker  # noqa: E402
 
 ROOT = "bench/line/modbus"

@@ -26,8 +26,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from agent.config_loader import load_agent_settings  # noqa: E402
-from agent.replay import run_replay  # noqa: E402
+from agent.oee.replay import run_replay  # noqa: E402
+from agent.settings.loader import load_agent_settings  # noqa: E402
 
 START = datetime(2026, 3, 2, tzinfo=UTC).timestamp()  # a Monday
 

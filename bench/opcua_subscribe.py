@@ -36,7 +36,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from agent.topics import live_topic, sample_payload  # noqa: E402
 from bench.line_scale import (  # noqa: E402
     add_broker_inflight,
     agent_metrics,
@@ -49,10 +48,11 @@ from bench.line_scale import (  # noqa: E402
     raw_sqlite,
     start_agent,
 )
-from drivers.opcua import OpcUaDriver  # noqa: E402
-from drivers.opcua_config import OpcUaDeviceConfig  # noqa: E402
+from drivers.opcua.config import OpcUaDeviceConfig  # noqa: E402
+from drivers.opcua.driver import OpcUaDriver  # noqa: E402
 from sync.events import Event, parse_rfc3339  # noqa: E402
-from sync.mqtt import Message, MqttClient, NotConnected  # noqa: E402
+from sync.mqtt.client import Message, MqttClient, NotConnected  # noqa: E402
+from sync.uplink.topics import live_topic, sample_payload  # noqa: E402
 from tests.fixtures.mosquitto import MosquittoBroker  # noqa: E402
 from tests.fixtures.ports import free_port, port_accepts, wait_until  # noqa: E402
 
@@ -176,7 +176,7 @@ def start_simulator(port: int, control: int, items: int) -> subprocess.Popen[byt
         [
             sys.executable,
             "-m",
-            "simulators.opcua",
+            "simulators.opcua.server",
             "--port",
             str(port),
             "--control-port",
@@ -254,7 +254,12 @@ async def raw_limits(
         [await asyncio.to_thread(raw_paho, broker, topics, payloads, publishes) for _ in range(3)]
     )
     client_us = min([await bare_client(broker, topics, payloads, publishes) for _ in range(3)])
-    return {"asyncua": asyncua_us, "paho": paho_us, "sqlite3": sqlite_us, "sync.mqtt": client_us}
+    return {
+        "asyncua": asyncua_us,
+        "paho": paho_us,
+        "sqlite3": sqlite_us,
+        "sync.mqtt": client_us,
+    }
 
 
 def log_time(line: str) -> float:

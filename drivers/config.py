@@ -1,4 +1,4 @@
-"""Config primitives shared by every driver's config model (and re-used by `agent.settings`).
+"""Config primitives shared by every driver's config model (and re-used by `agent.settings.models`).
 
 Durations and sizes are written as strings in the config file (``"500ms"``, ``"2GiB"``) and
 parsed exactly once, at load: models hold plain ``float`` seconds and ``int`` bytes.

@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Annotated, Any, Union
 from pydantic import Discriminator, Tag
 
 from drivers.config import DeviceConfigBase
-from drivers.modbus_config import ModbusDeviceConfig
-from drivers.opcua_config import OpcUaDeviceConfig
+from drivers.modbus.config import ModbusDeviceConfig
+from drivers.opcua.config import OpcUaDeviceConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,8 +25,8 @@ class DriverSpec:
 
 
 DRIVERS: dict[str, DriverSpec] = {
-    "modbus": DriverSpec(ModbusDeviceConfig, "drivers.modbus:ModbusDriver"),
-    "opcua": DriverSpec(OpcUaDeviceConfig, "drivers.opcua:OpcUaDriver"),
+    "modbus": DriverSpec(ModbusDeviceConfig, "drivers.modbus.driver:ModbusDriver"),
+    "opcua": DriverSpec(OpcUaDeviceConfig, "drivers.opcua.driver:OpcUaDriver"),
 }
 
 DRIVER_TAG_PREFIX = "driver:"

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from agent.calendar import iter_shift_windows, shift_windows, window_at
-from agent.settings import CalendarConfig
+from agent.oee.calendar import iter_shift_windows, shift_windows, window_at
+from agent.settings.models import CalendarConfig
 from sync.events import parse_rfc3339
 
 

@@ -12,8 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent.cli import main
-from agent.config_loader import ConfigError, load_agent_settings, load_central_settings
-from agent.schema import agent_schema
+from agent.settings.loader import ConfigError, load_agent_settings, load_central_settings
+from agent.settings.schema import agent_schema
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO / "config"

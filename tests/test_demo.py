@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.calendar import ShiftWindow, window_at
-from agent.config_loader import load_agent_settings
 from agent.demo import shift_label
+from agent.oee.calendar import ShiftWindow, window_at
+from agent.settings.loader import load_agent_settings
 from tests.fixtures.collector import TopicCollector
 from tests.fixtures.mosquitto import MosquittoBroker
 

@@ -1,4 +1,4 @@
-"""sync.forwarder.Forwarder against a private mosquitto and a tiny fake central store that acks
+"""sync.uplink.forwarder.Forwarder against a private mosquitto and a tiny fake central store that acks
 the contiguous watermark by the coverage rule: order, outages, lost acks, size limits."""
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from sync.events import Event, parse_rfc3339, rfc3339
-from sync.forwarder import MIN_BATCH_BYTES, Forwarder
-from sync.mqtt import MqttClient
-from sync.outbox import Outbox
+from sync.mqtt.client import MqttClient
+from sync.outbox.store import Outbox
+from sync.uplink.forwarder import MIN_BATCH_BYTES, Forwarder
 from tests.fixtures.mosquitto import MosquittoBroker
 from tests.fixtures.pool import MosquittoFactory
 from tests.fixtures.ports import async_wait_until

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from simulators.modbus import ModbusSimulator
+from simulators.modbus.server import ModbusSimulator
 from tests.fixtures.mosquitto import MosquittoBroker
 from tests.fixtures.ports import async_wait_until, free_port
 from tests.test_runtime import REPO, config_text, running, settings_for

@@ -17,10 +17,10 @@ from typing import Any
 import asyncpg
 import pytest
 
+from sync.central.ingest import Ingest
+from sync.central.partitions import month_index, partition_name
 from sync.events import dumps, rfc3339
-from sync.ingest import Ingest
-from sync.mqtt import Message, MqttClient
-from sync.partitions import month_index, partition_name
+from sync.mqtt.client import Message, MqttClient
 from tests.fixtures import MosquittoBroker, PostgresServer, async_wait_until
 
 pytestmark = pytest.mark.slow

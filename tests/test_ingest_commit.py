@@ -13,9 +13,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from sync.central_schema import migrate
-from sync.events import rfc3339
-from sync.ingest import (
+from sync.central.ingest import (
     Batch,
     MalformedBatch,
     commit_batch,
@@ -23,7 +21,9 @@ from sync.ingest import (
     parse_batch,
     prepare_connection,
 )
-from sync.partitions import maintain_partitions
+from sync.central.partitions import maintain_partitions
+from sync.central.schema import migrate
+from sync.events import rfc3339
 
 GW = "plant1-line3"
 TS = 1_795_000_000.0  # 2026-11-18, inside the partitions made ahead

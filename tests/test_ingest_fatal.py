@@ -23,8 +23,8 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
-from agent.central import asyncio_report
-from sync.ingest import (
+from agent.central.service import asyncio_report
+from sync.central.ingest import (
     commit_pooled,
     connection_survives,
     is_orphaned_asyncpg_waiter,

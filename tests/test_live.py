@@ -1,4 +1,4 @@
-"""agent.live.LivePublisher: newest value per topic, first-offer order, the in-flight window,
+"""sync.uplink.live.LivePublisher: newest value per topic, first-offer order, the in-flight window,
 a connection lost mid-flush, and a real broker seeing every topic once and in order."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import asyncio
 
 import pytest
 
-from agent.live import LivePublisher
-from sync.mqtt import ConnectionListener, MqttClient, NotConnected, bulk_reserve
+from sync.mqtt.client import ConnectionListener, MqttClient, NotConnected, bulk_reserve
+from sync.uplink.live import LivePublisher
 from tests.fixtures.mosquitto import MosquittoBroker
 from tests.fixtures.mqtt_client import MqttTestClient
 

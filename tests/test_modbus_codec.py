@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from drivers.modbus_codec import (
+from drivers.modbus.codec import (
     DecodeError,
     decode_registers,
     encode_registers,
@@ -17,7 +17,7 @@ from drivers.modbus_codec import (
     scale_value,
     unscale_value,
 )
-from drivers.modbus_config import ModbusTagConfig
+from drivers.modbus.config import ModbusTagConfig
 
 
 def regs(data: bytes) -> list[int]:
@@ -249,7 +249,7 @@ def test_prebuilt_decoders_match_the_reference(
     scale: float,
     offset: float,
 ) -> None:
-    from drivers.modbus_codec import make_decoder
+    from drivers.modbus.codec import make_decoder
 
     wire = encode_registers(value, type_, byte_order=byte_order, word_order=word_order)  # type: ignore[arg-type]
     reference = scale_value(
@@ -265,7 +265,7 @@ def test_prebuilt_decoders_match_the_reference(
 
 
 def test_prebuilt_decoders_for_bits_strings_and_nan() -> None:
-    from drivers.modbus_codec import make_decoder
+    from drivers.modbus.codec import make_decoder
 
     assert make_decoder("bool", bit=3)([0b1000]) is True
     assert make_decoder("string", length=4)([0x4142, 0x4300]) == "ABC"

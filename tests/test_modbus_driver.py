@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 
 from drivers.base import DriverFault, DriverUnavailable, WriteUnverified
-from drivers.modbus import ModbusDriver
-from drivers.modbus_config import ModbusDeviceConfig
-from simulators.modbus import ModbusSimulator
+from drivers.modbus.config import ModbusDeviceConfig
+from drivers.modbus.driver import ModbusDriver
+from simulators.modbus.server import ModbusSimulator
 from simulators.ptybridge import PtyBridge
 
 TYPED_TAGS: list[dict[str, Any]] = [

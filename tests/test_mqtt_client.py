@@ -1,4 +1,4 @@
-"""sync.mqtt.MqttClient against a private mosquitto: publish/ack, will/birth, reconnect,
+"""sync.mqtt.client.MqttClient against a private mosquitto: publish/ack, will/birth, reconnect,
 resubscribe, TLS, refused credentials."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from sync.mqtt import ConnectionLost, Message, MqttClient, NotConnected, TlsOptions, Will
+from sync.mqtt.client import ConnectionLost, Message, MqttClient, NotConnected, TlsOptions, Will
 from tests.fixtures.mosquitto import MosquittoBroker
 from tests.fixtures.mqtt_client import MqttTestClient
 from tests.fixtures.pool import MosquittoFactory

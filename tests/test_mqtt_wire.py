@@ -1,4 +1,4 @@
-"""sync.mqtt_wire: the MQTT packets the client sends and parses, as table tests."""
+"""sync.mqtt.wire: the MQTT packets the client sends and parses, as table tests."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sync import mqtt_wire as wire
-from sync.mqtt import Message, MqttClient, _Connection
+from sync.mqtt import wire
+from sync.mqtt.client import Message, MqttClient, _Connection
 
 
 @pytest.mark.parametrize(

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from agent.oee_live import REANCHOR_STEP, EngineClock
-from simulators.modbus import ModbusSimulator
+from agent.oee.live import REANCHOR_STEP, EngineClock
+from simulators.modbus.server import ModbusSimulator
 from tests.fixtures.collector import TopicCollector
 from tests.fixtures.mosquitto import MosquittoBroker
 from tests.test_runtime import ROOT, config_text, running, settings_for

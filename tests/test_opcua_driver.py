@@ -23,7 +23,8 @@ from asyncua.ua.status_codes import StatusCodes
 from cryptography import x509
 
 from drivers.base import DriverFault, DriverUnavailable, Reading, WriteUnverified
-from drivers.opcua import (
+from drivers.opcua.config import OpcUaDeviceConfig
+from drivers.opcua.driver import (
     NotFinite,
     OpcUaDriver,
     create_client_certificate,
@@ -33,8 +34,7 @@ from drivers.opcua import (
     status_name,
     to_variant,
 )
-from drivers.opcua_config import OpcUaDeviceConfig
-from simulators.opcua import ALL_ENDPOINTS, CONST_BYTES, OpcUaSimulator
+from simulators.opcua.server import ALL_ENDPOINTS, CONST_BYTES, OpcUaSimulator
 from tests.fixtures.ports import async_wait_until
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")

@@ -18,11 +18,11 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from agent.config_loader import load_agent_settings
+from agent.daemon.runtime import Runtime
 from agent.probe import probe
-from agent.runtime import Runtime
-from agent.settings import AgentSettings
-from simulators.opcua import OpcUaSimulator, send_control
+from agent.settings.loader import load_agent_settings
+from agent.settings.models import AgentSettings
+from simulators.opcua.server import OpcUaSimulator, send_control
 from sync.events import rfc3339
 from tests.fixtures.collector import TopicCollector
 from tests.fixtures.mosquitto import MosquittoBroker
@@ -267,7 +267,7 @@ def start_simulator(port: int, control: int) -> subprocess.Popen[bytes]:
         [
             sys.executable,
             "-m",
-            "simulators.opcua",
+            "simulators.opcua.server",
             "--port",
             str(port),
             "--control-port",

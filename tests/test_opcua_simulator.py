@@ -15,7 +15,7 @@ from asyncua import ua
 from asyncua.client.client import Client
 from asyncua.ua.uaerrors import UaStatusCodeError
 
-from simulators.opcua import NAMESPACE_URI, NODE_TABLE, OpcUaSimulator, main, send_control
+from simulators.opcua.server import NAMESPACE_URI, NODE_TABLE, OpcUaSimulator, main, send_control
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 

@@ -1,4 +1,4 @@
-"""sync.outbox.Outbox on real SQLite files: seqs, group commit, cap and gap events, corruption
+"""sync.outbox.store.Outbox on real SQLite files: seqs, group commit, cap and gap events, corruption
 recovery, disk full, acks, and the coverage rule of read_batch."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sync.events import Event, rfc3339
-from sync.outbox import Outbox, OutboxFull, OutboxUnavailable, StoredEvent, _ts_text
+from sync.outbox.store import Outbox, OutboxFull, OutboxUnavailable, StoredEvent, _ts_text
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -105,7 +105,7 @@ WRITER = textwrap.dedent(
     import asyncio, sys
     from pathlib import Path
     from sync.events import Event
-    from sync.outbox import Outbox
+    from sync.outbox.store import Outbox
 
     async def main() -> None:
         async with Outbox(Path(sys.argv[1]), max_size=1 << 30, commit_interval=0.005) as outbox:

@@ -10,13 +10,13 @@ from datetime import UTC, datetime
 import asyncpg
 import pytest
 
-from sync.central_schema import SCHEMA_VERSION, migrate
-from sync.partitions import (
+from sync.central.partitions import (
     list_partitions,
     maintain_partitions,
     month_index,
     partition_name,
 )
+from sync.central.schema import SCHEMA_VERSION, migrate
 
 NOV_2026 = datetime(2026, 11, 15, 12, 0, tzinfo=UTC)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from agent.pipeline import Pipeline, TagFilter
+from agent.daemon.pipeline import Pipeline, TagFilter
 from drivers.base import Reading
 from sync.events import Event
 
@@ -120,8 +120,8 @@ async def test_reconfigure_keeps_last_state() -> None:
 def test_sample_payload_fast_path_is_plain_json(value: object) -> None:
     import json
 
-    from agent.topics import sample_payload
     from sync.events import dumps, json_safe
+    from sync.uplink.topics import sample_payload
 
     payload = sample_payload(1764367835.123, value, "good")
     assert payload == dumps(

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from simulators.modbus import ModbusSimulator
+from simulators.modbus.server import ModbusSimulator
 from tests.fixtures.collector import TopicCollector
 from tests.fixtures.mosquitto import MosquittoBroker
 from tests.test_runtime import REPO, ROOT, config_text

@@ -11,9 +11,8 @@ from typing import Any
 
 import pytest
 
-from agent.config_loader import load_agent_settings
-from agent.oee import OeeEngine
-from agent.replay import (
+from agent.oee.engine import OeeEngine
+from agent.oee.replay import (
     ReplayError,
     Sample,
     cmd_oee,
@@ -23,7 +22,8 @@ from agent.replay import (
     replay_samples,
     run_replay,
 )
-from agent.settings import AgentSettings
+from agent.settings.loader import load_agent_settings
+from agent.settings.models import AgentSettings
 from sync.events import parse_rfc3339, rfc3339
 
 CONFIG = """\

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.config_loader import load_agent_settings
-from agent.runtime import Runtime
-from agent.settings import AgentSettings
-from simulators.modbus import ModbusSimulator, send_control
+from agent.daemon.runtime import Runtime
+from agent.settings.loader import load_agent_settings
+from agent.settings.models import AgentSettings
+from simulators.modbus.server import ModbusSimulator, send_control
 from tests.fixtures.collector import TopicCollector
 from tests.fixtures.mosquitto import MosquittoBroker
 from tests.fixtures.ports import async_wait_until, free_port, wait_until

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from simulators.modbus import ModbusSimulator
+from simulators.modbus.server import ModbusSimulator
 from tests.fixtures.mosquitto import MosquittoBroker
 from tests.fixtures.mqtt_client import MqttTestClient
 from tests.test_workflows_helpers import REPO, CentralAcker, ok_writes, saga_rows, step_rows

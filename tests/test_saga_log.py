@@ -11,8 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from agent.failpoints import ENV_VAR, Failpoint, FailpointError, Failpoints, parse_failpoints
-from agent.saga_log import DuplicateCommand, SagaLog, SagaRecord, StepRecord
+from agent.workflows.failpoints import (
+    ENV_VAR,
+    Failpoint,
+    FailpointError,
+    Failpoints,
+    parse_failpoints,
+)
+from agent.workflows.saga_log import DuplicateCommand, SagaLog, SagaRecord, StepRecord
 from tests.test_workflows_helpers import REPO
 
 
@@ -133,7 +139,7 @@ def test_failpoints_count_hits_and_raise_on_the_chosen_one() -> None:
 
 def test_kill_is_sigkill_of_the_own_process() -> None:
     code = (
-        "from agent.failpoints import Failpoints\n"
+        "from agent.workflows.failpoints import Failpoints\n"
         "fp = Failpoints.from_env()\n"
         "fp.hit('saga.before_write')\n"
         "print('first hit survived', flush=True)\n"

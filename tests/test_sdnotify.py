@@ -24,15 +24,15 @@ from typing import Any
 
 import pytest
 
-from agent.config_loader import load_agent_settings
-from agent.sdnotify import SdNotifier, watchdog_interval
-from agent.watchdog import (
+from agent.service.sdnotify import SdNotifier, watchdog_interval
+from agent.service.watchdog import (
     MIN_STALE_AFTER,
     liveness_problems,
     stale_after,
     status_line,
     watchdog_loop,
 )
+from agent.settings.loader import load_agent_settings
 from drivers.config import DeviceConfigBase
 from tests.fixtures.ports import async_wait_until, free_port
 
@@ -465,8 +465,8 @@ timeout = "300ms"
 async def test_daemon_ready_pings_and_no_pings_once_a_poller_task_died(
     receiver: NotifyReceiver, tmp_path: Path
 ) -> None:
-    from agent.runtime import Runtime
-    from simulators.modbus import ModbusSimulator
+    from agent.daemon.runtime import Runtime
+    from simulators.modbus.server import ModbusSimulator
 
     async with ModbusSimulator(port=0, seed=5, speed=0.0) as sim:
         path = tmp_path / "agent.toml"

@@ -20,7 +20,7 @@ from pymodbus.exceptions import ConnectionException, ModbusIOException
 from pymodbus.framer import FramerType
 
 from simulators.line import BulkBlock, LineModel
-from simulators.modbus import (
+from simulators.modbus.server import (
     BULK_START,
     ModbusSimulator,
     main,
@@ -558,12 +558,12 @@ class Proc:
 
 
 async def start_cli(*args: str) -> Proc:
-    """Start ``python -m simulators.modbus`` and read its output up to the settings line."""
+    """Start ``python -m simulators.modbus.server`` and read its output up to the settings line."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "simulators.modbus",
+        "simulators.modbus.server",
         *args,
         cwd=REPO,
         env=env,

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.runtime import SHUTDOWN_GRACE
-from agent.settings import GatewayConfig
+from agent.daemon.runtime import SHUTDOWN_GRACE
+from agent.settings.models import GatewayConfig
 
 REPO = Path(__file__).resolve().parent.parent
 SYSTEMD = REPO / "systemd"

@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from agent.settings import parse_clock, parse_days, parse_months, parse_param_spec, parse_rate
-from agent.toml_lines import key_lines, line_of
+from agent.settings.models import (
+    parse_clock,
+    parse_days,
+    parse_months,
+    parse_param_spec,
+    parse_rate,
+)
+from agent.settings.toml_lines import key_lines, line_of
 from drivers.config import parse_duration, parse_size
-from drivers.modbus_config import Address, SerialLink, TcpLink, parse_address, parse_modbus_url
+from drivers.modbus.config import Address, SerialLink, TcpLink, parse_address, parse_modbus_url
 
 
 @pytest.mark.parametrize(

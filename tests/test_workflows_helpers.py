@@ -20,9 +20,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from agent.config_loader import load_agent_settings
-from agent.runtime import Runtime
-from agent.settings import AgentSettings
+from agent.daemon.runtime import Runtime
+from agent.settings.loader import load_agent_settings
+from agent.settings.models import AgentSettings
 from tests.fixtures.mosquitto import MosquittoBroker
 from tests.fixtures.mqtt_client import MqttTestClient
 from tests.fixtures.relay import TcpRelay

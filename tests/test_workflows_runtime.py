@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 
-from agent.saga_log import SagaLog, SagaRecord, StepRecord
-from simulators.modbus import ModbusSimulator
-from simulators.opcua import OpcUaSimulator
+from agent.workflows.saga_log import SagaLog, SagaRecord, StepRecord
+from simulators.modbus.server import ModbusSimulator
+from simulators.opcua.server import OpcUaSimulator
 from tests.fixtures.mosquitto import MosquittoBroker
 from tests.fixtures.ports import async_wait_until as wait_for
 from tests.test_workflows_helpers import (

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from agent.settings import AgentSettings, ParamSpec, parse_param_spec
-from agent.workflows import (
+from agent.settings.models import AgentSettings, ParamSpec, parse_param_spec
+from agent.workflows.engine import (
     COMMAND_QUEUE,
     MAX_PAYLOAD,
     CommandRejected,
@@ -24,9 +24,9 @@ from agent.workflows import (
     same_value,
     validate_params,
 )
-from drivers.modbus_config import ModbusTagConfig
-from sync.mqtt import Message, MqttClient
-from sync.outbox import Outbox
+from drivers.modbus.config import ModbusTagConfig
+from sync.mqtt.client import Message, MqttClient
+from sync.outbox.store import Outbox
 from tests.test_workflows_helpers import settings_for
 
 

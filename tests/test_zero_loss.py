@@ -16,7 +16,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from simulators.modbus import ModbusSimulator
+from simulators.modbus.server import ModbusSimulator
 from tests.fixtures import ChildProcess, MosquittoBroker, PostgresServer
 from tests.fixtures.collector import TopicCollector
 from tests.fixtures.ports import async_wait_until

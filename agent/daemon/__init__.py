@@ -1,0 +1,1 @@
+"""The gateway daemon (`edge-agent run`): runtime, reload, devices and pollers, pipeline, health, metrics."""

@@ -1,0 +1,203 @@
+"""Prometheus metrics of a running agent (its own registry; nothing global).
+
+Most figures are read from the runtime's objects at scrape time (a custom collector), so the
+hot paths carry no instrumentation; only poll durations are observed as they happen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from agent.daemon.runtime import Runtime
+
+PREFIX = "edge_agent"
+POLL_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class AgentMetrics:
+    """The registry of one runtime."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.poll_duration = Histogram(
+            f"{PREFIX}_poll_duration_seconds",
+            "Duration of one poll cycle of a device.",
+            ["device"],
+            buckets=POLL_BUCKETS,
+            registry=self.registry,
+        )
+        self.registry.register(_RuntimeCollector(runtime))
+
+    def observe_poll(self, device: str, seconds: float) -> None:
+        """Record one poll cycle."""
+        self.poll_duration.labels(device).observe(seconds)
+
+    def render(self) -> bytes:
+        """The text exposition format."""
+        return generate_latest(self.registry)
+
+
+def _gauge(name: str, documentation: str, labels: list[str] | None = None) -> GaugeMetricFamily:
+    return GaugeMetricFamily(f"{PREFIX}_{name}", documentation, labels=labels)
+
+
+def _counter(name: str, documentation: str, labels: list[str] | None = None) -> CounterMetricFamily:
+    return CounterMetricFamily(f"{PREFIX}_{name}", documentation, labels=labels)
+
+
+class _RuntimeCollector(Collector):
+    def __init__(self, runtime: Runtime) -> None:
+        self._runtime = runtime
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._devices()
+        yield from self._outbox()
+        yield from self._uplink()
+        yield from self._oee()
+        yield from self._workflows()
+        yield from self._process()
+
+    def _devices(self) -> Iterator[Metric]:
+        up = _gauge("device_up", "1 when the device is connected and answering.", ["device"])
+        state = _gauge("device_state", "Device state (one of up, down, open).", ["device", "state"])
+        breaker = _gauge("device_breaker_open", "1 while the circuit breaker is open.", ["device"])
+        polls = _counter("device_polls", "Poll cycles completed.", ["device"])
+        errors = _counter("device_errors", "Failed connects and polls.", ["device"])
+        reconnects = _counter("device_reconnects", "Reconnections after a loss.", ["device"])
+        skipped = _counter(
+            "device_skipped_ticks", "Poll ticks skipped after an overrun.", ["device"]
+        )
+        for name, poller in self._runtime.pollers.items():
+            current = poller.state
+            up.add_metric([name], 1.0 if current == "up" else 0.0)
+            for option in ("up", "down", "open"):
+                state.add_metric([name, option], 1.0 if current == option else 0.0)
+            breaker.add_metric([name], 1.0 if poller.breaker_state == "open" else 0.0)
+            polls.add_metric([name], poller.polls)
+            errors.add_metric([name], poller.poll_errors)
+            reconnects.add_metric([name], poller.reconnects)
+            skipped.add_metric([name], poller.skipped_ticks)
+        yield from (up, state, breaker, polls, errors, reconnects, skipped)
+
+    def _outbox(self) -> Iterator[Metric]:
+        outbox = self._runtime.outbox
+        if outbox is None:
+            return
+        health = self._runtime.health()
+        yield _simple(
+            _gauge("outbox_events", "Events in the outbox (not yet acknowledged)."),
+            outbox.events_count,
+        )
+        yield _simple(_gauge("outbox_bytes", "Bytes the outbox database uses."), outbox.bytes_used)
+        oldest = health["oldest_unacked_s"]
+        yield _simple(
+            _gauge("outbox_oldest_unacked_age_seconds", "Age of the oldest unacknowledged event."),
+            0.0 if oldest is None else oldest,
+        )
+        yield _simple(
+            _gauge("outbox_committed_seq", "Last committed seq of the stream."),
+            outbox.committed_seq,
+        )
+        yield _simple(
+            _gauge("outbox_acked_seq", "Last seq acknowledged by the central store."),
+            outbox.acked_seq,
+        )
+        yield _simple(
+            _counter("outbox_dropped", "Samples dropped past buffer.max_size."),
+            outbox.dropped_total,
+        )
+        yield _simple(
+            _counter("outbox_append_failures", "Appends refused (disk full, I/O)."),
+            outbox.append_failures,
+        )
+        yield _simple(_counter("outbox_commits", "SQLite transactions committed."), outbox.commits)
+
+    def _uplink(self) -> Iterator[Metric]:
+        runtime = self._runtime
+        mqtt = runtime.mqtt
+        if mqtt is not None:
+            yield _simple(
+                _gauge("mqtt_connected", "1 while connected to the broker."),
+                1.0 if mqtt.is_connected else 0.0,
+            )
+            yield _simple(_counter("mqtt_published", "Messages published."), mqtt.stats.published)
+            yield _simple(
+                _counter("mqtt_acked", "QoS 1 messages acknowledged by the broker."),
+                mqtt.stats.acked,
+            )
+            yield _simple(_counter("mqtt_connects", "Successful connections."), mqtt.stats.connects)
+            yield _simple(_counter("mqtt_connection_lost", "Connections lost."), mqtt.stats.lost)
+        forwarder = runtime.forwarder
+        if forwarder is not None:
+            yield _simple(
+                _counter("sync_batches_sent", "S/sync batches sent."), forwarder.batches_sent
+            )
+            yield _simple(
+                _counter("sync_batches_resent", "S/sync batches sent again."),
+                forwarder.batches_resent,
+            )
+            yield _simple(
+                _counter("sync_events_sent", "Events sent on S/sync."), forwarder.events_sent
+            )
+            yield _simple(
+                _counter("sync_acks_received", "S/ack messages received."), forwarder.acks_received
+            )
+        if runtime.live is not None:
+            yield _simple(
+                _counter("live_published", "Live values published."), runtime.live.published
+            )
+        if runtime.pipeline is not None:
+            yield _simple(
+                _counter("events", "Events accepted by the pipeline."),
+                runtime.pipeline.events_total,
+            )
+
+    def _oee(self) -> Iterator[Metric]:
+        oee = self._runtime.oee
+        if oee is None:
+            return
+        families = {
+            key: _gauge(
+                f"oee_{key}" if key != "oee" else "oee",
+                f"OEE {key} of the running shift (0..1).",
+                ["machine"],
+            )
+            for key in ("availability", "performance", "quality", "oee")
+        }
+        for machine, report in oee.machines.items():
+            if report is None:
+                continue
+            for key, family in families.items():
+                value = report.get(key)
+                if isinstance(value, int | float):
+                    family.add_metric([machine], float(value))
+        yield from families.values()
+
+    def _workflows(self) -> Iterator[Metric]:
+        counts = self._runtime.workflow_outcomes()
+        family = _counter("workflows", "Workflow commands by outcome.", ["outcome"])
+        for outcome, count in sorted(counts.items()):
+            family.add_metric([outcome], count)
+        yield family
+
+    def _process(self) -> Iterator[Metric]:
+        try:
+            tasks = len(asyncio.all_tasks())
+        except RuntimeError:  # rendered outside the event loop: there is no figure to give
+            return
+        yield _simple(
+            _gauge("asyncio_tasks", "asyncio tasks alive in the agent's event loop (stays flat)."),
+            tasks,
+        )
+
+
+def _simple(family: Any, value: float) -> Metric:
+    family.add_metric([], value)
+    return family  # type: ignore[no-any-return]

@@ -1,0 +1,198 @@
+"""The thin live side of OEE: feeds each machine's `OeeEngine` from the pipeline's readings,
+publishes `R/{machine}/state` on every change and `R/{machine}/oee` every publish_interval,
+and commits state changes and each shift's final record to the outbox (durable)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from agent.oee.engine import OeeEngine
+from agent.settings.models import AgentSettings, CalendarConfig, MachineConfig
+from drivers.base import Reading
+from sync.events import Event, dumps, json_safe
+from sync.uplink.topics import machine_state_payload, machine_state_topic, oee_topic
+
+log = logging.getLogger("edge_agent.oee")
+
+Publish = Callable[[str, bytes], None]
+Emit = Callable[[list[Event]], Awaitable[None]]
+
+# Re-anchor the engine clock to the wall clock only for big steps (a clock fixed after boot):
+# small NTP slews and steps must not create or remove production time.
+REANCHOR_STEP = 60.0
+
+
+class EngineClock:
+    """Wall-clock time that advances with the monotonic clock: never goes backwards, and an
+    NTP step of the wall clock does not change elapsed times (unless it is huge)."""
+
+    def __init__(
+        self,
+        wall: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._wall = wall
+        self._monotonic = monotonic
+        self._anchor_wall = wall()
+        self._anchor_mono = monotonic()
+        self._last = self._anchor_wall
+        self.reanchors = 0
+
+    def now(self) -> float:
+        """The engine's current time (epoch seconds)."""
+        derived = self._anchor_wall + (self._monotonic() - self._anchor_mono)
+        wall = self._wall()
+        if abs(wall - derived) > REANCHOR_STEP:
+            self._anchor_wall, self._anchor_mono = wall, self._monotonic()
+            derived = wall
+            self.reanchors += 1
+        self._last = max(self._last, derived)
+        return self._last
+
+
+@dataclass(slots=True)
+class _Machine:
+    config: MachineConfig
+    engine: OeeEngine
+    state_ref: tuple[str, str]
+    counters: dict[tuple[str, str], str]  # (device, tag) -> total | reject | good
+    calendar: CalendarConfig
+    last_report: dict[str, Any] | None = None
+
+
+class LiveOee:
+    """All machines of a config; `observe` is a pipeline observer, `run` the periodic task."""
+
+    def __init__(
+        self,
+        settings: AgentSettings,
+        *,
+        publish: Publish,
+        emit: Emit,
+        clock: EngineClock | None = None,
+    ) -> None:
+        self._root = settings.mqtt.topic_root
+        self._publish = publish
+        self._emit = emit
+        self._clock = clock or EngineClock()
+        self._machines: list[_Machine] = []
+        self._by_tag: dict[tuple[str, str], list[tuple[_Machine, str]]] = {}
+        self._wakeup = asyncio.Event()
+        self.reconfigure(settings)
+
+    def reconfigure(self, settings: AgentSettings) -> None:
+        """Apply a (reloaded) config: machines whose config and calendar are unchanged keep
+        their engine and its figures; changed and new machines start a fresh engine."""
+        kept = {
+            m.config.name: m
+            for m in self._machines
+            if m.config in settings.machines and m.calendar in settings.calendars
+        }
+        self._machines = []
+        self._by_tag = {}
+        for machine in settings.machines:
+            entry = kept.get(machine.name)
+            if entry is None or entry.config != machine:
+                calendar = next(c for c in settings.calendars if c.name == machine.calendar)
+                counters = {}
+                for which in ("total", "reject", "good"):
+                    ref = getattr(machine, f"{which}_count")
+                    if ref is not None:
+                        device, _, tag = ref.partition("/")
+                        counters[(device, tag)] = which
+                device, _, tag = machine.state.tag.partition("/")
+                entry = _Machine(
+                    machine,
+                    OeeEngine.from_settings(settings, machine),
+                    (device, tag),
+                    counters,
+                    calendar,
+                )
+            self._machines.append(entry)
+            self._by_tag.setdefault(entry.state_ref, []).append((entry, "state"))
+            for key, which in entry.counters.items():
+                self._by_tag.setdefault(key, []).append((entry, which))
+
+    @property
+    def machines(self) -> dict[str, dict[str, Any] | None]:
+        """The last shift (or rolling) report per machine, for the health data and the demo."""
+        return {m.config.name: m.last_report for m in self._machines}
+
+    def engine(self, name: str) -> OeeEngine | None:
+        """The engine of one machine."""
+        return next((m.engine for m in self._machines if m.config.name == name), None)
+
+    def observe(self, device: str, readings: list[Reading]) -> None:
+        """Pipeline observer: every reading of a mapped tag goes into its engines."""
+        now = self._clock.now()
+        touched = False
+        for reading in readings:
+            targets = self._by_tag.get((device, reading.tag))
+            if not targets:
+                continue
+            for machine, which in targets:
+                touched = True
+                if which == "state":
+                    machine.engine.on_state(now, reading.value, reading.quality)
+                else:
+                    machine.engine.on_count(now, which, reading.value, reading.quality)  # type: ignore[arg-type]
+        if touched:
+            self._wakeup.set()
+
+    async def run(self) -> None:
+        """Publish state changes as they happen and reports every publish_interval."""
+        next_report: dict[str, float] = {}
+        while True:
+            try:
+                async with asyncio.timeout(1.0):
+                    await self._wakeup.wait()
+            except TimeoutError:
+                pass
+            self._wakeup.clear()
+            now = self._clock.now()
+            monotonic = time.monotonic()
+            for machine in self._machines:
+                machine.engine.advance(now)
+                await self._flush(machine)
+                if monotonic >= next_report.get(machine.config.name, 0.0):
+                    next_report[machine.config.name] = monotonic + machine.config.publish_interval
+                    self._report(machine)
+
+    async def _flush(self, machine: _Machine) -> None:
+        name = machine.config.name
+        events: list[Event] = []
+        for change in machine.engine.pop_state_changes():
+            payload = change.payload()
+            self._publish(
+                machine_state_topic(self._root, name),
+                machine_state_payload(change.ts, payload["state"], payload.get("code")),
+            )
+            events.append(Event(change.ts, "state", name, "state", json_safe(payload), "good"))
+        for record in machine.engine.pop_finished():
+            log.info(
+                "machine %s: shift %s ended, OEE %s",
+                name,
+                record["window"].get("name"),
+                record.get("oee"),
+            )
+            events.append(Event(self._clock.now(), "oee", name, "oee", json_safe(record), "good"))
+            self._publish(oee_topic(self._root, name), dumps(json_safe(record)))
+        if events:
+            await self._emit(events)
+
+    def _report(self, machine: _Machine) -> None:
+        topic = oee_topic(self._root, machine.config.name)
+        rolling = machine.engine.report_rolling()
+        shift = machine.engine.report_shift()
+        # Two retained records need two topics: R/{machine}/oee holds the running shift (then,
+        # after it, that shift's final record), R/{machine}/oee/rolling the rolling window.
+        if shift is not None:
+            self._publish(topic, dumps(json_safe(shift)))
+        if rolling is not None:
+            self._publish(f"{topic}/rolling", dumps(json_safe(rolling)))
+        machine.last_report = shift or rolling

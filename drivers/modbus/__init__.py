@@ -1,0 +1,1 @@
+"""Modbus TCP/RTU driver (pymodbus): config, register codec, link, driver. See README.md here."""

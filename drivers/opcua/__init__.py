@@ -1,0 +1,1 @@
+"""OPC UA driver (asyncua): config, values, security, driver. See README.md here."""

@@ -1,0 +1,1 @@
+"""Modbus TCP/RTU line simulator (`edge-agent simulate modbus`)."""

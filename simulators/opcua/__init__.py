@@ -1,0 +1,1 @@
+"""OPC UA line simulator (`edge-agent simulate opcua`)."""

@@ -1,0 +1,454 @@
+"""The forwarder: sends the outbox as S/sync batches and deletes what S/ack covers.
+
+Contract (design §5, §6): ``{sync_prefix}/{gateway}/sync`` carries batches
+``{"gateway","stream","first_seq","last_seq","events":[...]}`` at QoS 1. Consecutive batches tile
+the seq space (each starts at the previous one's last_seq + 1; seqs missing inside were dropped
+by the cap and are declared by a gap event). The central store answers on
+``{sync_prefix}/{gateway}/ack`` with ``{"stream","acked_seq"}``, its contiguous watermark; only
+that deletes events here — a PUBACK only means the broker has the message.
+
+Flow control: at most ``window`` batches are unacknowledged. Without progress for
+``ack_timeout`` seconds, and after every reconnect (the MQTT client forgets in-flight
+messages: every connection starts empty), sending restarts from the lowest unacknowledged seq;
+likewise when an ingest replica announces that it is (back) online on
+``{sync_prefix}/_central/status/{replica}`` (batches sent while no replica was subscribed went
+nowhere). Duplicates on the wire are expected and absorbed by the central store. ``max_rate``
+paces the durable path so that a backlog replay leaves the link to live values.
+
+Oversized messages: some brokers drop a message above their size limit silently, others
+disconnect the client (mosquitto 2.0 with an MQTT 5 client) or reject it in the PUBACK. Each
+shows up here as a stall: no progress within ack_timeout, or a lost connection or a refused
+PUBACK with batches in flight. From the second stall in a row, when the stuck batch is clearly
+larger (by a quarter) than any batch acknowledged so far, the byte budget is cut to half of it
+(a refused PUBACK cuts at once). A stall of a batch no larger than those already acknowledged
+is the central store or the network, not the size: it is only resent, unless four stalls in a
+row make that knowledge stale. Every 32 acknowledged batches the budget doubles again; after a
+cut that followed successful batches only up to the size known to pass, for 10 minutes, so that
+a real limit is probed once per 10 minutes and not every few batches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+from functools import partial
+
+from sync.mqtt.client import Message, MqttClient, NotConnected, PublishRejected
+from sync.outbox.store import Batch, Outbox, OutboxUnavailable
+
+log = logging.getLogger("edge_agent.forwarder")
+
+DEFAULT_MAX_BYTES = 256 * 1024
+# Never cut batches below this many bytes because of stalls (a single larger event still goes
+# alone in its own batch).
+MIN_BATCH_BYTES = 1024
+# After this many batches acknowledged without a stall the byte budget doubles again.
+_GROW_AFTER = 32
+# How long a size known to pass stays the ceiling for growing back after a cut.
+_CEILING_TTL = 600.0
+# Stalls in a row after which sizes acknowledged earlier no longer prove anything (the
+# broker's limit may have been lowered).
+_STALE_AFTER = 4
+# Longest wait for a free slot of the MQTT client's in-flight window before acks and stalls
+# are looked at again. Live values share the window, which is the broker's Receive Maximum
+# (mosquitto: 20 by default), so on a busy line it is often full; the PUBACK that frees a
+# slot wakes the wait at once.
+_SPACE_WAIT = 0.5
+_RETRY_AFTER = 1.0
+
+
+@dataclass(slots=True)
+class _Sent:
+    first: int
+    last: int
+    size: int
+    events: int
+    epoch: int
+
+
+class Forwarder:
+    """Moves outbox batches to the central store over MQTT; run it with ``await run()``."""
+
+    def __init__(
+        self,
+        *,
+        outbox: Outbox,
+        client: MqttClient,
+        gateway_id: str,
+        sync_prefix: str,
+        batch_events: int = 1000,
+        window: int = 8,
+        ack_timeout: float = 30.0,
+        max_rate: int = 0,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+    ) -> None:
+        if not gateway_id or any(char in gateway_id for char in "/+#"):
+            raise ValueError(f"invalid gateway_id {gateway_id!r}: no '/', '+' or '#'")
+        if not sync_prefix or any(char in sync_prefix for char in "+#"):
+            raise ValueError(f"invalid sync_prefix {sync_prefix!r}: no '+' or '#'")
+        if batch_events < 1:
+            raise ValueError("batch_events must be >= 1")
+        if window < 1:
+            raise ValueError("window must be >= 1")
+        if not ack_timeout > 0:
+            raise ValueError("ack_timeout must be > 0")
+        if max_rate < 0:
+            raise ValueError("max_rate must be >= 0 (0: unlimited)")
+        if max_bytes < MIN_BATCH_BYTES:
+            raise ValueError(f"max_bytes must be >= {MIN_BATCH_BYTES}")
+        self._outbox = outbox
+        self._client = client
+        self._gateway = gateway_id
+        self.sync_topic = f"{sync_prefix}/{gateway_id}/sync"
+        self.ack_topic = f"{sync_prefix}/{gateway_id}/ack"
+        self.central_topic = f"{sync_prefix}/_central/status/+"
+        # While pacing, keep each batch to about 200 ms worth of events so that the link sees
+        # an even trickle rather than one large burst per second.
+        self._batch_events = min(batch_events, max(1, max_rate // 5)) if max_rate else batch_events
+        self._window = window
+        self._ack_timeout = ack_timeout
+        self._max_rate = max_rate
+        self._max_bytes = max_bytes
+        self._budget = max_bytes
+        self._ceiling = max_bytes
+        self._ceiling_until = 0.0
+        self._proven = 0  # largest S/sync message acknowledged (0: none yet, or stale)
+        self._acked_since_change = 0
+        self._wake = asyncio.Event()
+        self._inflight: deque[_Sent] = deque()
+        self._epoch = 0
+        self._next_after = 0  # last seq covered by the latest batch sent (or the watermark)
+        self._high_sent = 0  # highest seq ever sent: a batch at or below it is a resend
+        self._central_acked = 0  # central watermark, already applied to the window
+        self._ack_target = 0  # central watermark received, maybe not yet applied
+        self._ack_retry_at = 0.0
+        self._last_progress = time.monotonic()
+        self._stalls = 0  # consecutive stalls without progress
+        self._reconnected = False
+        self._lost_inflight = False
+        self._central_back = False
+        self._rejected: _Sent | None = None
+        self._send_at = 0.0
+        self._started = False
+        self._foreign_streams: set[str] = set()
+        self._bad_acks_logged = False
+        self._beyond_logged = False
+        self._oversized_logged = 0
+        self._committed_at_start = 0
+        self._outbox_error: str | None = None
+        self._envelope_size: int | None = None
+        # Counters for metrics and health.
+        self.batches_sent = 0
+        self.batches_resent = 0
+        self.events_sent = 0
+        self.acks_received = 0
+        self.last_ack_ts: float | None = None
+        self.stalls_total = 0
+
+    # -- public state ------------------------------------------------------------------------
+
+    @property
+    def batch_bytes(self) -> int:
+        """Current byte budget of one S/sync message (shrinks after stalls)."""
+        return self._budget
+
+    @property
+    def inflight_batches(self) -> int:
+        """Batches sent and not yet covered by an ack."""
+        return len(self._inflight)
+
+    @property
+    def central_acked_seq(self) -> int:
+        """The central store's watermark as last received for our stream."""
+        return self._central_acked
+
+    # -- main loop -----------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Forward forever; cancel the task to stop (the outbox keeps everything unacked)."""
+        if self._started:
+            raise RuntimeError("Forwarder.run() can be called once")
+        self._started = True
+        outbox = self._outbox
+        self._central_acked = self._ack_target = outbox.acked_seq
+        self._next_after = self._high_sent = outbox.acked_seq
+        self._committed_at_start = outbox.committed_seq
+        self._client.subscribe(self.ack_topic, self._on_ack_message, qos=1)
+        self._client.subscribe(self.central_topic, self._on_central_status, qos=1)
+        self._client.add_listener(self._on_connection)
+        outbox.add_commit_listener(self._wake.set)
+        try:
+            while True:
+                self._wake.clear()
+                wake_at = await self._step(time.monotonic())
+                timeout = None if wake_at is None else max(0.0, wake_at - time.monotonic())
+                try:
+                    async with asyncio.timeout(timeout):
+                        await self._wake.wait()
+                except TimeoutError:
+                    pass
+        finally:
+            outbox.remove_commit_listener(self._wake.set)
+
+    async def _step(self, now: float) -> float | None:
+        """Do what can be done now; return when to look again (None: on the next event)."""
+        try:
+            self._apply_acks(now)
+            self._check_stalls(now)
+            wake_at = await self._send(now)
+            # Deleting comes last: the next batch should not wait for this transaction's fsync.
+            await self._delete_acked(time.monotonic())
+        except OutboxUnavailable as exc:
+            self._report_outbox_error(exc)
+            return time.monotonic() + _RETRY_AFTER
+        deadlines = [wake_at] if wake_at is not None else []
+        if self._inflight and self._client.is_connected:
+            deadlines.append(self._last_progress + self._ack_timeout)
+        if self._central_acked > self._outbox.acked_seq:
+            deadlines.append(self._ack_retry_at)
+        return min(deadlines) if deadlines else None
+
+    def _apply_acks(self, now: float) -> None:
+        """Move the window to the central watermark received."""
+        target = self._ack_target
+        if target > self._central_acked:
+            self._central_acked = target
+            while self._inflight and self._inflight[0].last <= target:
+                acked = self._inflight.popleft()
+                self._proven = max(self._proven, acked.size)
+                self._acked_since_change += 1
+            self._next_after = max(self._next_after, target)
+            self._last_progress = now
+            self._stalls = 0
+            self._maybe_grow(now)
+
+    async def _delete_acked(self, now: float) -> None:
+        """Delete what the central store acknowledged (several acks in one transaction)."""
+        if self._central_acked > self._outbox.acked_seq and now >= self._ack_retry_at:
+            try:
+                await self._outbox.ack(self._outbox.stream, self._central_acked)
+            except OutboxUnavailable as exc:
+                # The window moves on anyway; the deletion is retried shortly.
+                self._ack_retry_at = now + _RETRY_AFTER
+                self._report_outbox_error(exc)
+
+    def _check_stalls(self, now: float) -> None:
+        rejected, self._rejected = self._rejected, None
+        central_back, self._central_back = self._central_back, False
+        if self._reconnected:
+            self._reconnected = False
+            if self._lost_inflight:
+                self._stall(now, "connection lost with batches in flight")
+            else:
+                self._restart(now, "reconnected")
+            self._lost_inflight = False
+        elif rejected is not None and rejected.epoch == self._epoch:
+            self._stall(now, "broker rejected a batch", rejected_size=rejected.size)
+        elif central_back and self._inflight:
+            # What is in flight may have gone nowhere (nobody subscribed, or lost with the
+            # ingest process): resend now, not after ack_timeout. Not a stall.
+            self._restart(now, "the central store is back online")
+        elif (
+            self._inflight
+            and self._client.is_connected  # while disconnected the reconnect decides
+            and now - self._last_progress >= self._ack_timeout
+        ):
+            self._stall(now, f"no ack for {self._ack_timeout:g}s")
+
+    def _stall(self, now: float, reason: str, *, rejected_size: int | None = None) -> None:
+        self._stalls += 1
+        self.stalls_total += 1
+        if self._stalls >= _STALE_AFTER:
+            self._proven = 0
+            self._report_oversized()
+        stuck = rejected_size
+        if stuck is None and self._inflight and self._stalls >= 2:
+            stuck = self._inflight[0].size
+            # Batches cut by event count vary in size by some percent: one a little larger than
+            # the largest that passed is no evidence of a size limit either.
+            if stuck <= self._proven + self._proven // 4:
+                stuck = None
+        if stuck is not None and max(MIN_BATCH_BYTES, stuck // 2) < self._budget:
+            self._budget = max(MIN_BATCH_BYTES, stuck // 2)
+            self._acked_since_change = 0
+            if self._proven:
+                # Batches got through before this one stuck: do not grow past what passed.
+                self._ceiling = max(self._budget, self._proven)
+                self._ceiling_until = now + _CEILING_TTL
+            log.warning(
+                "forwarder: S/sync batches cut to %d bytes (%s; broker message size limit?)",
+                self._budget,
+                reason,
+            )
+        self._restart(now, reason)
+
+    def _report_oversized(self) -> None:
+        # A single event that cannot pass blocks the stream until the limit is raised: say so.
+        head = self._inflight[0] if self._inflight else None
+        if head is None or head.events != 1 or head.size <= MIN_BATCH_BYTES:
+            return  # a small single event stuck is the central store being away, not its size
+        if head.last == self._oversized_logged:
+            return
+        self._oversized_logged = head.last
+        log.error(
+            "forwarder: the S/sync message with the single event seq %d (%d bytes) has not "
+            "been acknowledged after %d attempts; is the broker's message size limit below it?",
+            head.last,
+            head.size,
+            self._stalls,
+        )
+
+    def _maybe_grow(self, now: float) -> None:
+        if self._budget >= self._max_bytes or self._acked_since_change < _GROW_AFTER:
+            return
+        ceiling = self._ceiling if now < self._ceiling_until else self._max_bytes
+        budget = min(self._budget * 2, ceiling, self._max_bytes)
+        if budget > self._budget:
+            self._budget = budget
+            log.info("forwarder: S/sync batches may be %d bytes again", budget)
+        self._acked_since_change = 0
+
+    def _restart(self, now: float, reason: str) -> None:
+        """Forget what is in flight and continue from the central watermark."""
+        if self._inflight or self._next_after > self._central_acked:
+            log.info("forwarder: resending from seq %d (%s)", self._central_acked + 1, reason)
+        self._epoch += 1
+        self._inflight.clear()
+        self._next_after = self._central_acked
+        self._last_progress = now
+
+    async def _send(self, now: float) -> float | None:
+        """Send batches while the window has room; return a pacing/poll time if one applies."""
+        client = self._client
+        while len(self._inflight) < self._window and client.is_connected:
+            if not client.has_bulk_room:  # a backlog drain must not hold up live values
+                try:
+                    async with asyncio.timeout(_SPACE_WAIT):
+                        await client.wait_bulk_room()
+                except TimeoutError:
+                    return time.monotonic()  # acks and stalls first, then try again
+                now = time.monotonic()
+                continue
+            if self._max_rate and now < self._send_at:
+                return self._send_at
+            epoch = self._epoch
+            batch = await self._outbox.read_batch(
+                self._next_after, self._batch_events, max(1, self._budget - self._envelope())
+            )
+            self._outbox_error = None
+            if epoch != self._epoch or self._reconnected or self._rejected is not None:
+                self._wake.set()  # something changed while reading: decide again
+                return None
+            if not batch.events:
+                return None
+            payload = self.encode(batch)
+            try:
+                future = client.publish_acked(self.sync_topic, payload, qos=1)
+            except NotConnected:
+                return None  # the connection listener wakes us after the reconnect
+            sent = _Sent(
+                batch.first_seq, batch.last_seq, len(payload), len(batch.events), self._epoch
+            )
+            future.add_done_callback(partial(self._on_puback, sent))
+            now = time.monotonic()
+            if not self._inflight:
+                self._last_progress = now  # the ack timer starts with the first batch out
+            self._inflight.append(sent)
+            self._next_after = batch.last_seq
+            self.batches_sent += 1
+            self.events_sent += len(batch.events)
+            if batch.first_seq <= self._high_sent:
+                self.batches_resent += 1
+            self._high_sent = max(self._high_sent, batch.last_seq)
+            if self._max_rate:
+                self._send_at = max(self._send_at, now) + len(batch.events) / self._max_rate
+        return None
+
+    # -- encoding ------------------------------------------------------------------------------
+
+    def encode(self, batch: Batch) -> bytes:
+        """The S/sync payload of `batch` (compact UTF-8 JSON)."""
+        head = (
+            f'{{"gateway":{json.dumps(self._gateway)},"stream":{json.dumps(batch.stream)},'
+            f'"first_seq":{batch.first_seq},"last_seq":{batch.last_seq},"events":['
+        )
+        return b"".join((head.encode(), b",".join(batch.wire_events), b"]}"))
+
+    def _envelope(self) -> int:
+        # Everything but the events, with the longest possible seqs (the stream never changes).
+        if self._envelope_size is None:
+            empty = Batch(self._outbox.stream, 10**18, 10**18, (), ())
+            self._envelope_size = len(self.encode(empty))
+        return self._envelope_size
+
+    def _report_outbox_error(self, exc: OutboxUnavailable) -> None:
+        if self._outbox_error != str(exc):
+            log.warning("forwarder: outbox unavailable: %s", exc)
+            self._outbox_error = str(exc)
+
+    # -- callbacks (event loop, from MqttClient) -------------------------------------------------
+
+    def _on_ack_message(self, message: Message) -> None:
+        try:
+            document = json.loads(message.payload)
+            stream = document["stream"]
+            acked = document["acked_seq"]
+            if not isinstance(stream, str) or not isinstance(acked, int):
+                raise TypeError("stream must be a string and acked_seq an integer")
+        except (ValueError, KeyError, TypeError) as exc:
+            if not self._bad_acks_logged:
+                log.warning("forwarder: ignoring malformed ack on %s: %s", message.topic, exc)
+                self._bad_acks_logged = True
+            return
+        if stream != self._outbox.stream:
+            if stream not in self._foreign_streams:
+                self._foreign_streams.add(stream)
+                log.warning(
+                    "forwarder: ignoring ack for stream %s (ours is %s)",
+                    stream,
+                    self._outbox.stream,
+                )
+            return
+        self.acks_received += 1
+        self.last_ack_ts = time.time()
+        # Never believe an ack beyond what was ever sent (this run, or the previous one before
+        # a restart): it would delete events that are committed later without sending them.
+        limit = max(self._high_sent, self._committed_at_start)
+        if acked > limit:
+            if not self._beyond_logged:
+                log.warning("forwarder: ack %d beyond the last seq sent (%d)", acked, limit)
+                self._beyond_logged = True
+            acked = limit
+        if acked > self._ack_target:
+            self._ack_target = acked
+            self._wake.set()
+
+    def _on_central_status(self, message: Message) -> None:
+        if message.retain:
+            return  # an old announcement, delivered because we (re)subscribed
+        try:
+            status = json.loads(message.payload).get("status")
+        except (ValueError, AttributeError):
+            return
+        if status == "online":
+            self._central_back = True
+            self._wake.set()
+
+    def _on_connection(self, up: bool) -> None:
+        if up:
+            self._reconnected = True
+        else:
+            self._lost_inflight = self._lost_inflight or bool(self._inflight)
+        self._wake.set()
+
+    def _on_puback(self, sent: _Sent, future: asyncio.Future[None]) -> None:
+        if future.cancelled():
+            return
+        if isinstance(future.exception(), PublishRejected):
+            # The broker refused this message (a PUBACK with a failure reason code).
+            self._rejected = sent
+            self._wake.set()

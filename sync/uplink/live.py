@@ -1,0 +1,101 @@
+"""Live topics: the newest value per topic, published retained at QoS 1 as soon as possible.
+
+Nothing here queues history (that is the outbox's job): while the broker is away only the
+newest payload per topic is kept, and after every reconnect every topic is published again,
+so the broker's retained state is current even if it restarted without persistence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict
+
+from sync.events import Event
+from sync.mqtt.client import MqttClient, NotConnected
+from sync.uplink.topics import live_topic, sample_payload
+
+log = logging.getLogger("edge_agent.live")
+
+
+class LivePublisher:
+    """Newest retained payload per topic, flushed while connected, re-sent on reconnect."""
+
+    def __init__(self, client: MqttClient, *, topic_root: str) -> None:
+        self._client = client
+        self._root = topic_root
+        self._latest: dict[str, bytes] = {}
+        # Ordered set of topics to (re)publish. An OrderedDict, not a dict: taking the first
+        # key of a dict whose front entries were deleted scans over the holes, so draining a
+        # dict from the front is quadratic (0.9 s of CPU for 50,000 topics after a reconnect,
+        # bench/live_republish.py); popitem(last=False) is O(1).
+        self._dirty: OrderedDict[str, None] = OrderedDict()
+        self._wakeup = asyncio.Event()
+        self.published = 0
+        client.add_listener(self._on_connection)
+
+    def _on_connection(self, connected: bool) -> None:
+        if connected:
+            self._dirty = OrderedDict.fromkeys(self._latest)
+            self._wakeup.set()
+
+    def offer(self, topic: str, payload: bytes) -> None:
+        """Set the newest payload of a topic."""
+        self._latest[topic] = payload
+        self._dirty[topic] = None
+        self._wakeup.set()
+
+    def offer_events(self, events: list[Event]) -> None:
+        """Sample events -> R/{device}/{tag}."""
+        for event in events:
+            if event.kind == "sample" and event.device and event.tag:
+                self.offer(
+                    live_topic(self._root, event.device, event.tag),
+                    sample_payload(event.ts, event.value, event.quality or "good"),
+                )
+
+    def forget(self, topic: str) -> None:
+        """Stop re-publishing a topic."""
+        self._latest.pop(topic, None)
+        self._dirty.pop(topic, None)
+
+    def clear(self, topic: str) -> None:
+        """Delete a topic's retained value at the broker (its tag was removed)."""
+        self.offer(topic, b"")  # an empty retained message deletes the retained value
+
+    @property
+    def pending(self) -> int:
+        """Topics waiting to be published."""
+        return len(self._dirty)
+
+    async def run(self) -> None:
+        """Publish dirty topics whenever connected and the in-flight window has room."""
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            await self._flush()
+
+    async def drain(self) -> None:
+        """Publish what is pending and wait for the broker's acknowledgements (shutdown)."""
+        await self._flush()
+        if self._client.is_connected:
+            await self._client.wait_acked()
+
+    async def _flush(self) -> None:
+        client = self._client
+        while self._dirty:
+            if not client.is_connected:
+                return  # the reconnect listener marks everything dirty again
+            if not client.has_bulk_room:  # leaves slots to the forwarder and to replies
+                await client.wait_bulk_room()
+                continue
+            topic, _ = self._dirty.popitem(last=False)
+            try:
+                client.publish(topic, self._latest[topic], qos=1, retain=True)
+            except NotConnected:
+                self._dirty[topic] = None
+                self._dirty.move_to_end(topic, last=False)  # keep its place for the resend
+                return
+            self.published += 1
+            if self.published % 256 == 0:
+                await asyncio.sleep(0)  # let pollers run during a large burst
