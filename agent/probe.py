@@ -5,9 +5,8 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from typing import Any
 
-from agent.daemon.runtime import make_driver_factory
+from agent.daemon.runtime import driver_context, make_driver_factory
 from agent.settings.models import AgentSettings
 from drivers.base import DriverError, JsonValue
 from drivers.config import DeviceConfigBase
@@ -27,13 +26,7 @@ class ProbeRow:
 
 async def probe_device(device: DeviceConfigBase, settings: AgentSettings) -> list[ProbeRow]:
     """Read every tag of one device once; a device that cannot be reached gives bad rows."""
-    shared: dict[str, Any] = {}
-    driver = make_driver_factory(
-        device,
-        data_dir=str(settings.gateway.data_dir),
-        shared=shared,
-        gateway_id=settings.gateway.id,
-    )()
+    driver = make_driver_factory(device, driver_context(settings))()
     tags = [tag.name for tag in device.tag_list()]
     try:
         async with asyncio.timeout(device.timeout + 10.0):

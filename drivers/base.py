@@ -5,9 +5,10 @@ from __future__ import annotations
 import abc
 import importlib
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Any, Literal, Self, TypeVar
 
 from drivers.config import DeviceConfigBase, TagConfigBase
 
@@ -48,24 +49,55 @@ class Reading:
     error: str | None = None
 
 
-ReadingSink = Callable[[list[Reading]], None]
+SharedT = TypeVar("SharedT")
+
+
+class SharedResources:
+    """Objects the devices of one runtime share, by kind and key: one Modbus link (and its
+    lock) per physical link, one lock per OPC UA certificate pair. Owned by the runtime, so
+    that drivers keep no module-level state."""
+
+    def __init__(self) -> None:
+        self._items: dict[tuple[type[Any], str], Any] = {}
+
+    def get_or_create(
+        self, kind: type[SharedT], key: str, create: Callable[[], SharedT]
+    ) -> SharedT:
+        """The shared `kind` object for `key`, created by `create()` on first use."""
+        item = self._items.get((kind, key))
+        if not isinstance(item, kind):
+            item = create()
+            self._items[(kind, key)] = item
+        return item
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+@dataclass(frozen=True, slots=True)
+class DriverContext:
+    """What a driver gets from the runtime besides its device's config."""
+
+    data_dir: Path | None = None  # where a driver may keep files (OPC UA client certificates)
+    shared: SharedResources = field(default_factory=SharedResources)
+    application_uri: str | None = None  # the gateway's OPC UA application URI
 
 
 class Driver(abc.ABC):
     """One device. Use as ``async with driver:`` (connect/close). A driver instance is one
     connection: after `DriverUnavailable` the owner closes it and makes a new one."""
 
-    def __init__(
-        self,
-        config: DeviceConfigBase,
-        *,
-        data_dir: str | None = None,
-        shared: dict[str, Any] | None = None,
-    ) -> None:
-        # `shared` is owned by the runtime: drivers keep per-link objects there (one lock per
-        # physical link shared by the devices on it). No module-level state.
+    def __init__(self, config: DeviceConfigBase, context: DriverContext | None = None) -> None:
         self.config = config
-        self.data_dir = data_dir
+        self.context = context if context is not None else DriverContext()
+        self._tag_configs = {tag.name: tag for tag in config.tag_list()}
+
+    def tag_config(self, name: str) -> TagConfigBase:
+        """The config of this device's tag `name`; DriverFault when there is none."""
+        tag = self._tag_configs.get(name)
+        if tag is None:
+            raise DriverFault(f"{self.config.name} has no tag {name!r}")
+        return tag
 
     async def __aenter__(self) -> Self:
         await self.connect()
@@ -96,10 +128,20 @@ class Driver(abc.ABC):
     async def read_tag(self, tag: str) -> Reading:
         """Read one tag now (workflows read back and capture previous values)."""
 
-    @abc.abstractmethod
     async def write(self, tag: str, value: JsonValue) -> JsonValue:
         """Write once (never resent), read back, return the read-back value; raise
-        DriverFault if refused, WriteUnverified if the read-back differs."""
+        DriverFault if refused, WriteUnverified if the read-back differs.
+
+        Only a tag configured ``writable = true`` is written: this is the one place that
+        enforces it, whoever asks (a workflow, a commissioning tool, a later uplink).
+        """
+        if not self.tag_config(tag).writable:
+            raise DriverFault(f"{self.config.name}/{tag} is not writable")
+        return await self._write(tag, value)
+
+    @abc.abstractmethod
+    async def _write(self, tag: str, value: JsonValue) -> JsonValue:
+        """`write` for a tag known to be writable."""
 
     def subscriptions(self) -> AsyncIterator[list[Reading]] | None:
         """Pushed readings (OPC UA monitored items); None for drivers that only poll."""

@@ -13,6 +13,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 
+from drivers.values import ValueKind, same_value, to_kind
+
 # A problem found by a cross-field check: (location relative to the checked model, reason).
 Problem = tuple[tuple[str | int, ...], str]
 
@@ -147,9 +149,17 @@ class TagConfigBase(ConfigModel):
         description="Only writable tags may be written by workflows.",
     )
 
-    def value_kind(self) -> Literal["bool", "int", "float", "string", "unknown"]:
+    def value_kind(self) -> ValueKind:
         """The JSON type of the tag's value when the config tells it, else 'unknown'."""
         return "unknown"
+
+    def command_value(self, value: Any) -> Any:
+        """The value a command parameter writes to this tag; ValueError saying why not."""
+        return to_kind(value, self.value_kind())
+
+    def same_value(self, actual: Any, expected: Any) -> bool:
+        """Whether a value of this tag equals an expected one (this tag's one tolerance)."""
+        return same_value(actual, expected)
 
     def counter_bits(self) -> int | None:
         """Width of an unscaled integer counter (for rollover) when the config tells it."""
@@ -197,5 +207,5 @@ class DeviceConfigBase(ConfigModel):
                 seen[tag.name] = index
 
     def tag_list(self) -> tuple[TagConfigBase, ...]:
-        """The device's tags."""
-        raise NotImplementedError
+        """The device's tags (each driver's model holds them; the base model has none)."""
+        return ()

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Union
 
 from pydantic import Discriminator, Tag
 
+from drivers.base import Driver, load_driver_class
 from drivers.config import DeviceConfigBase
 from drivers.modbus.config import ModbusDeviceConfig
 from drivers.opcua.config import OpcUaDeviceConfig
@@ -30,6 +31,14 @@ DRIVERS: dict[str, DriverSpec] = {
 }
 
 DRIVER_TAG_PREFIX = "driver:"
+
+
+def driver_class(config: DeviceConfigBase) -> type[Driver]:
+    """The Driver class for a device's config (imported on first use)."""
+    for spec in DRIVERS.values():
+        if isinstance(config, spec.config):
+            return load_driver_class(spec.driver)
+    raise LookupError(f"no driver is registered for {type(config).__name__}")
 
 
 def _driver_of(value: Any) -> str | None:

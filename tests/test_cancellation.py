@@ -86,7 +86,7 @@ class SwallowingDriver(Driver):
         """Not used."""
         raise NotImplementedError
 
-    async def write(self, tag: str, value: JsonValue) -> JsonValue:
+    async def _write(self, tag: str, value: JsonValue) -> JsonValue:
         """Not used."""
         raise NotImplementedError
 

@@ -11,7 +11,13 @@ from typing import Any
 
 import pytest
 
-from drivers.base import DriverFault, DriverUnavailable, WriteUnverified
+from drivers.base import (
+    DriverContext,
+    DriverFault,
+    DriverUnavailable,
+    SharedResources,
+    WriteUnverified,
+)
 from drivers.modbus.config import ModbusDeviceConfig
 from drivers.modbus.driver import ModbusDriver
 from simulators.modbus.server import ModbusSimulator
@@ -221,10 +227,10 @@ async def test_connect_refused() -> None:
 
 async def test_devices_on_one_link_share_it(tmp_path: Path) -> None:
     async with ModbusSimulator(port=0, seed=1, speed=0.0, units=2) as simulator:
-        shared: dict[str, Any] = {}
+        shared = SharedResources()
         first = ModbusDriver(
             device(url(simulator), [{"name": "state", "address": "hr:100"}], unit_id=1),
-            shared=shared,
+            DriverContext(shared=shared),
         )
         second = ModbusDriver(
             ModbusDeviceConfig.model_validate(
@@ -236,7 +242,7 @@ async def test_devices_on_one_link_share_it(tmp_path: Path) -> None:
                     "tags": [{"name": "state", "address": "hr:100"}],
                 }
             ),
-            shared=shared,
+            DriverContext(shared=shared),
         )
         async with first, second:
             assert len(shared) == 1

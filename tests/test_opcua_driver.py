@@ -22,7 +22,7 @@ from asyncua import ua
 from asyncua.ua.status_codes import StatusCodes
 from cryptography import x509
 
-from drivers.base import DriverFault, DriverUnavailable, Reading, WriteUnverified
+from drivers.base import DriverContext, DriverFault, DriverUnavailable, Reading, WriteUnverified
 from drivers.opcua.config import OpcUaDeviceConfig
 from drivers.opcua.driver import (
     NotFinite,
@@ -104,9 +104,7 @@ def device(url: str, tags: list[dict[str, Any]], **extra: Any) -> OpcUaDeviceCon
 
 
 def driver(config: OpcUaDeviceConfig, data_dir: Path | None = None) -> OpcUaDriver:
-    return OpcUaDriver(
-        config, data_dir=str(data_dir) if data_dir else None, application_uri=APP_URI
-    )
+    return OpcUaDriver(config, DriverContext(data_dir=data_dir, application_uri=APP_URI))
 
 
 # Every type the simulator serves and the JSON value the agent must publish for it.

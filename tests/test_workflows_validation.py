@@ -17,14 +17,13 @@ from agent.workflows.engine import (
     CommandRejected,
     TokenBucket,
     WorkflowEngine,
-    convert,
     decode_command,
     peek_command_id,
     render,
-    same_value,
     validate_params,
 )
 from drivers.modbus.config import ModbusTagConfig
+from drivers.values import same_value
 from sync.mqtt.client import Message, MqttClient
 from sync.outbox.store import Outbox
 from tests.test_workflows_helpers import settings_for
@@ -182,15 +181,15 @@ def tag(kind: str, **keys: Any) -> ModbusTagConfig:
 
 
 def test_convert_to_the_tag_kind() -> None:
-    assert convert("42", tag("uint16")) == 42
-    assert convert(42.0, tag("uint16")) == 42
-    assert convert(5, tag("float32")) == 5.0
-    assert convert("2.5", tag("float32")) == 2.5
-    assert convert("true", tag("bool")) is True
-    assert convert(False, tag("bool")) is False
-    assert convert(42, tag("string", length=4)) == "42"
-    assert convert(True, tag("string", length=8)) == "true"
-    assert convert(3, tag("uint16", scale=0.1)) == 3.0  # a scaled tag is a float
+    assert tag("uint16").command_value("42") == 42
+    assert tag("uint16").command_value(42.0) == 42
+    assert tag("float32").command_value(5) == 5.0
+    assert tag("float32").command_value("2.5") == 2.5
+    assert tag("bool").command_value("true") is True
+    assert tag("bool").command_value(False) is False
+    assert tag("string", length=4).command_value(42) == "42"
+    assert tag("string", length=8).command_value(True) == "true"
+    assert tag("uint16", scale=0.1).command_value(3) == 3.0  # a scaled tag is a float
     cases: list[tuple[Any, str, str]] = [
         (True, "uint16", "not a number"),
         (1, "bool", "not a boolean"),
@@ -205,7 +204,7 @@ def test_convert_to_the_tag_kind() -> None:
     for value, kind, message in cases:
         keys = {"length": 4} if kind == "string" else {}
         with pytest.raises(ValueError, match=message):
-            convert(value, tag(kind, **keys))
+            tag(kind, **keys).command_value(value)
 
 
 def test_same_value() -> None:

@@ -1,1 +1,3 @@
-"""`edge-agent ingest`: the central program's settings and service wiring (its library is sync.central)."""
+"""`edge-agent ingest`: the central program's settings and service wiring (its library is
+sync.central).
+"""

@@ -1,1 +1,3 @@
-"""The gateway daemon (`edge-agent run`): runtime, reload, devices and pollers, pipeline, health, metrics."""
+"""The gateway daemon (`edge-agent run`): runtime, reload, devices and pollers, pipeline,
+health, metrics.
+"""

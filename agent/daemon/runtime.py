@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import logging
 import signal
 import time
@@ -25,9 +24,9 @@ from agent.service.watchdog import liveness_problems, status_line, watchdog_loop
 from agent.settings.loader import ConfigError, load_agent_settings
 from agent.settings.models import AgentSettings
 from agent.workflows.engine import WorkflowEngine, attach_workflows
-from drivers.base import Driver, DriverFault, JsonValue, Reading, load_driver_class
+from drivers.base import Driver, DriverContext, DriverFault, JsonValue, Reading, SharedResources
 from drivers.config import DeviceConfigBase
-from drivers.registry import DRIVERS
+from drivers.registry import driver_class
 from sync.events import Event, dumps, rfc3339
 from sync.mqtt.client import MqttClient, NotConnected, TlsOptions, Will
 from sync.outbox.store import Outbox
@@ -41,25 +40,20 @@ SHUTDOWN_GRACE = 5.0  # seconds for the last publishes after the sources stopped
 SLOW_SHUTDOWN_REPORT = 15.0  # seconds into a stop before the pending tasks are logged
 
 
-def make_driver_factory(
-    config: DeviceConfigBase,
-    *,
-    data_dir: str,
-    shared: dict[str, Any],
-    gateway_id: str | None = None,
-) -> Callable[[], Driver]:
+def driver_context(settings: AgentSettings) -> DriverContext:
+    """What every driver of this gateway gets: its data directory, one set of shared
+    resources (links, locks) for all its devices, the OPC UA application URI."""
+    return DriverContext(
+        data_dir=settings.gateway.data_dir,
+        shared=SharedResources(),
+        application_uri=f"urn:{settings.gateway.id}:edge-agent",
+    )
+
+
+def make_driver_factory(config: DeviceConfigBase, context: DriverContext) -> Callable[[], Driver]:
     """A factory of fresh driver instances for one device (one per connection)."""
-    driver_name = getattr(config, "driver", "")
-    cls = load_driver_class(DRIVERS[driver_name].driver)
-    extra: dict[str, Any] = {}
-    if gateway_id is not None and "application_uri" in inspect.signature(cls).parameters:
-        # OPC UA: the application URI of the client certificate the driver may create.
-        extra["application_uri"] = f"urn:{gateway_id}:edge-agent"
-
-    def factory() -> Driver:
-        return cls(config, data_dir=data_dir, shared=shared, **extra)
-
-    return factory
+    cls = driver_class(config)
+    return lambda: cls(config, context)
 
 
 def mqtt_client_for(settings: AgentSettings) -> MqttClient:
@@ -110,7 +104,7 @@ class Runtime:
         self.oee: LiveOee | None = None
         self.pollers: dict[str, DevicePoller] = {}
         self.workflows: WorkflowEngine | None = None
-        self._shared: dict[str, Any] = {}
+        self._driver_context = driver_context(settings)
         self._sources: dict[str, asyncio.Task[None]] = {}
         self._sinks: list[asyncio.Task[None]] = []
         self._group: asyncio.TaskGroup | None = None
@@ -380,12 +374,7 @@ class Runtime:
         assert self.pipeline is not None
         poller = DevicePoller(
             config=device,
-            driver_factory=make_driver_factory(
-                device,
-                data_dir=str(self.settings.gateway.data_dir),
-                shared=self._shared,
-                gateway_id=self.settings.gateway.id,
-            ),
+            driver_factory=make_driver_factory(device, self._driver_context),
             submit=self.pipeline.submit,
         )
         if self.metrics is not None:

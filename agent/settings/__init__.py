@@ -1,1 +1,3 @@
-"""The agent's config: models (validated once, then immutable), the loader with line numbers, the JSON Schema."""
+"""The agent's config: models (validated once, then immutable), the loader with line numbers,
+the JSON Schema.
+"""

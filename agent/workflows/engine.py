@@ -87,6 +87,8 @@ Status = Literal["accepted", "rejected", "completed", "compensated", "failed"]
 WriteFn = Callable[[str, JsonValue], Awaitable[JsonValue]]
 ReadFn = Callable[[str], Awaitable[Reading]]
 _DriverErrors = (DriverError, TimeoutError, OSError)
+# The value rules of a tag no longer in the config (a saga resolved after a reload).
+_UNCONFIGURED = TagConfigBase(name="unconfigured")
 _SETTLED: dict[str, StepPhase] = {
     "applied": "done",
     "not_applied": "not_applied",
@@ -320,73 +322,6 @@ def render(value: StepValue, params: Mapping[str, Any]) -> JsonValue:
     return _FORMATTER.vformat(value, (), dict(params))
 
 
-_INTEGER_RANGES = {
-    "int16": (-(2**15), 2**15 - 1),
-    "uint16": (0, 2**16 - 1),
-    "int32": (-(2**31), 2**31 - 1),
-    "uint32": (0, 2**32 - 1),
-    "int64": (-(2**63), 2**63 - 1),
-    "uint64": (0, 2**64 - 1),
-}
-
-
-def convert(value: JsonValue, tag: TagConfigBase) -> JsonValue:
-    """Convert a value to the tag's kind (int/float/bool/string); ValueError if impossible."""
-    kind = tag.value_kind()
-    if kind == "unknown":
-        return value
-    if kind == "bool":
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
-            return value.strip().lower() == "true"
-        raise ValueError(f"{_short(value)} is not a boolean")
-    if kind == "string":
-        if isinstance(value, bool):
-            text = "true" if value else "false"
-        elif isinstance(value, int | float | str):
-            text = str(value)
-        else:
-            raise ValueError(f"{_short(value)} is not a string")
-        length = getattr(tag, "length", None)
-        if isinstance(length, int) and len(text) > length:
-            raise ValueError(f"{_short(text)} is longer than the tag's {length} characters")
-        return text
-    if isinstance(value, bool | list) or value is None:
-        raise ValueError(f"{_short(value)} is not a number")
-    if kind == "int":
-        number: int | float
-        integral = isinstance(value, float) and value.is_integer()
-        if isinstance(value, int):
-            number = value
-        elif integral or (isinstance(value, str) and re.fullmatch(r"\s*-?\d{1,20}\s*", value)):
-            number = int(value)
-        else:
-            raise ValueError(f"{_short(value)} is not an integer")
-        limits = _INTEGER_RANGES.get(str(getattr(tag, "type", "")))
-        if limits is not None and not limits[0] <= number <= limits[1]:
-            raise ValueError(f"{number} does not fit the tag ({limits[0]}..{limits[1]})")
-        return number
-    try:
-        number = float(value)
-    except (OverflowError, ValueError):
-        raise ValueError(f"{_short(value)} is not a number") from None
-    if not math.isfinite(number):
-        raise ValueError(f"{_short(value)} is not finite")
-    return number
-
-
-def same_value(actual: Any, expected: Any) -> bool:
-    """Whether a read value equals an expected one (bools strict, floats to 1e-6 relative)."""
-    if isinstance(actual, bool) or isinstance(expected, bool):
-        return type(actual) is type(expected) and actual == expected
-    if isinstance(actual, int | float) and isinstance(expected, int | float):
-        if isinstance(actual, float) or isinstance(expected, float):
-            return abs(float(actual) - float(expected)) <= 1e-6 * max(1.0, abs(float(expected)))
-        return actual == expected
-    return bool(actual == expected)
-
-
 # -- rate limit --------------------------------------------------------------------------------
 
 
@@ -440,6 +375,7 @@ class _Active:
 @dataclass(slots=True)
 class _Waiter:
     expected: Any
+    same: Callable[[Any, Any], bool]  # the tag's equality
     future: asyncio.Future[Any]
     last: Any = None
 
@@ -972,11 +908,11 @@ class WorkflowEngine:
         saga.step = idx
         row = StepRecord(idx, "write", ref, "not_applied")
         try:
-            value = convert(render(step.value, saga.params), plan.tags[ref])
+            value = plan.tags[ref].command_value(render(step.value, saga.params))
             target_template = (
                 None
                 if step.compensate_value is None
-                else convert(render(step.compensate_value, saga.params), plan.tags[ref])
+                else plan.tags[ref].command_value(render(step.compensate_value, saga.params))
             )
         except (ValueError, KeyError, IndexError) as exc:
             reason = f"step {idx}: cannot prepare the value for {ref}: {exc}"
@@ -1044,6 +980,14 @@ class WorkflowEngine:
         )
         return True
 
+    def _rule(self, ref: str) -> TagConfigBase:
+        """The tag's value rules (a tag that left the config: the generic ones)."""
+        resolved = self._settings.tag(ref)
+        return resolved[1] if resolved is not None else _UNCONFIGURED
+
+    def _same(self, ref: str, actual: Any, expected: Any) -> bool:
+        return self._rule(ref).same_value(actual, expected)
+
     async def _settle(
         self, ref: str, intended: Any, previous: Any, deadline: float
     ) -> tuple[Literal["applied", "not_applied", "unknown"], Any]:
@@ -1051,9 +995,9 @@ class WorkflowEngine:
         reading = await self._read_good(ref, deadline)
         if reading is None:
             return "unknown", None
-        if same_value(reading.value, intended):
+        if self._same(ref, reading.value, intended):
             return "applied", reading.value
-        if same_value(reading.value, previous):
+        if self._same(ref, reading.value, previous):
             return "not_applied", reading.value
         return "unknown", reading.value
 
@@ -1082,7 +1026,7 @@ class WorkflowEngine:
         saga.step = idx
         row = StepRecord(idx, "wait", ref, "waiting")
         try:
-            expected = convert(render(step.value, saga.params), plan.tags[ref])
+            expected = plan.tags[ref].command_value(render(step.value, saga.params))
         except (ValueError, KeyError, IndexError) as exc:
             reason = f"step {idx}: cannot prepare the value to wait for on {ref}: {exc}"
             row.phase, row.detail = "timeout", reason
@@ -1120,7 +1064,9 @@ class WorkflowEngine:
         """Wait until a good reading of `ref` equals `expected` (pipeline readings or a read)."""
         device, _, tag = ref.partition("/")
         key = (device, tag)
-        waiter = _Waiter(expected, asyncio.get_running_loop().create_future())
+        waiter = _Waiter(
+            expected, self._rule(ref).same_value, asyncio.get_running_loop().create_future()
+        )
         self._waiters.setdefault(key, []).append(waiter)
         try:
             # One deadline for both: a stalled device must not stretch the step's timeout.
@@ -1145,7 +1091,7 @@ class WorkflowEngine:
     @staticmethod
     def _offer(waiter: _Waiter, value: Any) -> None:
         waiter.last = value
-        if not waiter.future.done() and same_value(value, waiter.expected):
+        if not waiter.future.done() and waiter.same(value, waiter.expected):
             waiter.future.set_result(value)
 
     def observe(self, device: str, readings: list[Reading]) -> None:
@@ -1294,7 +1240,7 @@ class WorkflowEngine:
         if row.phase == "compensating":
             # In doubt after a restart: settled by reading back, not by writing again.
             reading = await self._read_good(row.ref, RECOVERY_READ_DEADLINE)
-            if reading is not None and same_value(reading.value, target):
+            if reading is not None and self._same(row.ref, reading.value, target):
                 row.phase, row.result = "compensated", reading.value
                 row.detail = f"restored {target!r} (settled by reading back after a restart)"
                 await self._commit(
@@ -1329,7 +1275,7 @@ class WorkflowEngine:
                 error = exc
             # The outcome is unknown: read back before trying once more.
             reading = await self._read_good(row.ref, 5.0 * (attempt + 1))
-            if reading is not None and same_value(reading.value, target):
+            if reading is not None and self._same(row.ref, reading.value, target):
                 read_back, done = reading.value, True
                 break
         self._fp.hit("saga.after_compensate_sent")
@@ -1566,7 +1512,7 @@ def _prepare_values(plan: Plan, params: Mapping[str, Any]) -> None:
             values.append(step.compensate_value)
         for value in values:
             try:
-                convert(render(value, params), plan.tags[ref])
+                plan.tags[ref].command_value(render(value, params))
             except (ValueError, KeyError, IndexError) as exc:
                 raise CommandRejected(f"step {idx} ({ref}): {_clip(str(exc))}") from None
 
@@ -1661,11 +1607,9 @@ __all__ = [
     "TokenBucket",
     "WorkflowEngine",
     "attach_workflows",
-    "convert",
     "decode_command",
     "peek_command_id",
     "render",
-    "same_value",
     "valid_command_id",
     "validate_params",
 ]

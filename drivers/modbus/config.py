@@ -9,12 +9,13 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import parse_qs, urlsplit
 
 from pydantic import Field, field_validator
 
 from drivers.config import DeviceConfigBase, Duration, Problem, TagConfigBase, as_written
+from drivers.values import default_tolerance, same_value, to_kind
 
 Area = Literal["co", "di", "ir", "hr"]
 ModbusType = Literal[
@@ -50,6 +51,10 @@ INTEGER_BITS: dict[str, int] = {
     "uint32": 32,
     "int64": 64,
     "uint64": 64,
+}
+INTEGER_RANGES: dict[str, tuple[int, int]] = {
+    name: (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if name.startswith("int") else (0, 2**bits - 1)
+    for name, bits in INTEGER_BITS.items()
 }
 MAX_ADDRESS = 65535
 MAX_READ_REGISTERS = 125  # FC3/FC4 limit (Modbus spec: 125 registers per request)
@@ -238,6 +243,26 @@ class ModbusTagConfig(TagConfigBase):
         if self.type in INTEGER_BITS and self.scale == 1.0 and self.offset == 0.0:
             return "int"
         return "float"
+
+    def command_value(self, value: Any) -> Any:
+        """A command parameter as this tag's kind, within its register width or length."""
+        kind = self.value_kind()
+        return to_kind(
+            value,
+            kind,
+            int_range=INTEGER_RANGES[self.type] if kind == "int" else None,
+            max_length=self.length if self.type == "string" else None,
+        )
+
+    def same_value(self, actual: Any, expected: Any) -> bool:
+        """Equality within what the registers can hold: half a raw step of a scaled integer,
+        float32's 7 significant digits, exact for unscaled integers, booleans and strings."""
+        if self.type in INTEGER_BITS and (self.scale != 1.0 or self.offset != 0.0):
+            return same_value(actual, expected, abs(self.scale) / 2)
+        if self.type == "float32" and isinstance(expected, int | float):
+            scale = abs(float(expected))
+            return same_value(actual, expected, max(default_tolerance(scale), 1e-6 * scale + 1e-6))
+        return same_value(actual, expected)
 
     def counter_bits(self) -> int | None:
         """Width of an unscaled integer counter (for rollover), else None."""

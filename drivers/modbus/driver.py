@@ -30,6 +30,7 @@ from pymodbus.framer import FramerType
 
 from drivers.base import (
     Driver,
+    DriverContext,
     DriverFault,
     DriverUnavailable,
     JsonValue,
@@ -41,7 +42,6 @@ from drivers.modbus.codec import (
     Block,
     DecodeError,
     Decoder,
-    Value,
     encode_registers,
     make_decoder,
     plan_blocks,
@@ -182,18 +182,10 @@ class ModbusDriver(Driver):
 
     config: ModbusDeviceConfig
 
-    def __init__(
-        self,
-        config: DeviceConfigBase,
-        *,
-        data_dir: str | None = None,
-        shared: dict[str, Any] | None = None,
-    ) -> None:
+    def __init__(self, config: DeviceConfigBase, context: DriverContext | None = None) -> None:
         if not isinstance(config, ModbusDeviceConfig):
             raise TypeError("ModbusDriver needs a ModbusDeviceConfig")
-        super().__init__(config, data_dir=data_dir)
-        self._shared = shared if shared is not None else {}
-        self._tags = {tag.name: tag for tag in config.tags}
+        super().__init__(config, context)
         self._plan = plan_blocks(
             config.tags,
             max_gap=config.max_gap,
@@ -208,16 +200,14 @@ class ModbusDriver(Driver):
     # -- connection ------------------------------------------------------------------------
 
     def _acquire_link(self) -> ModbusLink:
-        link = self.config.link
-        key = f"modbus:{self.config.url.split('?', 1)[0]}"
-        existing = self._shared.get(key)
-        if not isinstance(existing, ModbusLink):
-            existing = ModbusLink(
-                link, timeout=self.config.timeout, frame_gap=self.config.frame_gap
-            )
-            self._shared[key] = existing
-        existing.users += 1
-        return existing
+        config = self.config
+        link = self.context.shared.get_or_create(
+            ModbusLink,
+            config.url.split("?", 1)[0],  # one link per endpoint or serial port, any settings
+            lambda: ModbusLink(config.link, timeout=config.timeout, frame_gap=config.frame_gap),
+        )
+        link.users += 1
+        return link
 
     async def connect(self) -> None:
         """Connect (or join the shared link) and check that it answers TCP/serial I/O."""
@@ -370,16 +360,13 @@ class ModbusDriver(Driver):
         return self._decode(config, values, block, time.time())
 
     def _tag(self, name: str) -> ModbusTagConfig:
-        tag = self._tags.get(name)
-        if tag is None:
-            raise DriverFault(f"{self.config.name} has no tag {name!r}")
+        tag = self.tag_config(name)
+        assert isinstance(tag, ModbusTagConfig)  # the config model holds only ModbusTagConfigs
         return tag
 
-    async def write(self, tag: str, value: JsonValue) -> JsonValue:
+    async def _write(self, tag: str, value: JsonValue) -> JsonValue:
         """Write once with FC5/6/16 (FC22 for a register bit), then verify by reading back."""
         config = self._tag(tag)
-        if not config.writable:
-            raise DriverFault(f"{self.config.name}/{tag} is not writable")
         address = config.parsed_address
         if isinstance(value, list) or value is None:
             raise DriverFault(f"cannot write {value!r} to {tag}")
@@ -460,7 +447,7 @@ class ModbusDriver(Driver):
         expected = (
             scale_value(raw, config.scale, config.offset) if not isinstance(raw, str) else raw
         )
-        if read_back.quality != "good" or not _same(read_back.value, expected, config):
+        if read_back.quality != "good" or not config.same_value(read_back.value, expected):
             detail = outcome or "read-back differs"
             raise WriteUnverified(
                 f"{self.config.name}/{tag}: wrote {value!r}, read back "
@@ -490,22 +477,6 @@ class ModbusDriver(Driver):
     def plan(self) -> list[Block]:
         """The current block plan (after any splits)."""
         return list(self._plan)
-
-
-def _same(actual: JsonValue, expected: Value, tag: ModbusTagConfig) -> bool:
-    if isinstance(expected, float) or isinstance(actual, float):
-        if not isinstance(actual, int | float) or isinstance(actual, bool):
-            return False
-        # float32 keeps ~7 digits; scaled integers keep one raw step.
-        tolerance = (
-            abs(tag.scale) / 2
-            if tag.type not in ("float32", "float64")
-            else 1e-6 * max(1.0, abs(float(expected)))
-        )
-        if tag.type == "float32":
-            tolerance = max(tolerance, 1e-6 * abs(float(expected)) + 1e-6)
-        return abs(float(actual) - float(expected)) <= tolerance
-    return actual == expected
 
 
 def _reason(exc: BaseException) -> str:

@@ -68,6 +68,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from drivers.base import (
     Driver,
+    DriverContext,
     DriverError,
     DriverFault,
     DriverUnavailable,
@@ -328,20 +329,6 @@ def _to_scalar(value: Any, vtype: ua.VariantType) -> Any:
     raise ValueError(f"writing {vtype.name} values is not supported")
 
 
-def _same(actual: JsonValue, expected: Any) -> bool:
-    if isinstance(expected, list):
-        return (
-            isinstance(actual, list)
-            and len(actual) == len(expected)
-            and all(_same(a, e) for a, e in zip(actual, expected, strict=True))
-        )
-    if isinstance(expected, float) and not isinstance(expected, bool):
-        if not isinstance(actual, int | float) or isinstance(actual, bool):
-            return False
-        return abs(float(actual) - expected) <= 1e-9 * max(1.0, abs(expected))
-    return type(actual) is type(expected) and actual == expected
-
-
 # ---------------------------------------------------------------------- certificates
 
 
@@ -577,20 +564,13 @@ class OpcUaDriver(Driver):
 
     config: OpcUaDeviceConfig
 
-    def __init__(
-        self,
-        config: DeviceConfigBase,
-        *,
-        data_dir: str | None = None,
-        shared: dict[str, Any] | None = None,
-        application_uri: str | None = None,
-    ) -> None:
+    def __init__(self, config: DeviceConfigBase, context: DriverContext | None = None) -> None:
         if not isinstance(config, OpcUaDeviceConfig):
             raise TypeError("OpcUaDriver needs an OpcUaDeviceConfig")
-        super().__init__(config, data_dir=data_dir)
-        self._shared = shared if shared is not None else {}
-        self._application_uri = application_uri or f"urn:edge-agent:{socket.gethostname()}"
-        self._tags = {tag.name: tag for tag in config.tags}
+        super().__init__(config, context)
+        self._application_uri = (
+            self.context.application_uri or f"urn:edge-agent:{socket.gethostname()}"
+        )
         self._poll = tuple(tag for tag in config.tags if tag.mode == "poll")
         self._subscribed = tuple(tag for tag in config.tags if tag.mode == "subscribe")
         self._client: Client | None = None
@@ -717,9 +697,7 @@ class OpcUaDriver(Driver):
                 f"server_certificate is required with security_mode {config.security_mode}"
             )
         cert_path, key_path = self._certificate_paths()
-        lock = self._shared.get(_CERT_LOCK_KEY)
-        if not isinstance(lock, asyncio.Lock):
-            lock = self._shared[_CERT_LOCK_KEY] = asyncio.Lock()
+        lock = self.context.shared.get_or_create(asyncio.Lock, _CERT_LOCK_KEY, asyncio.Lock)
         async with lock:  # devices sharing a data_dir must not race to create one pair
             cert_exists, key_exists = await asyncio.to_thread(
                 lambda: (cert_path.exists(), key_path.exists())
@@ -768,9 +746,9 @@ class OpcUaDriver(Driver):
         config = self.config
         if config.certificate is not None and config.private_key is not None:
             return config.certificate, config.private_key
-        if self.data_dir is None:
+        if self.context.data_dir is None:
             raise DriverFault("certificate and private_key are not set and there is no data_dir")
-        pki = Path(self.data_dir) / "pki"
+        pki = self.context.data_dir / "pki"
         return pki / "agent-cert.der", pki / "agent-key.pem"
 
     async def _check_server_certificate(self, security: _Security) -> None:
@@ -1035,9 +1013,8 @@ class OpcUaDriver(Driver):
         return make_reading(tag, results[0] if results else None, time.time())
 
     def _tag(self, name: str) -> OpcUaTagConfig:
-        tag = self._tags.get(name)
-        if tag is None:
-            raise DriverFault(f"{self.config.name} has no tag {name!r}")
+        tag = self.tag_config(name)
+        assert isinstance(tag, OpcUaTagConfig)  # the config model holds only OpcUaTagConfigs
         return tag
 
     # -- writing ---------------------------------------------------------------------------
@@ -1064,12 +1041,10 @@ class OpcUaDriver(Driver):
             )
         return self._types[tag.name]
 
-    async def write(self, tag: str, value: JsonValue) -> JsonValue:
+    async def _write(self, tag: str, value: JsonValue) -> JsonValue:
         """Convert to the node's data type, write once, read back and compare."""
         config = self._tag(tag)
         name = f"{self.config.name}/{tag}"
-        if not config.writable:
-            raise DriverFault(f"{name} is not writable")
         vtype, array = await self._node_type(config)
         try:
             variant, expected = to_variant(value, vtype, array)
@@ -1107,7 +1082,7 @@ class OpcUaDriver(Driver):
             read_back = await self.read_tag(tag)
         except DriverUnavailable as exc:
             raise WriteUnverified(f"{name}: cannot read back: {exc}") from None
-        if read_back.quality != "good" or not _same(read_back.value, expected):
+        if read_back.quality != "good" or not config.same_value(read_back.value, expected):
             detail = outcome or "read-back differs"
             raise WriteUnverified(
                 f"{name}: wrote {value!r}, read back {read_back.value!r} ({detail})",

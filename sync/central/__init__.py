@@ -1,1 +1,3 @@
-"""The central side (`edge-agent ingest`'s library): batch parsing, PostgreSQL commits, schema, partitions."""
+"""The central side (`edge-agent ingest`'s library): batch parsing, PostgreSQL commits, schema,
+partitions.
+"""

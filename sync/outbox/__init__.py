@@ -1,1 +1,3 @@
-"""The SQLite outbox (docs/delivery.md): commit-first group commit, gapless seqs, acks, caps and gaps."""
+"""The SQLite outbox (docs/delivery.md): commit-first group commit, gapless seqs, acks, caps
+and gaps.
+"""

@@ -1,1 +1,3 @@
-"""Uplinks: the Sink protocol and its sinks (live JSON topics, the S/sync forwarder), topic names and payloads."""
+"""Uplinks: the Sink protocol and its sinks (live JSON topics, the S/sync forwarder), topic
+names and payloads.
+"""
