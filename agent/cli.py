@@ -127,7 +127,8 @@ def _is_central(path: Path) -> bool:
 
 def cmd_check(args: argparse.Namespace) -> int:
     """`edge-agent check`: validate and summarise."""
-    from agent.settings.loader import load_agent_settings, load_central_settings
+    from agent.central.settings import load_central_settings
+    from agent.settings.loader import load_agent_settings
 
     path: Path = args.config
     if _is_central(path):
@@ -257,7 +258,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     import asyncio
 
     from agent.central.service import run_until_signalled
-    from agent.settings.loader import load_central_settings
+    from agent.central.settings import load_central_settings
 
     settings = load_central_settings(args.config)
     return asyncio.run(run_until_signalled(settings))

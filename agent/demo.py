@@ -20,8 +20,8 @@ from typing import Any, TextIO
 
 from agent.daemon.runtime import Runtime
 from agent.oee.calendar import ShiftWindow
+from agent.settings.config_file import AgentSettings
 from agent.settings.loader import load_agent_settings
-from agent.settings.models import AgentSettings
 from simulators.modbus.server import ModbusSimulator
 from simulators.opcua.server import OpcUaSimulator
 

@@ -7,7 +7,7 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-from agent.settings.models import AgentSettings
+from agent.settings.config_file import AgentSettings
 
 EXIT_HEALTHY = 0
 EXIT_DEGRADED = 1

@@ -13,7 +13,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from agent.settings.schema import agent_schema, central_schema  # noqa: E402
+from agent.central.settings import central_schema  # noqa: E402
+from agent.settings.schema import agent_schema  # noqa: E402
 from drivers.config import DURATION_PATTERN, SIZE_PATTERN  # noqa: E402
 
 # (heading, $defs name or "" for the root, TOML table as written in a file, intro)

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from agent.oee.calendar import iter_shift_windows, shift_windows, window_at
-from agent.settings.models import CalendarConfig
+from agent.settings.machines import CalendarConfig
 from sync.events import parse_rfc3339
 
 

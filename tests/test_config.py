@@ -11,8 +11,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from agent.central.settings import load_central_settings
 from agent.cli import main
-from agent.settings.loader import ConfigError, load_agent_settings, load_central_settings
+from agent.settings.loader import ConfigError, load_agent_settings
 from agent.settings.schema import agent_schema
 
 REPO = Path(__file__).resolve().parent.parent

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from agent.oee.engine import OeeEngine, format_seconds
-from agent.settings.models import CalendarConfig, MachineConfig
+from agent.settings.machines import CalendarConfig, MachineConfig
 from sync.events import parse_rfc3339
 
 EARLY = {

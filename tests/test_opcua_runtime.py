@@ -20,8 +20,8 @@ import pytest_asyncio
 
 from agent.daemon.runtime import Runtime
 from agent.probe import probe
+from agent.settings.config_file import AgentSettings
 from agent.settings.loader import load_agent_settings
-from agent.settings.models import AgentSettings
 from simulators.opcua.server import OpcUaSimulator, send_control
 from sync.events import rfc3339
 from tests.fixtures.collector import TopicCollector

@@ -22,8 +22,8 @@ from agent.oee.replay import (
     replay_samples,
     run_replay,
 )
+from agent.settings.config_file import AgentSettings
 from agent.settings.loader import load_agent_settings
-from agent.settings.models import AgentSettings
 from sync.events import parse_rfc3339, rfc3339
 
 CONFIG = """\

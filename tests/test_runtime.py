@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from agent.daemon.runtime import Runtime
+from agent.settings.config_file import AgentSettings
 from agent.settings.loader import load_agent_settings
-from agent.settings.models import AgentSettings
 from simulators.modbus.server import ModbusSimulator, send_control
 from tests.fixtures.collector import TopicCollector
 from tests.fixtures.mosquitto import MosquittoBroker

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from agent.daemon.runtime import SHUTDOWN_GRACE
-from agent.settings.models import GatewayConfig
+from agent.settings.gateway import GatewayConfig
 
 REPO = Path(__file__).resolve().parent.parent
 SYSTEMD = REPO / "systemd"

@@ -4,14 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from agent.settings.models import (
-    parse_clock,
-    parse_days,
-    parse_months,
-    parse_param_spec,
-    parse_rate,
-)
+from agent.central.settings import parse_months
+from agent.settings.machines import parse_clock, parse_days
 from agent.settings.toml_lines import key_lines, line_of
+from agent.settings.workflows import parse_param_spec, parse_rate
 from drivers.config import parse_duration, parse_size
 from drivers.modbus.config import Address, SerialLink, TcpLink, parse_address, parse_modbus_url
 

@@ -21,8 +21,8 @@ from types import TracebackType
 from typing import Any
 
 from agent.daemon.runtime import Runtime
+from agent.settings.config_file import AgentSettings
 from agent.settings.loader import load_agent_settings
-from agent.settings.models import AgentSettings
 from tests.fixtures.mosquitto import MosquittoBroker
 from tests.fixtures.mqtt_client import MqttTestClient
 from tests.fixtures.relay import TcpRelay

@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from agent.settings.models import AgentSettings, ParamSpec, parse_param_spec
+from agent.settings.config_file import AgentSettings
+from agent.settings.workflows import ParamSpec, parse_param_spec
 from agent.workflows.engine import (
     COMMAND_QUEUE,
     MAX_PAYLOAD,

@@ -9,9 +9,9 @@ import signal
 import uuid
 from typing import Any
 
+from agent.central.settings import CentralSettings
 from agent.service.sdnotify import SdNotifier
 from agent.service.watchdog import ingest_status_line, liveness_problems, watchdog_loop
-from agent.settings.models import CentralSettings
 from sync.central.ingest import Ingest, is_orphaned_asyncpg_waiter, presence_payload, presence_topic
 from sync.mqtt.client import MqttClient, TlsOptions, Will
 

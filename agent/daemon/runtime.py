@@ -21,8 +21,8 @@ from agent.service.http import HttpServer, Response, Route, json_response
 from agent.service.sdnotify import SdNotifier
 from agent.service.tasks import cancel_and_wait
 from agent.service.watchdog import liveness_problems, status_line, watchdog_loop
+from agent.settings.config_file import AgentSettings
 from agent.settings.loader import ConfigError, load_agent_settings
-from agent.settings.models import AgentSettings
 from agent.workflows.engine import WorkflowEngine, attach_workflows
 from drivers.base import Driver, DriverContext, DriverFault, JsonValue, Reading, SharedResources
 from drivers.config import DeviceConfigBase

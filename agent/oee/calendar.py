@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 
-from agent.settings.models import CalendarConfig, ShiftConfig
+from agent.settings.machines import CalendarConfig, ShiftConfig
 
 Interval = tuple[float, float]
 TimeLike = float | int | datetime

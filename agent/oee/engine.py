@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from agent.oee.calendar import ShiftWindow, iter_shift_windows
-from agent.settings.models import AgentSettings, CalendarConfig, MachineConfig
+from agent.settings.config_file import AgentSettings
+from agent.settings.machines import CalendarConfig, MachineConfig
 from sync.events import rfc3339
 
 # State categories. UNKNOWN is a code the machine's mapping does not list: it counts as

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent.oee.engine import OeeEngine
-from agent.settings.models import AgentSettings, CalendarConfig, MachineConfig
+from agent.settings.config_file import AgentSettings
+from agent.settings.machines import CalendarConfig, MachineConfig
 from drivers.base import Reading
 from sync.events import Event, dumps, json_safe
 from sync.uplink.topics import machine_state_payload, machine_state_topic, oee_topic

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from agent.oee.engine import GOOD, REJECT, TOTAL, OeeEngine
-from agent.settings.models import AgentSettings
+from agent.settings.config_file import AgentSettings
 from sync.events import parse_rfc3339
 
 STATE = -1  # role of a row: STATE, or the counter slot TOTAL / REJECT / GOOD

@@ -21,14 +21,16 @@ from pydantic_core import ErrorDetails
 from pydantic_settings import BaseSettings
 from pydantic_settings.sources import EnvSettingsSource
 
-from agent.settings.models import ENV_PREFIX, AgentSettings, CentralSettings, WaitStep, WriteStep
-from agent.settings.models import ConfirmStep as _ConfirmStep
+from agent.settings.common import ENV_PREFIX, SettingsFile
+from agent.settings.config_file import AgentSettings
 from agent.settings.toml_lines import Path as KeyPath
 from agent.settings.toml_lines import key_lines, line_of
+from agent.settings.workflows import ConfirmStep as _ConfirmStep
+from agent.settings.workflows import WaitStep, WriteStep
 from drivers.config import Problem
 from drivers.registry import DRIVER_TAG_PREFIX, DRIVERS
 
-SettingsT = TypeVar("SettingsT", AgentSettings, CentralSettings)
+SettingsT = TypeVar("SettingsT", bound=SettingsFile)
 
 # Keys whose value may instead come from a file: `password_file` -> `password`.
 SECRET_KEYS = ("password", "dsn")
@@ -51,15 +53,8 @@ class ConfigError(Exception):
 def load_agent_settings(
     path: str | os.PathLike[str], *, environ: Mapping[str, str] | None = None
 ) -> AgentSettings:
-    """Load and validate an agent config file (design §4)."""
-    return _load(AgentSettings, Path(path), environ)
-
-
-def load_central_settings(
-    path: str | os.PathLike[str], *, environ: Mapping[str, str] | None = None
-) -> CentralSettings:
-    """Load and validate an ingest config file (design §8)."""
-    return _load(CentralSettings, Path(path), environ)
+    """Load and validate an agent config file (docs/configuration.md)."""
+    return load_settings(AgentSettings, path, environ=environ)
 
 
 def _read_text(path: Path) -> str:
@@ -195,7 +190,14 @@ def _resolve_secrets(
     return out
 
 
-def _load(cls: type[SettingsT], path: Path, environ: Mapping[str, str] | None) -> SettingsT:
+def load_settings(
+    cls: type[SettingsT],
+    path: str | os.PathLike[str],
+    *,
+    environ: Mapping[str, str] | None = None,
+) -> SettingsT:
+    """Load and validate a config file of either program into its settings model."""
+    path = Path(path)
     env = dict(os.environ) if environ is None else dict(environ)
     text = _read_text(path)
     raw = _parse_toml(path, text)

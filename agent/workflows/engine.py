@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from agent.settings.models import (
-    AgentSettings,
+from agent.settings.config_file import AgentSettings
+from agent.settings.workflows import (
     ConfirmStep,
     ParamSpec,
     StepValue,

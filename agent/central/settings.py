@@ -1,0 +1,138 @@
+"""The central ingest's config file (`edge-agent ingest`, docs/central.md)."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import (
+    Field,
+    SecretStr,
+    field_validator,
+)
+from pydantic_settings import SettingsConfigDict
+
+from agent.settings.common import ENV_PREFIX, HttpConfig, SettingsFile, TlsClientConfig, check_topic
+from agent.settings.loader import load_settings
+from drivers.config import (
+    ConfigModel,
+    Duration,
+    Problem,
+    as_written,
+)
+
+
+def parse_months(text: str) -> int:
+    """Parse a retention such as ``"24 months"`` or ``"2 years"`` into months."""
+    match = re.fullmatch(r"\s*(\d+)\s*(months?|years?)\s*", text)
+    if match is None or int(match.group(1)) < 1:
+        raise ValueError(f"invalid retention {text!r}; write e.g. '24 months' or '2 years'")
+    count = int(match.group(1))
+    return count * 12 if match.group(2).startswith("year") else count
+
+
+class IngestMqttConfig(TlsClientConfig):
+    """The ingest's broker connection and subscription."""
+
+    sync_prefix: str = Field(default="edge", description="Subscribes to {sync_prefix}/+/sync.")
+    shared_group: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9_-]{1,64}$",
+        description="MQTT 5 shared subscription group, so that several replicas split the load.",
+    )
+
+    @field_validator("sync_prefix")
+    @classmethod
+    def _check_sync_prefix(cls, value: str) -> str:
+        return check_topic(value)
+
+
+class PostgresConfig(ConfigModel):
+    """The central PostgreSQL."""
+
+    dsn: SecretStr | None = Field(
+        default=None,
+        description="postgresql://USER@HOST:5432/DB (prefer dsn_file when it holds a password).",
+    )
+    dsn_file: Path | None = Field(default=None, description="File holding the DSN.")
+    pool_size: int = Field(default=4, ge=1, le=100, description="Connections per replica.")
+
+    def problems(self) -> Iterator[Problem]:
+        """A DSN must come from somewhere."""
+        if self.dsn is None:
+            yield (("dsn",), "required (or dsn_file)")
+        elif not self.dsn.get_secret_value().startswith(("postgresql://", "postgres://")):
+            yield (("dsn",), "must start with postgresql://")
+
+
+class PartitionsConfig(ConfigModel):
+    """Monthly partitions of edge_events."""
+
+    months_ahead: int = Field(default=3, ge=1, le=60, description="Partitions kept ready.")
+    retention: str = Field(
+        default="24 months",
+        description="Partitions older than this are detached and dropped.",
+        examples=["24 months", "2 years"],
+    )
+    maintenance_interval: Duration = Field(
+        default=as_written("1h"), gt=0, description="How often partitions are maintained."
+    )
+
+    @field_validator("retention")
+    @classmethod
+    def _check_retention(cls, value: str) -> str:
+        parse_months(value)
+        return value
+
+    @property
+    def retention_months(self) -> int:
+        """Retention in whole months."""
+        return parse_months(self.retention)
+
+
+class IngestHttpConfig(HttpConfig):
+    """Health and metrics of the ingest."""
+
+    listen: str = Field(default="127.0.0.1:9109", description="HOST:PORT.")
+
+
+class CentralSettings(SettingsFile):
+    """The central ingest's config file (docs/central.md)."""
+
+    model_config = SettingsConfigDict(
+        extra="forbid",
+        frozen=True,
+        validate_default=True,
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        case_sensitive=False,
+        title="edge-agent ingest configuration",
+    )
+
+    mqtt: IngestMqttConfig
+    postgres: PostgresConfig
+    partitions: PartitionsConfig = Field(default_factory=PartitionsConfig)
+    http: IngestHttpConfig = Field(default_factory=IngestHttpConfig)
+
+    def problems(self) -> Iterator[Problem]:
+        """Every cross-field problem."""
+        for loc, reason in self.mqtt.problems():
+            yield (("mqtt", *loc), reason)
+        for loc, reason in self.postgres.problems():
+            yield (("postgres", *loc), reason)
+
+
+def load_central_settings(
+    path: str | os.PathLike[str], *, environ: Mapping[str, str] | None = None
+) -> CentralSettings:
+    """Load and validate an ingest config file."""
+    return load_settings(CentralSettings, path, environ=environ)
+
+
+def central_schema() -> dict[str, Any]:
+    """JSON Schema of the ingest config file."""
+    schema = CentralSettings.model_json_schema(mode="validation")
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}

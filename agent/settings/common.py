@@ -1,0 +1,147 @@
+"""Config pieces both programs share: identifiers, topic and listen-address checks, the MQTT
+connection keys, the HTTP endpoint."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated
+from urllib.parse import urlsplit
+
+from pydantic import (
+    Field,
+    SecretStr,
+    field_validator,
+)
+from pydantic_settings import BaseSettings
+
+from drivers.config import (
+    ConfigModel,
+    Duration,
+    Problem,
+    as_written,
+)
+
+ENV_PREFIX = "EDGE_AGENT__"
+GATEWAY_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+TAG_REF_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}/[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$"
+TagRef = Annotated[str, Field(pattern=TAG_REF_PATTERN, examples=["press1/state"])]
+# Topic levels we generate must never contain MQTT wildcards or empty levels.
+_TOPIC = re.compile(r"^[^/+#\s]+(/[^/+#\s]+)*$")
+
+
+def check_topic(value: str) -> str:
+    """Validate a topic prefix: levels separated by '/', no wildcards, no empty level."""
+    if not _TOPIC.fullmatch(value):
+        raise ValueError(
+            f"invalid topic {value!r}: levels separated by '/', no '+', '#', spaces, "
+            "leading/trailing '/' or empty levels"
+        )
+    return value
+
+
+def check_listen(value: str) -> str:
+    """Validate ``HOST:PORT`` (``[::1]:9108`` for IPv6)."""
+    match = re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})", value)
+    if match is None or not 0 < int(match.group(2)) < 65536:
+        raise ValueError(f"{value!r}: write HOST:PORT, e.g. '127.0.0.1:9108'")
+    return value
+
+
+class TlsClientConfig(ConfigModel):
+    """MQTT connection keys shared by the agent and the ingest."""
+
+    url: str = Field(
+        description="Broker URL, mqtt://HOST[:1883] or mqtts://HOST[:8883] (TLS).",
+        examples=["mqtts://broker.plant.local:8883"],
+    )
+    username: str | None = Field(default=None, description="User name; unset: anonymous.")
+    password: SecretStr | None = Field(default=None, description="Prefer password_file.")
+    password_file: Path | None = Field(
+        default=None,
+        description="File holding the password; a relative path is looked up in "
+        "$CREDENTIALS_DIRECTORY (systemd LoadCredential=) when set, else next to the config.",
+    )
+    ca_file: Path | None = Field(
+        default=None, description="CA bundle to verify the broker (mqtts); unset: system CAs."
+    )
+    cert_file: Path | None = Field(
+        default=None, description="Client certificate for mutual TLS (with key_file)."
+    )
+    key_file: Path | None = Field(default=None, description="Client key for mutual TLS.")
+    client_id: str | None = Field(
+        default=None,
+        max_length=128,
+        description="MQTT client id; default 'edge-agent-{gateway.id}' (ingest: random).",
+    )
+    keepalive: Duration = Field(
+        default=as_written("30s"), ge=5, description="MQTT keep-alive interval."
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("mqtt", "mqtts"):
+            raise ValueError(f"{value!r}: scheme must be mqtt:// or mqtts://")
+        if not parts.hostname:
+            raise ValueError(f"{value!r}: missing broker host")
+        try:
+            _ = parts.port
+        except ValueError as exc:
+            raise ValueError(f"{value!r}: invalid port") from exc
+        if parts.path not in ("", "/") or parts.query:
+            raise ValueError(f"{value!r}: a broker URL takes only host and port")
+        return value
+
+    @property
+    def host(self) -> str:
+        """Broker host name."""
+        return urlsplit(self.url).hostname or ""
+
+    @property
+    def port(self) -> int:
+        """Broker port (1883 for mqtt, 8883 for mqtts by default)."""
+        parts = urlsplit(self.url)
+        return parts.port or (8883 if parts.scheme == "mqtts" else 1883)
+
+    @property
+    def tls(self) -> bool:
+        """Whether the connection uses TLS."""
+        return urlsplit(self.url).scheme == "mqtts"
+
+    def problems(self) -> Iterator[Problem]:
+        """Cross-field problems of the connection keys."""
+        if (self.cert_file is None) != (self.key_file is None):
+            yield (("cert_file",), "cert_file and key_file go together (mutual TLS)")
+        if not self.tls:
+            for key in ("ca_file", "cert_file", "key_file"):
+                if getattr(self, key) is not None:
+                    yield ((key,), "TLS files need an mqtts:// url")
+        if self.password is not None and not self.username:
+            yield (("username",), "required when a password is given")
+
+
+class HttpConfig(ConfigModel):
+    """Health and metrics endpoint."""
+
+    listen: str = Field(
+        default="127.0.0.1:9108",
+        description="HOST:PORT of /healthz /readyz /metrics; keep it on loopback unless the "
+        "network is trusted.",
+    )
+    enabled: bool = Field(default=True, description="Serve the endpoint at all.")
+
+    @field_validator("listen")
+    @classmethod
+    def _check_listen(cls, value: str) -> str:
+        return check_listen(value)
+
+
+class SettingsFile(BaseSettings):
+    """A whole config file: pydantic checks its structure, `problems()` what spans fields."""
+
+    def problems(self) -> Iterator[Problem]:
+        """Every cross-field problem, with locations from the file's root."""
+        return iter(())

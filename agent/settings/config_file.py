@@ -1,0 +1,243 @@
+"""The agent's config file as one model (docs/configuration.md): its sections, lookups, and the
+checks that span sections.
+
+Structure is checked by pydantic; everything that spans fields (references between sections,
+unique names, address ranges) is checked by `problems()` afterwards, so that one run reports
+every problem, each as ``path.to.field: reason``. Nothing is ever silently repaired."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from pydantic import (
+    Field,
+    model_validator,
+)
+from pydantic_settings import SettingsConfigDict
+
+from agent.settings.common import ENV_PREFIX, HttpConfig, SettingsFile
+from agent.settings.gateway import BufferConfig, GatewayConfig, MqttConfig
+from agent.settings.machines import CalendarConfig, MachineConfig
+from agent.settings.workflows import (
+    ParamSpec,
+    StepValue,
+    WaitStep,
+    WorkflowConfig,
+    WriteStep,
+    template_fields,
+)
+from drivers.config import (
+    DeviceConfigBase,
+    Problem,
+    TagConfigBase,
+)
+from drivers.registry import DeviceConfig
+
+
+class AgentSettings(SettingsFile):
+    """The whole agent config file."""
+
+    model_config = SettingsConfigDict(
+        extra="forbid",
+        frozen=True,
+        validate_default=True,
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        case_sensitive=False,
+        title="edge-agent configuration",
+    )
+
+    gateway: GatewayConfig
+    mqtt: MqttConfig
+    buffer: BufferConfig = Field(default_factory=BufferConfig)
+    http: HttpConfig = Field(default_factory=HttpConfig)
+    devices: tuple[DeviceConfig, ...] = Field(default=(), description="PLCs and other sources.")
+    machines: tuple[MachineConfig, ...] = Field(default=(), description="OEE per machine.")
+    calendars: tuple[CalendarConfig, ...] = Field(default=(), description="Shift plans.")
+    workflows: tuple[WorkflowConfig, ...] = Field(default=(), description="Command sagas.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_topic_root(cls, data: Any) -> Any:
+        # topic_root defaults to {site}/{area}/{line}; filled before validation so that the
+        # loaded model is complete and immutable.
+        if isinstance(data, dict):
+            gateway, mqtt = data.get("gateway"), data.get("mqtt")
+            if isinstance(gateway, dict) and isinstance(mqtt, dict) and not mqtt.get("topic_root"):
+                parts = [gateway.get(key) for key in ("site", "area", "line")]
+                if all(isinstance(part, str) and part for part in parts):
+                    data = {**data, "mqtt": {**mqtt, "topic_root": "/".join(parts)}}  # type: ignore[arg-type]
+        return data
+
+    # -- lookups ---------------------------------------------------------------------------
+
+    def device(self, name: str) -> DeviceConfigBase | None:
+        """The device of that name."""
+        return next((device for device in self.devices if device.name == name), None)
+
+    def tag(self, ref: str) -> tuple[DeviceConfigBase, TagConfigBase] | None:
+        """Resolve 'device/tag'."""
+        device_name, _, tag_name = ref.partition("/")
+        device = self.device(device_name)
+        if device is None:
+            return None
+        tag = next((tag for tag in device.tag_list() if tag.name == tag_name), None)
+        return None if tag is None else (device, tag)
+
+    @property
+    def client_id(self) -> str:
+        """MQTT client id of the agent."""
+        return self.mqtt.client_id or f"edge-agent-{self.gateway.id}"
+
+    @property
+    def sync_topic_base(self) -> str:
+        """S = {sync_prefix}/{gateway.id}."""
+        return f"{self.mqtt.sync_prefix}/{self.gateway.id}"
+
+    # -- cross-field checks ------------------------------------------------------------------
+
+    def problems(self) -> Iterator[Problem]:
+        """Every cross-field problem, with locations from the file's root."""
+        for loc, reason in self.mqtt.problems():
+            yield (("mqtt", *loc), reason)
+        yield from _unique("devices", [device.name for device in self.devices], "device")
+        yield from _unique("machines", [machine.name for machine in self.machines], "machine")
+        yield from _unique("calendars", [cal.name for cal in self.calendars], "calendar")
+        yield from _unique("workflows", [flow.name for flow in self.workflows], "workflow")
+        for index, device in enumerate(self.devices):
+            for loc, reason in device.problems():
+                yield (("devices", index, *loc), reason)
+        for index, calendar in enumerate(self.calendars):
+            for loc, reason in calendar.problems():
+                yield (("calendars", index, *loc), reason)
+        for index, machine in enumerate(self.machines):
+            yield from self._machine_problems(index, machine)
+        for index, workflow in enumerate(self.workflows):
+            yield from self._workflow_problems(index, workflow)
+
+    def _ref_problem(self, loc: tuple[str | int, ...], ref: str) -> Iterator[Problem]:
+        device_name, _, tag_name = ref.partition("/")
+        if self.device(device_name) is None:
+            yield (loc, f"unknown device {device_name!r} in {ref!r}")
+        elif self.tag(ref) is None:
+            yield (loc, f"device {device_name!r} has no tag {tag_name!r}")
+
+    def _machine_problems(self, index: int, machine: MachineConfig) -> Iterator[Problem]:
+        base: tuple[str | int, ...] = ("machines", index)
+        yield from self._ref_problem((*base, "state", "tag"), machine.state.tag)
+        state_tag = self.tag(machine.state.tag)
+        if state_tag is not None and state_tag[1].value_kind() == "float":
+            yield ((*base, "state", "tag"), "a state code tag must not be a float value")
+        seen: dict[Any, str] = {}
+        for group in ("running", "planned_stop", "unplanned_stop"):
+            for code in getattr(machine.state, group):
+                code_key = (type(code).__name__, code)
+                if code_key in seen:
+                    yield ((*base, "state", group), f"code {code!r} is also in {seen[code_key]}")
+                seen.setdefault(code_key, group)
+        counters: list[tuple[str, str]] = [("total_count", machine.total_count)]
+        if machine.reject_count is not None and machine.good_count is not None:
+            yield ((*base, "good_count"), "give reject_count or good_count, not both")
+        for key in ("reject_count", "good_count"):
+            ref = getattr(machine, key)
+            if ref is not None:
+                counters.append((key, ref))
+        for key, ref in counters:
+            yield from self._ref_problem((*base, key), ref)
+            resolved = self.tag(ref)
+            if resolved is not None and resolved[1].value_kind() not in ("int", "unknown"):
+                yield (
+                    (*base, key),
+                    f"{ref} is a {resolved[1].value_kind()} value; a counter must be an "
+                    "unscaled integer tag",
+                )
+        if machine.calendar not in {calendar.name for calendar in self.calendars}:
+            yield ((*base, "calendar"), f"unknown calendar {machine.calendar!r}")
+        device = self.device(machine.name)
+        if device is not None:
+            clash = {"state", "oee"} & {tag.name for tag in device.tag_list()}
+            if clash:
+                yield (
+                    (*base, "name"),
+                    f"topic clash: machine {machine.name!r} publishes "
+                    f"R/{machine.name}/{sorted(clash)[0]}, which device {machine.name!r} "
+                    "already uses for a tag; rename the machine or the tag",
+                )
+
+    def _workflow_problems(self, index: int, workflow: WorkflowConfig) -> Iterator[Problem]:
+        base: tuple[str | int, ...] = ("workflows", index)
+        declared = set(workflow.params)
+        specs = workflow.param_specs
+        for step_index, step in enumerate(workflow.steps):
+            loc = (*base, "steps", step_index)
+            if isinstance(step, WriteStep):
+                yield from self._ref_problem((*loc, "write"), step.write)
+                resolved = self.tag(step.write)
+                if resolved is not None and not resolved[1].writable:
+                    yield ((*loc, "write"), f"{step.write} is not writable (writable = true)")
+                values = [("value", step.value)]
+                if step.compensate_value is not None:
+                    values.append(("compensate_value", step.compensate_value))
+            elif isinstance(step, WaitStep):
+                yield from self._ref_problem((*loc, "wait"), step.wait)
+                values = [("value", step.value)]
+            else:
+                values = []
+            for key, value in values:
+                try:
+                    names = template_fields(value)
+                except ValueError as exc:
+                    yield ((*loc, key), f"invalid template {value!r}: {exc}")
+                    continue
+                for name in names:
+                    if name not in declared:
+                        yield (
+                            (*loc, key),
+                            f"template refers to undeclared parameter {name!r}"
+                            + (f"; declared: {', '.join(sorted(declared))}" if declared else ""),
+                        )
+                if isinstance(step, WriteStep) and not any(n not in declared for n in names):
+                    resolved = self.tag(step.write)
+                    if resolved is not None:
+                        kind = _value_kind(value, specs)
+                        wanted = resolved[1].value_kind()
+                        if not _kind_fits(kind, wanted):
+                            yield (
+                                (*loc, key),
+                                f"a {kind} value cannot be written to {step.write} "
+                                f"(a {wanted} tag)",
+                            )
+
+
+def _value_kind(value: StepValue, specs: dict[str, ParamSpec]) -> str:
+    """The JSON kind a step value will have once its template is filled."""
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int):
+        return "int"
+    if isinstance(value, float):
+        return "float"
+    names = template_fields(value)
+    if len(names) == 1 and value == "{" + names[0] + "}" and names[0] in specs:
+        return {"str": "string", "int": "int", "float": "float", "bool": "bool"}[
+            specs[names[0]].type
+        ]
+    return "string"
+
+
+def _kind_fits(kind: str, wanted: str) -> bool:
+    if wanted == "unknown" or kind == wanted:
+        return True
+    return wanted == "float" and kind == "int"
+
+
+def _unique(section: str, names: list[str], what: str) -> Iterator[Problem]:
+    seen: dict[str, int] = {}
+    for index, name in enumerate(names):
+        if name in seen:
+            yield (
+                (section, index, "name"),
+                f"duplicate {what} name {name!r} ({section}[{seen[name]}])",
+            )
+        seen.setdefault(name, index)
