@@ -66,10 +66,10 @@ def shift_label(window: ShiftWindow | None, now: float) -> str:
 def render(runtime: Runtime, *, started: float) -> str:
     """One screen of the demo."""
     settings = runtime.settings
-    mqtt = runtime.mqtt
+    gateway = runtime.gateway
     uplink = (
         f"connected to {settings.mqtt.url}, forwarding"
-        if mqtt is not None and mqtt.is_connected
+        if gateway is not None and gateway.mqtt.is_connected
         else f"no broker at {settings.mqtt.url}: buffering in the outbox"
     )
     lines = [
@@ -80,7 +80,7 @@ def render(runtime: Runtime, *, started: float) -> str:
         f"{'machine':<10}{'state':<16}{'availability':>13}{'performance':>13}"
         f"{'quality':>9}{'OEE':>8}{'produced':>10}{'rejects':>9}",
     ]
-    oee = runtime.oee
+    oee = gateway.oee if gateway is not None else None
     for machine in settings.machines:
         engine = oee.engine(machine.name) if oee is not None else None
         state = engine.state.state if engine is not None and engine.state is not None else "-"
@@ -92,8 +92,8 @@ def render(runtime: Runtime, *, started: float) -> str:
             f"{_pct(report.get('oee')):>8}{report.get('produced_quantity', '-'):>10}"
             f"{report.get('reject_quantity', '-'):>9}  {shift}"
         )
-    outbox = runtime.outbox
-    if outbox is not None:
+    if gateway is not None:
+        outbox = gateway.outbox
         lines += [
             "",
             f"outbox: {outbox.events_count:,} events buffered (committed seq "

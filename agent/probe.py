@@ -6,7 +6,7 @@ import asyncio
 import time
 from dataclasses import dataclass
 
-from agent.daemon.runtime import driver_context, make_driver_factory
+from agent.daemon.devices import driver_context, make_driver_factory
 from agent.settings.config_file import AgentSettings
 from drivers.base import DriverError, JsonValue
 from drivers.config import DeviceConfigBase

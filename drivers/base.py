@@ -136,7 +136,9 @@ class Driver(abc.ABC):
         enforces it, whoever asks (a workflow, a commissioning tool, a later uplink).
         """
         if not self.tag_config(tag).writable:
-            raise DriverFault(f"{self.config.name}/{tag} is not writable")
+            raise DriverFault(
+                f"{self.config.name}/{tag} is not writable: not a writable tag in the config"
+            )
         return await self._write(tag, value)
 
     @abc.abstractmethod

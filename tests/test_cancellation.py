@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from agent.daemon.poller import DevicePoller
-from agent.daemon.runtime import report_slow_shutdown
+from agent.service.shutdown import report_slow_shutdown
 from agent.service.tasks import cancel_and_wait, forget_taskgroup_cancel, raise_if_cancelled
 from drivers.base import Driver, JsonValue, Reading
 from drivers.config import DeviceConfigBase

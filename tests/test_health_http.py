@@ -45,7 +45,8 @@ async def test_endpoints_metrics_and_status(mosquitto: MosquittoBroker, tmp_path
         async with running(settings) as runtime:
             await async_wait_until(lambda: runtime.pollers["press1"].polls >= 2, timeout=10)
             await async_wait_until(
-                lambda: runtime.mqtt is not None and runtime.mqtt.is_connected, timeout=10
+                lambda: runtime.gateway is not None and runtime.gateway.mqtt.is_connected,
+                timeout=10,
             )
             assert await asyncio.to_thread(get, port, "/healthz") == (200, b'{"status":"alive"}')
             code, body = await asyncio.to_thread(get, port, "/readyz")
@@ -91,7 +92,8 @@ async def test_status_healthy(mosquitto: MosquittoBroker, tmp_path: Path) -> Non
         async with running(settings) as runtime:
             await async_wait_until(lambda: runtime.pollers["press1"].state == "up", timeout=10)
             await async_wait_until(
-                lambda: runtime.mqtt is not None and runtime.mqtt.is_connected, timeout=10
+                lambda: runtime.gateway is not None and runtime.gateway.mqtt.is_connected,
+                timeout=10,
             )
             result = await asyncio.to_thread(status_command, tmp_path / "agent.toml")
     assert result.returncode == 0, result.stdout + result.stderr

@@ -7,6 +7,7 @@ import pytest
 from agent.daemon.pipeline import Pipeline, TagFilter
 from drivers.base import Reading
 from sync.events import Event
+from tests.fixtures.sinks import RecordingSink
 
 
 def good(value: object, ts: float = 0.0) -> Reading:
@@ -93,7 +94,7 @@ async def test_pipeline_commits_before_publishing_and_feeds_observers() -> None:
         published.extend(events)
 
     now = [0.0]
-    pipeline = Pipeline(live=live, durable=durable, clock=lambda: now[0])
+    pipeline = Pipeline(sinks=[RecordingSink(live)], durable=durable, clock=lambda: now[0])
     pipeline.configure_tag("press", "t", deadband=None, max_interval=60.0)
     pipeline.add_observer(lambda device, readings: observed.append(len(readings)))
     await pipeline.submit("press", [good(1, ts=100.0), Reading("unknown", 1, "good", 100.0)])
@@ -105,7 +106,7 @@ async def test_pipeline_commits_before_publishing_and_feeds_observers() -> None:
 
 async def test_reconfigure_keeps_last_state() -> None:
     published: list[Event] = []
-    pipeline = Pipeline(live=published.extend, clock=lambda: 0.0)
+    pipeline = Pipeline(sinks=[RecordingSink(published.extend)], clock=lambda: 0.0)
     pipeline.configure_tag("d", "t", deadband=None, max_interval=60.0)
     await pipeline.submit("d", [good(5)])
     pipeline.configure_tag("d", "t", deadband=1.0, max_interval=60.0)

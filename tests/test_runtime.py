@@ -317,9 +317,10 @@ async def test_broker_down_then_newest_values_published_on_reconnect(
             tmp_path, config_text(mosquitto, tmp_path / "data", [("press1", sim.port)])
         )
         async with running(settings) as runtime:
-            assert runtime.mqtt is not None
+            assert runtime.gateway is not None
             await async_wait_until(
-                lambda: runtime.mqtt is not None and runtime.mqtt.is_connected, timeout=10
+                lambda: runtime.gateway is not None and runtime.gateway.mqtt.is_connected,
+                timeout=10,
             )
             await asyncio.to_thread(mosquitto.kill)
             sim.model(1).write("product_name", "DURING-OUTAGE")

@@ -24,14 +24,9 @@ from typing import Any
 
 import pytest
 
+from agent.daemon.health import MIN_STALE_AFTER, liveness_problems, stale_after, status_line
 from agent.service.sdnotify import SdNotifier, watchdog_interval
-from agent.service.watchdog import (
-    MIN_STALE_AFTER,
-    liveness_problems,
-    stale_after,
-    status_line,
-    watchdog_loop,
-)
+from agent.service.watchdog import watchdog_loop
 from agent.settings.loader import load_agent_settings
 from drivers.config import DeviceConfigBase
 from tests.fixtures.ports import async_wait_until, free_port

@@ -243,9 +243,9 @@ async def running(settings: AgentSettings) -> AsyncIterator[Runtime]:
     try:
         async with asyncio.timeout(15):
             await runtime.started.wait()
-            assert runtime.workflows is not None
-            await runtime.workflows.ready.wait()
-            mqtt = runtime.mqtt
+            assert runtime.gateway is not None
+            await runtime.gateway.workflows.ready.wait()
+            mqtt = runtime.gateway.mqtt
             assert mqtt is not None
             await mqtt.wait_connected()
         yield runtime

@@ -187,7 +187,7 @@ async def test_the_three_example_workflows(mosquitto: MosquittoBroker, tmp_path:
                 assert model.maintenance_lock
                 assert not model.start  # the lockout drops the run command
 
-                engine = runtime.workflows
+                engine = runtime.gateway.workflows if runtime.gateway else None
                 assert engine is not None
                 assert engine.saga_log is not None
                 sagas = await engine.saga_log.all()
@@ -351,7 +351,7 @@ steps = [
         settings = settings_for(tmp_path, text)
         with CentralAcker(mosquitto) as central, CommandSender(mosquitto, ROOT) as sender:
             async with running(settings) as runtime:
-                engine = runtime.workflows
+                engine = runtime.gateway.workflows if runtime.gateway else None
                 assert engine is not None
                 assert engine.saga_log is not None
                 saga_log = engine.saga_log
@@ -395,8 +395,8 @@ steps = [
                 assert lenient_saga.confirm_pending
                 assert lenient_saga.steps[2].phase == "deferred"
                 # Replies due meanwhile are kept in memory.
-                assert runtime.mqtt is not None
-                assert not runtime.mqtt.is_connected
+                assert runtime.gateway is not None
+                assert not runtime.gateway.mqtt.is_connected
                 # The uplink returns: our subscribers first (the gate holds the agent back),
                 # then the agent: the kept replies go out, the central store acks.
                 proxy.close_gate()
@@ -547,7 +547,7 @@ async def test_hostile_commands_write_nothing(mosquitto: MosquittoBroker, tmp_pa
         hostile = hostile_commands()
         with CentralAcker(mosquitto) as central, CommandSender(mosquitto, ROOT) as sender:
             async with running(settings) as runtime:
-                engine = runtime.workflows
+                engine = runtime.gateway.workflows if runtime.gateway else None
                 assert engine is not None
                 poller = runtime.pollers["press1"]
                 await wait_for(lambda: poller.state == "up")
@@ -757,7 +757,7 @@ async def test_recovery_settles_in_doubt_steps_by_reading_back(
         )
         with CentralAcker(mosquitto) as central:
             async with running(settings) as runtime:
-                engine = runtime.workflows
+                engine = runtime.gateway.workflows if runtime.gateway else None
                 assert engine is not None
                 assert engine.saga_log is not None
                 saga_log = engine.saga_log
@@ -859,7 +859,7 @@ async def test_exclusivity_rate_limit_and_a_failed_compensation(
                 # Refuse hr:303 only once the write is verified: refused earlier, the driver's
                 # read-back fails, the write is unverified and the saga reads back for up to
                 # SETTLE_DEADLINE (30 s) before compensating (seen once under full-suite load).
-                engine = runtime.workflows
+                engine = runtime.gateway.workflows if runtime.gateway else None
                 assert engine is not None
                 assert engine.saga_log is not None
                 saga_log = engine.saga_log

@@ -269,7 +269,7 @@ async def test_a_full_command_queue_rejects_busy(tmp_path: Path) -> None:
     async with Outbox(tmp_path / "outbox.db", max_size=1 << 24) as outbox:
         mqtt = MqttClient(host="127.0.0.1", port=1, client_id="t")  # never connected
         engine = WorkflowEngine(
-            settings, outbox=outbox, mqtt=mqtt, write=_no_io, read=_no_io, data_dir=tmp_path
+            settings, outbox=outbox, mqtt=mqtt, devices=NoDevices(), data_dir=tmp_path
         )
         assert set(engine.plans) == {"w"}
         for n in range(COMMAND_QUEUE + 10):
@@ -285,8 +285,14 @@ async def test_a_full_command_queue_rejects_busy(tmp_path: Path) -> None:
     assert replies[0]["detail"] == "busy: too many commands queued"
 
 
-async def _no_io(*args: Any) -> Any:
-    raise AssertionError("no device I/O expected")
+class NoDevices:
+    """Devices that must not be touched."""
+
+    async def read(self, ref: str) -> Any:
+        raise AssertionError("no device I/O expected")
+
+    async def write(self, ref: str, value: Any) -> Any:
+        raise AssertionError("no device I/O expected")
 
 
 async def test_reconfigure_takes_new_workflows(tmp_path: Path) -> None:
@@ -298,7 +304,7 @@ async def test_reconfigure_takes_new_workflows(tmp_path: Path) -> None:
     async with Outbox(tmp_path / "outbox.db", max_size=1 << 24) as outbox:
         mqtt = MqttClient(host="127.0.0.1", port=1, client_id="t")
         engine = WorkflowEngine(
-            settings, outbox=outbox, mqtt=mqtt, write=_no_io, read=_no_io, data_dir=tmp_path
+            settings, outbox=outbox, mqtt=mqtt, devices=NoDevices(), data_dir=tmp_path
         )
         await engine.reconfigure(reloaded)
     assert set(engine.plans) == {"w", "w2"}

@@ -11,7 +11,7 @@ from typing import Any
 
 from agent.central.settings import CentralSettings
 from agent.service.sdnotify import SdNotifier
-from agent.service.watchdog import ingest_status_line, liveness_problems, watchdog_loop
+from agent.service.watchdog import dead_tasks, ingest_status_line, watchdog_loop
 from sync.central.ingest import Ingest, is_orphaned_asyncpg_waiter, presence_payload, presence_topic
 from sync.mqtt.client import MqttClient, TlsOptions, Will
 
@@ -79,7 +79,7 @@ async def run_until_signalled(settings: CentralSettings) -> int:
         asyncio.create_task(
             watchdog_loop(
                 notifier,
-                lambda: liveness_problems({}, [task]),
+                lambda: dead_tasks([task]),
                 notifier.watchdog_interval,
                 status=lambda: ingest_status_line(
                     ingest, committed_rows=ingest.stats.rows_inserted

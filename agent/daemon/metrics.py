@@ -7,6 +7,7 @@ hot paths carry no instrumentation; only poll durations are observed as they hap
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -15,6 +16,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
+    from agent.daemon.gateway import Gateway
     from agent.daemon.runtime import Runtime
 
 PREFIX = "edge_agent"
@@ -57,14 +59,17 @@ class _RuntimeCollector(Collector):
         self._runtime = runtime
 
     def collect(self) -> Iterator[Metric]:
-        yield from self._devices()
-        yield from self._outbox()
-        yield from self._uplink()
-        yield from self._oee()
-        yield from self._workflows()
+        gateway = self._runtime.gateway
+        if gateway is not None:
+            yield from self._devices(gateway)
+            yield from self._outbox(gateway)
+            yield from self._uplink(gateway)
+            yield from self._oee(gateway)
+            yield from self._workflows(gateway)
+        yield from self._reloads()
         yield from self._process()
 
-    def _devices(self) -> Iterator[Metric]:
+    def _devices(self, gateway: Gateway) -> Iterator[Metric]:
         up = _gauge("device_up", "1 when the device is connected and answering.", ["device"])
         state = _gauge("device_state", "Device state (one of up, down, open).", ["device", "state"])
         breaker = _gauge("device_breaker_open", "1 while the circuit breaker is open.", ["device"])
@@ -74,7 +79,7 @@ class _RuntimeCollector(Collector):
         skipped = _counter(
             "device_skipped_ticks", "Poll ticks skipped after an overrun.", ["device"]
         )
-        for name, poller in self._runtime.pollers.items():
+        for name, poller in gateway.devices.pollers.items():
             current = poller.state
             up.add_metric([name], 1.0 if current == "up" else 0.0)
             for option in ("up", "down", "open"):
@@ -86,20 +91,17 @@ class _RuntimeCollector(Collector):
             skipped.add_metric([name], poller.skipped_ticks)
         yield from (up, state, breaker, polls, errors, reconnects, skipped)
 
-    def _outbox(self) -> Iterator[Metric]:
-        outbox = self._runtime.outbox
-        if outbox is None:
-            return
-        health = self._runtime.health()
+    def _outbox(self, gateway: Gateway) -> Iterator[Metric]:
+        outbox = gateway.outbox
+        oldest_ts = outbox.oldest_unacked_ts
         yield _simple(
             _gauge("outbox_events", "Events in the outbox (not yet acknowledged)."),
             outbox.events_count,
         )
         yield _simple(_gauge("outbox_bytes", "Bytes the outbox database uses."), outbox.bytes_used)
-        oldest = health["oldest_unacked_s"]
         yield _simple(
             _gauge("outbox_oldest_unacked_age_seconds", "Age of the oldest unacknowledged event."),
-            0.0 if oldest is None else oldest,
+            0.0 if oldest_ts is None else round(max(0.0, time.time() - oldest_ts), 3),
         )
         yield _simple(
             _gauge("outbox_committed_seq", "Last committed seq of the stream."),
@@ -119,50 +121,28 @@ class _RuntimeCollector(Collector):
         )
         yield _simple(_counter("outbox_commits", "SQLite transactions committed."), outbox.commits)
 
-    def _uplink(self) -> Iterator[Metric]:
-        runtime = self._runtime
-        mqtt = runtime.mqtt
-        if mqtt is not None:
-            yield _simple(
-                _gauge("mqtt_connected", "1 while connected to the broker."),
-                1.0 if mqtt.is_connected else 0.0,
-            )
-            yield _simple(_counter("mqtt_published", "Messages published."), mqtt.stats.published)
-            yield _simple(
-                _counter("mqtt_acked", "QoS 1 messages acknowledged by the broker."),
-                mqtt.stats.acked,
-            )
-            yield _simple(_counter("mqtt_connects", "Successful connections."), mqtt.stats.connects)
-            yield _simple(_counter("mqtt_connection_lost", "Connections lost."), mqtt.stats.lost)
-        forwarder = runtime.forwarder
-        if forwarder is not None:
-            yield _simple(
-                _counter("sync_batches_sent", "S/sync batches sent."), forwarder.batches_sent
-            )
-            yield _simple(
-                _counter("sync_batches_resent", "S/sync batches sent again."),
-                forwarder.batches_resent,
-            )
-            yield _simple(
-                _counter("sync_events_sent", "Events sent on S/sync."), forwarder.events_sent
-            )
-            yield _simple(
-                _counter("sync_acks_received", "S/ack messages received."), forwarder.acks_received
-            )
-        if runtime.live is not None:
-            yield _simple(
-                _counter("live_published", "Live values published."), runtime.live.published
-            )
-        if runtime.pipeline is not None:
-            yield _simple(
-                _counter("events", "Events accepted by the pipeline."),
-                runtime.pipeline.events_total,
-            )
+    def _uplink(self, gateway: Gateway) -> Iterator[Metric]:
+        mqtt = gateway.mqtt
+        yield _simple(
+            _gauge("mqtt_connected", "1 while connected to the broker."),
+            1.0 if mqtt.is_connected else 0.0,
+        )
+        yield _simple(_counter("mqtt_published", "Messages published."), mqtt.stats.published)
+        yield _simple(
+            _counter("mqtt_acked", "QoS 1 messages acknowledged by the broker."), mqtt.stats.acked
+        )
+        yield _simple(_counter("mqtt_connects", "Successful connections."), mqtt.stats.connects)
+        yield _simple(_counter("mqtt_connection_lost", "Connections lost."), mqtt.stats.lost)
+        for sink in gateway.sinks:
+            for figure in sink.figures():
+                make = _counter if figure.kind == "counter" else _gauge
+                yield _simple(make(figure.name, figure.help), figure.value)
+        yield _simple(
+            _counter("events", "Events accepted by the pipeline."), gateway.pipeline.events_total
+        )
 
-    def _oee(self) -> Iterator[Metric]:
-        oee = self._runtime.oee
-        if oee is None:
-            return
+    def _oee(self, gateway: Gateway) -> Iterator[Metric]:
+        oee = gateway.oee
         families = {
             key: _gauge(
                 f"oee_{key}" if key != "oee" else "oee",
@@ -180,11 +160,40 @@ class _RuntimeCollector(Collector):
                     family.add_metric([machine], float(value))
         yield from families.values()
 
-    def _workflows(self) -> Iterator[Metric]:
-        counts = self._runtime.workflow_outcomes()
+    def _workflows(self, gateway: Gateway) -> Iterator[Metric]:
+        stats = gateway.workflows.stats
+        counts = {
+            "accepted": stats.accepted,
+            "rejected": stats.rejected,
+            "duplicate": stats.duplicates,
+            "completed": stats.completed,
+            "compensated": stats.compensated,
+            "failed": stats.failed,
+        }
         family = _counter("workflows", "Workflow commands by outcome.", ["outcome"])
         for outcome, count in sorted(counts.items()):
             family.add_metric([outcome], count)
+        yield family
+        yield _simple(
+            _counter(
+                "workflow_replies_dropped",
+                "Command replies dropped while the broker was away (the oldest go first).",
+            ),
+            stats.replies_dropped,
+        )
+        yield _simple(
+            _counter(
+                "workflow_audit_failures",
+                "Workflow audit events the outbox refused (the saga log still has them).",
+            ),
+            stats.audit_failures,
+        )
+
+    def _reloads(self) -> Iterator[Metric]:
+        reloads = self._runtime.reloads
+        family = _counter("reloads", "SIGHUP reloads by result.", ["result"])
+        family.add_metric(["applied"], reloads.applied)
+        family.add_metric(["failed"], reloads.failed)
         yield family
 
     def _process(self) -> Iterator[Metric]:

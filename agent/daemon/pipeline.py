@@ -1,7 +1,7 @@
 """Readings -> events: report by exception with deadband, heartbeats, quality transitions.
 
-The filter is pure (time is passed in); `Pipeline` fans events out to the sinks: the durable
-outbox first (once it exists), then the live topics, and every raw reading to observers
+The filter is pure (time is passed in); `Pipeline` commits events to the durable outbox first,
+then offers them to every sink (sync/uplink/sink.py), and hands every raw reading to observers
 (OEE, workflow wait steps), which need each value, not only the published ones.
 """
 
@@ -11,17 +11,17 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from drivers.base import JsonValue, Reading
 from sync.events import Event
+from sync.uplink.sink import Sink
 
 log = logging.getLogger("edge_agent.pipeline")
 
 Observer = Callable[[str, list[Reading]], None]
-DurableSink = Callable[[list[Event]], Awaitable[None]]
-LiveSink = Callable[[list[Event]], None]
+Durable = Callable[[list[Event]], Awaitable[object]]
 
 
 @dataclass(slots=True)
@@ -72,24 +72,23 @@ class TagFilter:
 
 
 class Pipeline:
-    """Per-tag filters and the fan-out to sinks."""
+    """Per-tag filters, the commit, and the fan-out to sinks."""
 
     def __init__(
         self,
         *,
-        live: LiveSink,
-        durable: DurableSink | None = None,
+        sinks: Sequence[Sink],
+        durable: Durable | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
     ) -> None:
-        self._live = live
+        self._sinks = tuple(sinks)
         self._durable = durable
         self._clock = clock
         self._wall = wall
         self._filters: dict[tuple[str, str], TagFilter] = {}
         self._observers: list[Observer] = []
         self.events_total = 0
-        self.durable_failures = 0
         self._durable_down = False
 
     @property
@@ -121,10 +120,6 @@ class Pipeline:
         """Receive every raw reading (unfiltered)."""
         self._observers.append(observer)
 
-    def last(self, device: str, tag: str) -> TagFilter | None:
-        """The last published state of a tag."""
-        return self._filters.get((device, tag))
-
     async def submit(self, device: str, readings: list[Reading]) -> None:
         """Filter readings into events; commit them durably, then publish them live."""
         now = self._clock()
@@ -145,7 +140,7 @@ class Pipeline:
         await self.emit(events)
 
     async def emit(self, events: list[Event]) -> None:
-        """Send ready-made events through the durable sink, then live.
+        """Commit ready-made events, then offer them to every sink.
 
         Nothing is published before its commit: if the outbox refuses the events (disk full),
         they are not published live either, and their tags are offered again on the next
@@ -159,21 +154,27 @@ class Pipeline:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                self.durable_failures += 1
-                if not self._durable_down:
-                    log.error("events not accepted by the outbox: %s", exc)
-                    self._durable_down = True
-                for event in events:
-                    if event.kind == "sample" and event.device and event.tag:
-                        tag_filter = self._filters.get((event.device, event.tag))
-                        if tag_filter is not None:
-                            tag_filter.quality = None  # forces the next reading through
+                self._refused(events, exc)
                 return
             if self._durable_down:
                 log.info("the outbox accepts events again")
                 self._durable_down = False
         self.events_total += len(events)
-        self._live(events)
+        for sink in self._sinks:
+            try:
+                sink.offer_events(events)
+            except Exception:  # one uplink's bug must not stop the others or polling
+                log.exception("sink %s failed on %d events", sink.name, len(events))
+
+    def _refused(self, events: list[Event], exc: Exception) -> None:
+        if not self._durable_down:
+            log.error("events not accepted by the outbox: %s", exc)
+            self._durable_down = True
+        for event in events:
+            if event.kind == "sample" and event.device and event.tag:
+                tag_filter = self._filters.get((event.device, event.tag))
+                if tag_filter is not None:
+                    tag_filter.quality = None  # forces the next reading through
 
     async def heartbeats(self) -> None:
         """Every second, re-publish values unchanged for their max_interval."""

@@ -11,16 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
-
-from drivers.config import DeviceConfigBase
 
 log = logging.getLogger("edge_agent.watchdog")
 
-# A poller is never considered stuck before this many seconds of silence.
-MIN_STALE_AFTER = 30.0
 # How often STATUS= is refreshed when the watchdog itself is off or slower.
 STATUS_INTERVAL = 10.0
 
@@ -33,71 +28,12 @@ class Notifier(Protocol):
         ...
 
 
-class _Driver(Protocol):
-    @property
-    def polled_tags(self) -> Any:
-        """Tags read by polling (empty for a push-only device)."""
-        ...
-
-
-class PollerLike(Protocol):
-    """The parts of agent.daemon.poller.DevicePoller the liveness check reads."""
-
-    @property
-    def name(self) -> str:
-        """Device name."""
-        ...
-
-    @property
-    def config(self) -> DeviceConfigBase:
-        """The device's config."""
-        ...
-
-    @property
-    def last_activity(self) -> float:
-        """time.monotonic() of the poller's latest sign of life."""
-        ...
-
-    @property
-    def driver(self) -> _Driver | None:
-        """The connected driver, or None while connecting."""
-        ...
-
-
-def stale_after(config: DeviceConfigBase) -> float:
-    """Seconds of silence after which a poller counts as stuck (derived from its deadlines)."""
-    # The longest legitimate gap between two activity marks of agent.daemon.poller.DevicePoller is a
-    # connect attempt (timeout + 10 s) followed by the first read (read deadline), or a read
-    # (read deadline) followed by the wait for the next tick (poll_interval). Twice the sum
-    # leaves room for a slow submit; never less than MIN_STALE_AFTER.
-    read_deadline = max(config.poll_interval, config.timeout) * 3 + 5.0
-    longest = config.timeout + 10.0 + read_deadline + config.poll_interval
-    return max(MIN_STALE_AFTER, 2.0 * longest)
-
-
-def liveness_problems(
-    pollers: Mapping[str, PollerLike],
-    tasks: Iterable[asyncio.Task[Any]],
-    *,
-    now: float | None = None,
-) -> list[str]:
-    """Why the daemon is not healthy: dead tasks and silent pollers (empty: healthy)."""
-    problems: list[str] = []
+def dead_tasks(tasks: Iterable[asyncio.Task[Any]]) -> list[str]:
+    """One problem per task that ended (a long-running program's tasks never end on their own)."""
+    problems = []
     for task in tasks:
         if task.done():
             problems.append(f"task {task.get_name()} ended{_how(task)}")
-    current = time.monotonic() if now is None else now
-    for name, poller in pollers.items():
-        driver = poller.driver
-        if driver is not None and not driver.polled_tags:
-            # A connected push-only device (OPC UA subscriptions only) marks activity only
-            # when values change; its subscription stream raises within seconds when the
-            # server goes silent, so silence here is not a sign of a stuck poller.
-            continue
-        silent = current - poller.last_activity
-        limit = stale_after(poller.config)
-        if silent > limit:
-            problems.append(f"device {name}: no activity for {silent:.0f} s (limit {limit:.0f} s)")
     return problems
 
 
@@ -106,18 +42,6 @@ def _how(task: asyncio.Task[Any]) -> str:
         return " (cancelled)"
     exc = task.exception()
     return f" ({type(exc).__name__}: {exc})" if exc is not None else ""
-
-
-def status_line(health: Mapping[str, Any]) -> str:
-    """One-line STATUS= summary from Runtime.health(): devices up/total, outbox, uplink."""
-    devices: Mapping[str, str] = health.get("devices") or {}
-    up = sum(1 for state in devices.values() if state == "up")
-    parts = [f"devices {up}/{len(devices)} up", f"outbox {health.get('outbox_events', 0)} events"]
-    oldest = health.get("oldest_unacked_s")
-    if oldest is not None:
-        parts.append(f"oldest unacked {oldest:.0f} s")
-    parts.append(f"uplink {health.get('uplink', 'down')}")
-    return ", ".join(parts)
 
 
 class IngestLike(Protocol):

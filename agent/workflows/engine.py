@@ -27,7 +27,7 @@ import time
 import unicodedata
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -84,8 +84,6 @@ SAGA_RETENTION = 30 * 86400.0  # finished sagas (and so their command ids) are k
 _TEXT_LIMIT = 300  # characters of attacker-controlled text echoed in details
 
 Status = Literal["accepted", "rejected", "completed", "compensated", "failed"]
-WriteFn = Callable[[str, JsonValue], Awaitable[JsonValue]]
-ReadFn = Callable[[str], Awaitable[Reading]]
 _DriverErrors = (DriverError, TimeoutError, OSError)
 # The value rules of a tag no longer in the config (a saga resolved after a reload).
 _UNCONFIGURED = TagConfigBase(name="unconfigured")
@@ -96,35 +94,15 @@ _SETTLED: dict[str, StepPhase] = {
 }
 
 
-class RuntimeLike(Protocol):
-    """What the engine needs from agent.daemon.runtime.Runtime."""
+class TagAccess(Protocol):
+    """What the engine needs of the devices: single reads and verified single writes."""
 
-    @property
-    def settings(self) -> AgentSettings:
-        """The loaded config."""
-        ...
-
-    @property
-    def outbox(self) -> Outbox | None:
-        """The open outbox."""
-        ...
-
-    @property
-    def mqtt(self) -> MqttClient | None:
-        """The uplink."""
-        ...
-
-    @property
-    def pipeline(self) -> Any:
-        """The event pipeline (has ``add_observer``)."""
+    async def read(self, ref: str) -> Reading:
+        """Read 'device/tag' now."""
         ...
 
     async def write(self, ref: str, value: JsonValue) -> JsonValue:
-        """Verified single write."""
-        ...
-
-    async def read(self, ref: str) -> Reading:
-        """Read a tag now."""
+        """Write 'device/tag' once; the verified read-back value."""
         ...
 
 
@@ -406,16 +384,15 @@ class WorkflowEngine:
         *,
         outbox: Outbox,
         mqtt: MqttClient,
-        write: WriteFn,
-        read: ReadFn,
+        devices: TagAccess,
         failpoints: Failpoints | None = None,
         data_dir: Path | None = None,
     ) -> None:
         self._settings = settings
         self._outbox = outbox
         self._mqtt = mqtt
-        self._write = write
-        self._read = read
+        self._write = devices.write
+        self._read = devices.read
         self._fp = failpoints if failpoints is not None else Failpoints.from_env()
         self._path = (data_dir or settings.gateway.data_dir) / "sagas.db"
         self._root = settings.mqtt.topic_root
@@ -1579,34 +1556,14 @@ def _audit_event(
     return Event(time.time(), "workflow", device=device, tag=ref, value=json_safe(value))
 
 
-def attach_workflows(
-    runtime: RuntimeLike, *, failpoints: Failpoints | None = None
-) -> WorkflowEngine:
-    """Build the engine for a started runtime and register it as a pipeline observer."""
-    outbox, mqtt, pipeline = runtime.outbox, runtime.mqtt, runtime.pipeline
-    if outbox is None or mqtt is None or pipeline is None:
-        raise RuntimeError("attach_workflows needs the runtime's outbox, MQTT client and pipeline")
-    engine = WorkflowEngine(
-        runtime.settings,
-        outbox=outbox,
-        mqtt=mqtt,
-        write=runtime.write,
-        read=runtime.read,
-        failpoints=failpoints,
-    )
-    pipeline.add_observer(engine.observe)
-    return engine
-
-
 __all__ = [
     "Command",
     "CommandRejected",
     "EngineStats",
     "Plan",
-    "RuntimeLike",
+    "TagAccess",
     "TokenBucket",
     "WorkflowEngine",
-    "attach_workflows",
     "decode_command",
     "peek_command_id",
     "render",

@@ -1,6 +1,6 @@
 """The forwarder: sends the outbox as S/sync batches and deletes what S/ack covers.
 
-Contract (design §5, §6): ``{sync_prefix}/{gateway}/sync`` carries batches
+Contract (docs/topics.md, docs/delivery.md): ``{sync_prefix}/{gateway}/sync`` carries batches
 ``{"gateway","stream","first_seq","last_seq","events":[...]}`` at QoS 1. Consecutive batches tile
 the seq space (each starts at the previous one's last_seq + 1; seqs missing inside were dropped
 by the cap and are declared by a gap event). The central store answers on
@@ -34,22 +34,19 @@ import json
 import logging
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 
+from sync.events import Event
 from sync.mqtt.client import Message, MqttClient, NotConnected, PublishRejected
 from sync.outbox.store import Batch, Outbox, OutboxUnavailable
+from sync.uplink.budget import MIN_BATCH_BYTES, BatchBudget
+from sync.uplink.sink import SinkFigure
 
 log = logging.getLogger("edge_agent.forwarder")
 
 DEFAULT_MAX_BYTES = 256 * 1024
-# Never cut batches below this many bytes because of stalls (a single larger event still goes
-# alone in its own batch).
-MIN_BATCH_BYTES = 1024
-# After this many batches acknowledged without a stall the byte budget doubles again.
-_GROW_AFTER = 32
-# How long a size known to pass stays the ceiling for growing back after a cut.
-_CEILING_TTL = 600.0
 # Stalls in a row after which sizes acknowledged earlier no longer prove anything (the
 # broker's limit may have been lowered).
 _STALE_AFTER = 4
@@ -98,8 +95,6 @@ class Forwarder:
             raise ValueError("ack_timeout must be > 0")
         if max_rate < 0:
             raise ValueError("max_rate must be >= 0 (0: unlimited)")
-        if max_bytes < MIN_BATCH_BYTES:
-            raise ValueError(f"max_bytes must be >= {MIN_BATCH_BYTES}")
         self._outbox = outbox
         self._client = client
         self._gateway = gateway_id
@@ -112,12 +107,7 @@ class Forwarder:
         self._window = window
         self._ack_timeout = ack_timeout
         self._max_rate = max_rate
-        self._max_bytes = max_bytes
-        self._budget = max_bytes
-        self._ceiling = max_bytes
-        self._ceiling_until = 0.0
-        self._proven = 0  # largest S/sync message acknowledged (0: none yet, or stale)
-        self._acked_since_change = 0
+        self._budget = BatchBudget(max_bytes=max_bytes)
         self._wake = asyncio.Event()
         self._inflight: deque[_Sent] = deque()
         self._epoch = 0
@@ -154,17 +144,52 @@ class Forwarder:
     @property
     def batch_bytes(self) -> int:
         """Current byte budget of one S/sync message (shrinks after stalls)."""
-        return self._budget
+        return self._budget.bytes
+
+    # -- the Sink protocol ---------------------------------------------------------------------
 
     @property
-    def inflight_batches(self) -> int:
-        """Batches sent and not yet covered by an ack."""
-        return len(self._inflight)
+    def name(self) -> str:
+        """The sink's name."""
+        return "forwarder"
 
-    @property
-    def central_acked_seq(self) -> int:
-        """The central store's watermark as last received for our stream."""
-        return self._central_acked
+    def offer_events(self, events: Sequence[Event]) -> None:
+        """Nothing to do: the forwarder reads the outbox itself, which holds every committed
+        event (also those appended outside the pipeline: workflow audits, lifecycle events)."""
+
+    def retire(self, device: str, tags: Sequence[str]) -> None:
+        """Nothing to do: events of a removed device still in the outbox are delivered."""
+
+    async def drain(self) -> None:
+        """Wait until the central store acknowledged everything committed (while connected)."""
+        if self._client.is_connected:
+            await self._outbox.wait_acked(self._outbox.committed_seq)
+
+    def figures(self) -> Sequence[SinkFigure]:
+        """Batches, events, acks and stalls of the durable path."""
+        return (
+            SinkFigure("sync_batches_sent", "S/sync batches sent.", self.batches_sent),
+            SinkFigure("sync_batches_resent", "S/sync batches sent again.", self.batches_resent),
+            SinkFigure("sync_events_sent", "Events sent on S/sync.", self.events_sent),
+            SinkFigure("sync_acks_received", "S/ack messages received.", self.acks_received),
+            SinkFigure(
+                "sync_stalls",
+                "Times no ack came within ack_timeout (or a batch was refused).",
+                self.stalls_total,
+            ),
+            SinkFigure(
+                "sync_batches_in_flight",
+                "S/sync batches sent and not yet acknowledged.",
+                len(self._inflight),
+                "gauge",
+            ),
+            SinkFigure(
+                "sync_batch_bytes",
+                "Current byte budget of one S/sync message.",
+                self._budget.bytes,
+                "gauge",
+            ),
+        )
 
     # -- main loop -----------------------------------------------------------------------------
 
@@ -218,13 +243,11 @@ class Forwarder:
         if target > self._central_acked:
             self._central_acked = target
             while self._inflight and self._inflight[0].last <= target:
-                acked = self._inflight.popleft()
-                self._proven = max(self._proven, acked.size)
-                self._acked_since_change += 1
+                self._budget.acked(self._inflight.popleft().size)
             self._next_after = max(self._next_after, target)
             self._last_progress = now
             self._stalls = 0
-            self._maybe_grow(now)
+            self._budget.maybe_grow(now)
 
     async def _delete_acked(self, now: float) -> None:
         """Delete what the central store acknowledged (several acks in one transaction)."""
@@ -263,27 +286,14 @@ class Forwarder:
         self._stalls += 1
         self.stalls_total += 1
         if self._stalls >= _STALE_AFTER:
-            self._proven = 0
+            self._budget.forget_proven()
             self._report_oversized()
         stuck = rejected_size
         if stuck is None and self._inflight and self._stalls >= 2:
-            stuck = self._inflight[0].size
-            # Batches cut by event count vary in size by some percent: one a little larger than
-            # the largest that passed is no evidence of a size limit either.
-            if stuck <= self._proven + self._proven // 4:
-                stuck = None
-        if stuck is not None and max(MIN_BATCH_BYTES, stuck // 2) < self._budget:
-            self._budget = max(MIN_BATCH_BYTES, stuck // 2)
-            self._acked_since_change = 0
-            if self._proven:
-                # Batches got through before this one stuck: do not grow past what passed.
-                self._ceiling = max(self._budget, self._proven)
-                self._ceiling_until = now + _CEILING_TTL
-            log.warning(
-                "forwarder: S/sync batches cut to %d bytes (%s; broker message size limit?)",
-                self._budget,
-                reason,
-            )
+            head = self._inflight[0].size
+            stuck = head if self._budget.is_evidence(head) else None
+        if stuck is not None:
+            self._budget.cut(now, stuck, reason)
         self._restart(now, reason)
 
     def _report_oversized(self) -> None:
@@ -301,16 +311,6 @@ class Forwarder:
             head.size,
             self._stalls,
         )
-
-    def _maybe_grow(self, now: float) -> None:
-        if self._budget >= self._max_bytes or self._acked_since_change < _GROW_AFTER:
-            return
-        ceiling = self._ceiling if now < self._ceiling_until else self._max_bytes
-        budget = min(self._budget * 2, ceiling, self._max_bytes)
-        if budget > self._budget:
-            self._budget = budget
-            log.info("forwarder: S/sync batches may be %d bytes again", budget)
-        self._acked_since_change = 0
 
     def _restart(self, now: float, reason: str) -> None:
         """Forget what is in flight and continue from the central watermark."""
@@ -337,7 +337,7 @@ class Forwarder:
                 return self._send_at
             epoch = self._epoch
             batch = await self._outbox.read_batch(
-                self._next_after, self._batch_events, max(1, self._budget - self._envelope())
+                self._next_after, self._batch_events, max(1, self._budget.bytes - self._envelope())
             )
             self._outbox_error = None
             if epoch != self._epoch or self._reconnected or self._rejected is not None:

@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
+from collections.abc import Sequence
 
 from sync.events import Event
 from sync.mqtt.client import MqttClient, NotConnected
+from sync.uplink.sink import SinkFigure
 from sync.uplink.topics import live_topic, sample_payload
 
 log = logging.getLogger("edge_agent.live")
@@ -45,7 +47,12 @@ class LivePublisher:
         self._dirty[topic] = None
         self._wakeup.set()
 
-    def offer_events(self, events: list[Event]) -> None:
+    @property
+    def name(self) -> str:
+        """The sink's name."""
+        return "live-publisher"
+
+    def offer_events(self, events: Sequence[Event]) -> None:
         """Sample events -> R/{device}/{tag}."""
         for event in events:
             if event.kind == "sample" and event.device and event.tag:
@@ -54,14 +61,18 @@ class LivePublisher:
                     sample_payload(event.ts, event.value, event.quality or "good"),
                 )
 
-    def forget(self, topic: str) -> None:
-        """Stop re-publishing a topic."""
-        self._latest.pop(topic, None)
-        self._dirty.pop(topic, None)
-
     def clear(self, topic: str) -> None:
         """Delete a topic's retained value at the broker (its tag was removed)."""
         self.offer(topic, b"")  # an empty retained message deletes the retained value
+
+    def retire(self, device: str, tags: Sequence[str]) -> None:
+        """A removed device: delete its tags' retained values at the broker."""
+        for tag in tags:
+            self.clear(live_topic(self._root, device, tag))
+
+    def figures(self) -> Sequence[SinkFigure]:
+        """Live values published."""
+        return (SinkFigure("live_published", "Live values published.", self.published),)
 
     @property
     def pending(self) -> int:

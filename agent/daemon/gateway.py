@@ -1,0 +1,127 @@
+"""The parts of a running gateway, wired from one loaded config: the uplinks (sinks), the
+pipeline, OEE, the devices and the workflows. Adding an uplink is one line in `build_sinks`."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+from agent import __version__
+from agent.daemon.devices import Devices, PollObserver, driver_context
+from agent.daemon.pipeline import Pipeline
+from agent.oee.live import LiveOee
+from agent.settings.config_file import AgentSettings
+from agent.workflows.engine import WorkflowEngine
+from sync.mqtt.client import MqttClient, TlsOptions, Will
+from sync.outbox.store import Outbox
+from sync.uplink.forwarder import Forwarder
+from sync.uplink.live import LivePublisher
+from sync.uplink.sink import Sink
+from sync.uplink.topics import status_payload, status_topic
+
+
+def mqtt_client_for(settings: AgentSettings) -> MqttClient:
+    """The agent's MQTT client: Last Will offline, birth online, both retained."""
+    mqtt = settings.mqtt
+    root = mqtt.topic_root
+    tls = (
+        TlsOptions(
+            ca_file=str(mqtt.ca_file) if mqtt.ca_file else None,
+            cert_file=str(mqtt.cert_file) if mqtt.cert_file else None,
+            key_file=str(mqtt.key_file) if mqtt.key_file else None,
+        )
+        if mqtt.tls
+        else None
+    )
+    return MqttClient(
+        host=mqtt.host,
+        port=mqtt.port,
+        client_id=settings.client_id,
+        username=mqtt.username,
+        password=mqtt.password.get_secret_value() if mqtt.password else None,
+        tls=tls,
+        keepalive=mqtt.keepalive,
+        will=Will(status_topic(root), lambda: status_payload(time.time(), "offline", __version__)),
+        birth=Will(status_topic(root), lambda: status_payload(time.time(), "online", __version__)),
+        name="uplink",
+    )
+
+
+def forwarder_for(settings: AgentSettings, outbox: Outbox, mqtt: MqttClient) -> Forwarder:
+    """The durable path: the outbox as S/sync batches, deleted on S/ack."""
+    keys = settings.mqtt
+    return Forwarder(
+        outbox=outbox,
+        client=mqtt,
+        gateway_id=settings.gateway.id,
+        sync_prefix=keys.sync_prefix,
+        batch_events=keys.sync_batch_events,
+        window=keys.sync_window,
+        ack_timeout=keys.ack_timeout,
+        max_rate=keys.sync_max_rate,
+        max_bytes=keys.sync_max_bytes,
+    )
+
+
+def build_sinks(
+    settings: AgentSettings, outbox: Outbox, mqtt: MqttClient, live: LivePublisher
+) -> tuple[Sink, ...]:
+    """Every uplink, in the order they start (all before the first device, all after it stops)."""
+    return (
+        live,  # R/{device}/{tag}, newest value per topic
+        forwarder_for(settings, outbox, mqtt),  # S/sync to the central store
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Gateway:
+    """What runs for one loaded config while the daemon runs."""
+
+    outbox: Outbox
+    mqtt: MqttClient
+    live: LivePublisher
+    sinks: tuple[Sink, ...]
+    pipeline: Pipeline
+    oee: LiveOee
+    devices: Devices
+    workflows: WorkflowEngine
+
+
+def build_gateway(
+    settings: AgentSettings,
+    *,
+    outbox: Outbox,
+    mqtt: MqttClient,
+    group: asyncio.TaskGroup,
+    on_poll: PollObserver | None = None,
+) -> Gateway:
+    """Wire the parts; nothing runs until the caller starts their tasks."""
+    live = LivePublisher(mqtt, topic_root=settings.mqtt.topic_root)
+    sinks = build_sinks(settings, outbox, mqtt, live)
+    pipeline = Pipeline(sinks=sinks, durable=outbox.append)
+    configure_tags(pipeline, settings)
+    oee = LiveOee(settings, publish=live.offer, emit=pipeline.emit)
+    pipeline.add_observer(oee.observe)
+    devices = Devices(
+        group=group, context=driver_context(settings), submit=pipeline.submit, on_poll=on_poll
+    )
+    workflows = WorkflowEngine(settings, outbox=outbox, mqtt=mqtt, devices=devices)
+    pipeline.add_observer(workflows.observe)
+    return Gateway(outbox, mqtt, live, sinks, pipeline, oee, devices, workflows)
+
+
+def configure_tags(
+    pipeline: Pipeline, settings: AgentSettings, only: set[str] | None = None
+) -> None:
+    """(Re-)register the filter of every tag of the config's devices (or of `only` those)."""
+    for device in settings.devices:
+        if only is not None and device.name not in only:
+            continue
+        for tag in device.tag_list():
+            pipeline.configure_tag(
+                device.name,
+                tag.name,
+                deadband=tag.deadband,
+                max_interval=tag.max_interval or device.max_interval,
+            )
