@@ -1,15 +1,9 @@
-"""Modbus TCP and RTU driver (pymodbus async clients).
+"""Modbus TCP and RTU driver (pymodbus async clients): one device on a shared `ModbusLink`.
 
-Protocol quirks this module is written around:
+Protocol quirks this module is written around (docs/modbus.md):
 
-* pymodbus resends a request on timeout when `retries` > 0. Fine for reads, wrong for
-  writes: the client is built with retries=0, reads are retried here, writes go out once
-  and an unknown outcome is settled by reading the value back.
-* One request at a time per physical link (a TCP connection, a serial line): devices that
-  share a link (several unit ids behind one gateway or on one RS-485 bus) share one
-  `ModbusLink` and its lock. No pipelining.
-* RTU frames carry no transaction id: after a timeout a late answer could be taken for the
-  answer to the next request, so the line is kept quiet for a while first.
+* Reads are retried here (`read_retries`); writes go out once (the link's client never
+  resends) and an unknown outcome is settled by reading the value back, never by writing again.
 * An exception response to a coalesced block says nothing about which tag is wrong: the
   block is split in halves until the offending tag is alone, and the finer plan is kept.
 """
@@ -17,16 +11,12 @@ Protocol quirks this module is written around:
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
-from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.exceptions import ModbusException
-from pymodbus.framer import FramerType
+from pymodbus.pdu import ModbusPDU
 
 from drivers.base import (
     Driver,
@@ -42,6 +32,7 @@ from drivers.modbus.codec import (
     Block,
     DecodeError,
     Decoder,
+    Value,
     encode_registers,
     make_decoder,
     plan_blocks,
@@ -49,132 +40,78 @@ from drivers.modbus.codec import (
     unscale_value,
 )
 from drivers.modbus.config import (
+    MAX_READ_BITS,
+    MAX_READ_REGISTERS,
     ModbusDeviceConfig,
     ModbusTagConfig,
-    SerialLink,
-    TcpLink,
+)
+from drivers.modbus.link import (
+    GATEWAY_PATH_UNAVAILABLE,
+    GATEWAY_TARGET_NO_RESPONSE,
+    ILLEGAL_DATA_ADDRESS,
+    ILLEGAL_DATA_VALUE,
+    ModbusClient,
+    ModbusExceptionResponse,
+    ModbusLink,
+    exception_code,
+    exception_text,
+    failure_reason,
 )
 
-log = logging.getLogger("edge_agent.modbus")
-
-# Modbus exception codes (spec §7) and what they mean for us.
-ILLEGAL_FUNCTION = 1
-ILLEGAL_DATA_ADDRESS = 2
-ILLEGAL_DATA_VALUE = 3
-GATEWAY_PATH_UNAVAILABLE = 0x0A
-GATEWAY_TARGET_NO_RESPONSE = 0x0B
-_EXCEPTION_NAMES = {
-    1: "illegal function",
-    2: "illegal data address",
-    3: "illegal data value",
-    4: "server device failure",
-    5: "acknowledge",
-    6: "server device busy",
-    8: "memory parity error",
-    0x0A: "gateway path unavailable",
-    0x0B: "gateway target device failed to respond",
-}
+# What pymodbus raises for a request that got no (valid) answer.
+_NO_ANSWER = (TimeoutError, ModbusException, OSError)
 
 
-def exception_text(code: int) -> str:
-    """'illegal data address (exception 2)'."""
-    return f"{_EXCEPTION_NAMES.get(code, 'exception')} (exception {code})"
+class _NoAnswer(Exception):
+    """A read got no answer but the connection is still up: worth another attempt."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
-class ModbusExceptionResponse(DriverFault):
-    """The device answered a request with a Modbus exception code."""
-
-    def __init__(self, code: int) -> None:
-        super().__init__(exception_text(code))
-        self.code = code
-
-
-@dataclass(slots=True)
-class LinkStats:
-    """Counters of one physical link."""
-
-    requests: int = 0
-    errors: int = 0
-    timeouts: int = 0
-    connects: int = 0
+async def read_area(
+    client: ModbusClient, area: str, start: int, count: int, unit: int
+) -> ModbusPDU:
+    """One read request: FC1 coils, FC2 discrete inputs, FC3 holding, FC4 input registers."""
+    if area == "hr":
+        return await client.read_holding_registers(start, count=count, device_id=unit)
+    if area == "ir":
+        return await client.read_input_registers(start, count=count, device_id=unit)
+    if area == "co":
+        return await client.read_coils(start, count=count, device_id=unit)
+    return await client.read_discrete_inputs(start, count=count, device_id=unit)
 
 
-class ModbusLink:
-    """One physical link (TCP endpoint or serial line), its client and its lock."""
-
-    def __init__(self, link: TcpLink | SerialLink, *, timeout: float, frame_gap: float) -> None:
-        self.link = link
-        self.timeout = timeout
-        self.frame_gap = frame_gap
-        self.lock = asyncio.Lock()
-        self.stats = LinkStats()
-        self.users = 0
-        self._client: AsyncModbusTcpClient | AsyncModbusSerialClient | None = None
-
-    @property
-    def is_serial(self) -> bool:
-        """RTU over a serial line."""
-        return isinstance(self.link, SerialLink)
-
-    @property
-    def name(self) -> str:
-        """host:port or the serial device."""
-        if isinstance(self.link, TcpLink):
-            return f"{self.link.host}:{self.link.port}"
-        return self.link.port
-
-    def _make_client(self) -> AsyncModbusTcpClient | AsyncModbusSerialClient:
-        # retries=0: never resend (writes must go out once); reconnect_delay=0: we reconnect.
-        if isinstance(self.link, TcpLink):
-            return AsyncModbusTcpClient(
-                self.link.host,
-                port=self.link.port,
-                timeout=self.timeout,
-                retries=0,
-                reconnect_delay=0,
-            )
-        return AsyncModbusSerialClient(
-            self.link.port,
-            framer=FramerType.RTU,
-            baudrate=self.link.baudrate,
-            bytesize=self.link.bytesize,
-            parity=self.link.parity,
-            stopbits=self.link.stopbits,
-            timeout=self.timeout,
-            retries=0,
-            reconnect_delay=0,
+async def write_tag_value(
+    client: ModbusClient,
+    tag: ModbusTagConfig,
+    raw: Value,
+    registers: list[int],
+    *,
+    unit: int,
+    write_multiple: bool,
+) -> ModbusPDU:
+    """One write request: FC5 coil, FC22 bit of a register, FC6 one register, FC16 several;
+    `write_multiple` (PLCs without FC5/FC6) turns FC5 into FC15 and FC6 into FC16."""
+    address = tag.parsed_address
+    if address.area == "co":
+        if write_multiple:
+            return await client.write_coils(address.offset, [bool(raw)], device_id=unit)
+        return await client.write_coil(address.offset, bool(raw), device_id=unit)
+    if address.bit is not None:
+        mask = 1 << address.bit
+        return await client.mask_write_register(
+            address=address.offset,
+            and_mask=0xFFFF ^ mask,
+            or_mask=mask if raw else 0,
+            device_id=unit,
         )
-
-    async def ensure_connected(self) -> AsyncModbusTcpClient | AsyncModbusSerialClient:
-        """The connected client; connects first if needed (call with the lock held)."""
-        client = self._client
-        if client is not None and client.connected:
-            return client
-        self.drop()
-        client = self._make_client()
-        try:
-            async with asyncio.timeout(self.timeout + 5.0):
-                ok = await client.connect()
-        except TimeoutError:
-            ok = False
-        if not ok or not client.connected:
-            client.close()
-            raise DriverUnavailable(f"cannot connect to {self.name}")
-        self.stats.connects += 1
-        self._client = client
-        return client
-
-    def drop(self) -> None:
-        """Close the client; the next request reconnects."""
-        client, self._client = self._client, None
-        if client is not None:
-            with contextlib.suppress(Exception):
-                client.close()
-
-    async def quiet(self, seconds: float) -> None:
-        """Keep the line silent (serial inter-frame gap, late answers after a timeout)."""
-        if seconds > 0:
-            await asyncio.sleep(seconds)
+    if tag.type == "bool":
+        return await client.write_register(address.offset, 1 if raw else 0, device_id=unit)
+    if len(registers) == 1 and not write_multiple:
+        return await client.write_register(address.offset, registers[0], device_id=unit)
+    return await client.write_registers(address.offset, registers, device_id=unit)
 
 
 class ModbusDriver(Driver):
@@ -204,7 +141,7 @@ class ModbusDriver(Driver):
         link = self.context.shared.get_or_create(
             ModbusLink,
             config.url.split("?", 1)[0],  # one link per endpoint or serial port, any settings
-            lambda: ModbusLink(config.link, timeout=config.timeout, frame_gap=config.frame_gap),
+            lambda: ModbusLink(config.link, timeout=config.timeout),
         )
         link.users += 1
         return link
@@ -232,57 +169,53 @@ class ModbusDriver(Driver):
 
     # -- requests --------------------------------------------------------------------------
 
-    async def _request(self, link: ModbusLink, area: str, start: int, count: int) -> list[Any]:
+    async def _request(self, link: ModbusLink, area: str, start: int, count: int) -> list[int]:
         """One read with our retry policy; returns registers or bits. Lock must be held."""
         attempts = 1 + self.config.read_retries
-        for attempt in range(attempts):
-            client = await link.ensure_connected()
-            link.stats.requests += 1
-            self.requests_last_cycle += 1
-            unit = self.config.unit_id
+        for attempt in range(1, attempts + 1):
             try:
-                async with asyncio.timeout(link.timeout * 2 + 1.0):  # backstop over pymodbus'
-                    if area == "hr":
-                        response = await client.read_holding_registers(
-                            start, count=count, device_id=unit
-                        )
-                    elif area == "ir":
-                        response = await client.read_input_registers(
-                            start, count=count, device_id=unit
-                        )
-                    elif area == "co":
-                        response = await client.read_coils(start, count=count, device_id=unit)
-                    else:
-                        response = await client.read_discrete_inputs(
-                            start, count=count, device_id=unit
-                        )
-            except (TimeoutError, ModbusException, OSError) as exc:
-                link.stats.timeouts += 1
-                link.stats.errors += 1
-                reason = _reason(exc)
-                if link.is_serial:
-                    await link.quiet(min(0.5, link.timeout))
-                if not client.connected:
-                    link.drop()
-                    raise DriverUnavailable(f"{link.name}: connection lost ({reason})") from None
-                if attempt + 1 < attempts:
+                response = await self._send_read(link, area, start, count)
+            except _NoAnswer as exc:
+                if attempt < attempts:
                     continue
-                raise DriverUnavailable(f"{link.name}: no answer ({reason})") from None
-            finally:
-                await link.quiet(self.config.frame_gap)
-            if response.isError():
-                link.stats.errors += 1
-                code = int(getattr(response, "exception_code", 0) or 0)
-                if code in (GATEWAY_PATH_UNAVAILABLE, GATEWAY_TARGET_NO_RESPONSE):
-                    raise DriverUnavailable(f"{link.name} unit {unit}: {exception_text(code)}")
-                raise ModbusExceptionResponse(code)
-            values = list(response.bits if area in ("co", "di") else response.registers)
-            if len(values) < count:
-                raise DriverUnavailable(
-                    f"{link.name}: short answer ({len(values)} of {count} values)"
-                )
-            return values[:count]
+                raise DriverUnavailable(f"{link.name}: no answer ({exc.reason})") from None
+            return self._answer_values(link, response, area, count)
         raise AssertionError("unreachable")
+
+    async def _send_read(self, link: ModbusLink, area: str, start: int, count: int) -> ModbusPDU:
+        """One read request on the wire: a lost connection is DriverUnavailable, a request
+        without answer on a live connection is _NoAnswer (the caller may retry)."""
+        client = await link.ensure_connected()
+        link.stats.requests += 1
+        self.requests_last_cycle += 1
+        try:
+            async with asyncio.timeout(link.request_deadline):
+                return await read_area(client, area, start, count, self.config.unit_id)
+        except _NO_ANSWER as exc:
+            link.stats.timeouts += 1
+            link.stats.errors += 1
+            reason = failure_reason(exc)
+            if await link.settle_after_failure(client):
+                raise DriverUnavailable(f"{link.name}: connection lost ({reason})") from None
+            raise _NoAnswer(reason) from None
+        finally:
+            await link.quiet(self.config.frame_gap)
+
+    def _answer_values(
+        self, link: ModbusLink, response: ModbusPDU, area: str, count: int
+    ) -> list[int]:
+        """The registers or bits of a read answer; exception answers raise."""
+        if response.isError():
+            link.stats.errors += 1
+            code = exception_code(response)
+            if code in (GATEWAY_PATH_UNAVAILABLE, GATEWAY_TARGET_NO_RESPONSE):
+                unit = self.config.unit_id
+                raise DriverUnavailable(f"{link.name} unit {unit}: {exception_text(code)}")
+            raise ModbusExceptionResponse(code)
+        values: list[int] = list(response.bits if area in ("co", "di") else response.registers)
+        if len(values) < count:
+            raise DriverUnavailable(f"{link.name}: short answer ({len(values)} of {count} values)")
+        return values[:count]
 
     async def _read_block(self, link: ModbusLink, block: Block, now: float) -> list[Reading]:
         try:
@@ -327,7 +260,7 @@ class ModbusDriver(Driver):
         )
 
     def _decode(
-        self, tag: ModbusTagConfig, values: Sequence[Any], block: Block, ts: float
+        self, tag: ModbusTagConfig, values: Sequence[int], block: Block, ts: float
     ) -> Reading:
         first = tag.parsed_address.offset - block.start
         try:
@@ -351,7 +284,9 @@ class ModbusDriver(Driver):
         """Read one tag now (its own request)."""
         config = self._tag(tag)
         link = self._require_link()
-        block = plan_blocks([config], max_gap=0, max_registers=125, max_bits=2000)[0]
+        block = plan_blocks(
+            [config], max_gap=0, max_registers=MAX_READ_REGISTERS, max_bits=MAX_READ_BITS
+        )[0]
         async with link.lock:
             try:
                 values = await self._request(link, block.area, block.start, block.count)
@@ -367,91 +302,80 @@ class ModbusDriver(Driver):
     async def _write(self, tag: str, value: JsonValue) -> JsonValue:
         """Write once with FC5/6/16 (FC22 for a register bit), then verify by reading back."""
         config = self._tag(tag)
-        address = config.parsed_address
+        raw, registers = self._encode_write(config, value)
+        outcome = await self._send_write(config, raw, registers)
+        return await self._verify_write(config, value, raw, outcome)
+
+    def _encode_write(self, tag: ModbusTagConfig, value: JsonValue) -> tuple[Value, list[int]]:
+        """The raw (unscaled) value and, for a register tag, its registers."""
         if isinstance(value, list) or value is None:
-            raise DriverFault(f"cannot write {value!r} to {tag}")
+            raise DriverFault(f"cannot write {value!r} to {tag.name}")
         try:
-            raw = unscale_value(value, config.type, config.scale, config.offset)
-            if address.is_bit_area or config.type == "bool":
+            raw = unscale_value(value, tag.type, tag.scale, tag.offset)
+            if tag.parsed_address.is_bit_area or tag.type == "bool":
                 if not isinstance(raw, bool):
                     raise ValueError(f"expected a boolean, got {value!r}")
-                registers: list[int] = []
-            else:
-                registers = encode_registers(
-                    raw,
-                    config.type,
-                    byte_order=config.byte_order or self.config.byte_order,
-                    word_order=config.word_order or self.config.word_order,
-                    length=config.length,
-                )
+                return raw, []
+            return raw, encode_registers(
+                raw,
+                tag.type,
+                byte_order=tag.byte_order or self.config.byte_order,
+                word_order=tag.word_order or self.config.word_order,
+                length=tag.length,
+            )
         except ValueError as exc:
-            raise DriverFault(f"{self.config.name}/{tag}: {exc}") from None
+            raise DriverFault(f"{self.config.name}/{tag.name}: {exc}") from None
+
+    async def _send_write(
+        self, tag: ModbusTagConfig, raw: Value, registers: list[int]
+    ) -> str | None:
+        """Send the write once; None when acknowledged, the reason when it got no answer
+        (the outcome is then unknown); an exception answer raises DriverFault."""
         link = self._require_link()
-        unit = self.config.unit_id
         outcome: str | None = None
         async with link.lock:
             client = await link.ensure_connected()
             link.stats.requests += 1
             try:
-                async with asyncio.timeout(link.timeout * 2 + 1.0):
-                    if address.area == "co":
-                        if self.config.write_multiple:
-                            response = await client.write_coils(
-                                address.offset, [bool(raw)], device_id=unit
-                            )
-                        else:
-                            response = await client.write_coil(
-                                address.offset, bool(raw), device_id=unit
-                            )
-                    elif address.bit is not None:
-                        mask = 1 << address.bit
-                        response = await client.mask_write_register(
-                            address=address.offset,
-                            and_mask=0xFFFF ^ mask,
-                            or_mask=mask if raw else 0,
-                            device_id=unit,
-                        )
-                    elif config.type == "bool":
-                        response = await client.write_register(
-                            address.offset, 1 if raw else 0, device_id=unit
-                        )
-                    elif len(registers) == 1 and not self.config.write_multiple:
-                        response = await client.write_register(
-                            address.offset, registers[0], device_id=unit
-                        )
-                    else:
-                        response = await client.write_registers(
-                            address.offset, registers, device_id=unit
-                        )
-            except (TimeoutError, ModbusException, OSError) as exc:
-                # The write may or may not have been applied: never resend, read back below.
+                async with asyncio.timeout(link.request_deadline):
+                    response = await write_tag_value(
+                        client,
+                        tag,
+                        raw,
+                        registers,
+                        unit=self.config.unit_id,
+                        write_multiple=self.config.write_multiple,
+                    )
+            except _NO_ANSWER as exc:
+                # The write may or may not have been applied: never resend, read back later.
                 link.stats.errors += 1
-                outcome = f"no answer to the write ({_reason(exc)})"
-                if link.is_serial:
-                    await link.quiet(min(0.5, link.timeout))
-                if not client.connected:
-                    link.drop()
+                outcome = f"no answer to the write ({failure_reason(exc)})"
+                await link.settle_after_failure(client)
             else:
                 if response.isError():
                     link.stats.errors += 1
-                    code = int(getattr(response, "exception_code", 0) or 0)
                     raise DriverFault(
-                        f"{self.config.name}/{tag}: write refused: {exception_text(code)}"
+                        f"{self.config.name}/{tag.name}: write refused: "
+                        f"{exception_text(exception_code(response))}"
                     )
             finally:
                 await link.quiet(self.config.frame_gap)
+        return outcome
+
+    async def _verify_write(
+        self, tag: ModbusTagConfig, value: JsonValue, raw: Value, outcome: str | None
+    ) -> JsonValue:
+        """Read the tag back: the write succeeded only if the device holds the written value."""
+        name = f"{self.config.name}/{tag.name}"
         try:
-            read_back = await self.read_tag(tag)
+            read_back = await self.read_tag(tag.name)
         except DriverUnavailable as exc:
-            raise WriteUnverified(f"{self.config.name}/{tag}: cannot read back: {exc}") from None
-        expected = (
-            scale_value(raw, config.scale, config.offset) if not isinstance(raw, str) else raw
-        )
-        if read_back.quality != "good" or not config.same_value(read_back.value, expected):
+            raise WriteUnverified(f"{name}: cannot read back: {exc}") from None
+        expected = scale_value(raw, tag.scale, tag.offset) if not isinstance(raw, str) else raw
+        if read_back.quality != "good" or not tag.same_value(read_back.value, expected):
             detail = outcome or "read-back differs"
             raise WriteUnverified(
-                f"{self.config.name}/{tag}: wrote {value!r}, read back "
-                f"{read_back.value!r} ({detail})",
+                f"{name}: wrote {value!r}, read back {read_back.value!r} ({detail})",
                 read_back=read_back.value,
             )
         return read_back.value
@@ -477,13 +401,3 @@ class ModbusDriver(Driver):
     def plan(self) -> list[Block]:
         """The current block plan (after any splits)."""
         return list(self._plan)
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, TimeoutError):
-        return "timeout"
-    text = str(exc).strip()
-    if "No response received" in text:
-        return "timeout"  # pymodbus' wording for a request that timed out
-    # pymodbus messages start with "Modbus Error: [...]"; keep them short.
-    return text.replace("Modbus Error: ", "")[:200] or type(exc).__name__
