@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from drivers.modbus.config import (
     INTEGER_BITS,
+    INTEGER_RANGES,
     Address,
     ByteOrder,
     ModbusTagConfig,
@@ -27,6 +28,9 @@ _STRUCT = {
 }
 
 Value = bool | int | float | str
+
+# Largest finite float32 (struct.pack would raise OverflowError past it).
+_FLOAT32_MAX = 3.4028234663852886e38
 
 
 class DecodeError(ValueError):
@@ -154,44 +158,60 @@ def encode_registers(
 ) -> list[int]:
     """Encode one raw (unscaled) value into registers; raises ValueError when it does not fit."""
     if type_ == "bool":
-        if not isinstance(value, bool):
-            raise ValueError(f"expected a boolean, got {value!r}")
-        return [1 if value else 0]
+        return [1 if _expect_bool(value) else 0]
     if type_ == "string":
-        if not isinstance(value, str) or length is None:
-            raise ValueError(f"expected a string, got {value!r}")
-        try:
-            data = value.encode("latin-1")
-        except UnicodeEncodeError as exc:
-            raise ValueError(f"{value!r} has characters a PLC string cannot hold") from exc
-        if len(data) > length:
-            raise ValueError(f"{value!r} is longer than {length} characters")
-        data = data.ljust(length + (length % 2), b"\x00")
-        return _bytes_to_registers(data, byte_order, "big")
+        return _encode_string(value, length, byte_order)
     fmt = _STRUCT.get(type_)
     if fmt is None:
         raise ValueError(f"unknown type {type_!r}")
     if type_ in INTEGER_BITS:
-        if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                value = int(value)
-            else:
-                raise ValueError(f"expected an integer for {type_}, got {value!r}")
-        bits = INTEGER_BITS[type_]
-        low, high = (
-            (0, 2**bits - 1) if type_.startswith("u") else (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
-        )
-        if not low <= value <= high:
-            raise ValueError(f"{value} does not fit {type_} ({low}..{high})")
+        number: int | float = _integer_in_range(value, type_)
     else:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ValueError(f"expected a number for {type_}, got {value!r}")
-        if not math.isfinite(float(value)):
-            raise ValueError("NaN and infinity cannot be written")
-        if type_ == "float32" and abs(float(value)) > 3.4028234663852886e38:
-            raise ValueError(f"{value} does not fit float32")
-    data = struct.pack(fmt, value)
-    return _bytes_to_registers(data, byte_order, word_order)
+        number = _finite_float(value, type_)
+    return _bytes_to_registers(struct.pack(fmt, number), byte_order, word_order)
+
+
+def _expect_bool(value: Value) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected a boolean, got {value!r}")
+    return value
+
+
+def _encode_string(value: Value, length: int | None, byte_order: ByteOrder) -> list[int]:
+    """Latin-1 bytes, NUL-padded to the tag's length (strings have no word order)."""
+    if not isinstance(value, str) or length is None:
+        raise ValueError(f"expected a string, got {value!r}")
+    try:
+        data = value.encode("latin-1")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"{value!r} has characters a PLC string cannot hold") from exc
+    if len(data) > length:
+        raise ValueError(f"{value!r} is longer than {length} characters")
+    data = data.ljust(length + (length % 2), b"\x00")
+    return _bytes_to_registers(data, byte_order, "big")
+
+
+def _integer_in_range(value: Value, type_: str) -> int:
+    """An integer (or a float with no fraction) within the type's range."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        if not (isinstance(value, float) and value.is_integer()):
+            raise ValueError(f"expected an integer for {type_}, got {value!r}")
+        value = int(value)
+    low, high = INTEGER_RANGES[type_]
+    if not low <= value <= high:
+        raise ValueError(f"{value} does not fit {type_} ({low}..{high})")
+    return value
+
+
+def _finite_float(value: Value, type_: str) -> int | float:
+    """A finite number that the float type can hold."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"expected a number for {type_}, got {value!r}")
+    if not math.isfinite(float(value)):
+        raise ValueError("NaN and infinity cannot be written")
+    if type_ == "float32" and abs(float(value)) > _FLOAT32_MAX:
+        raise ValueError(f"{value} does not fit float32")
+    return value
 
 
 def scale_value(raw: Value, scale: float, offset: float) -> Value:
