@@ -10,7 +10,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import SplitResult, parse_qs, urlsplit
 
 from pydantic import Field, field_validator
 
@@ -134,57 +134,73 @@ def parse_modbus_url(url: str) -> TcpLink | SerialLink:
     """Parse a device URL: ``tcp://host[:port]`` or ``rtu:///dev/tty...?baudrate=..``."""
     parts = urlsplit(url)
     if parts.scheme == "tcp":
-        if not parts.hostname:
-            raise ValueError(f"{url!r}: missing host, write e.g. 'tcp://192.168.10.11:502'")
-        if parts.path not in ("", "/") or parts.query:
-            raise ValueError(f"{url!r}: a tcp URL takes only host and port")
-        try:
-            port = parts.port or 502
-        except ValueError as exc:
-            raise ValueError(f"{url!r}: invalid port") from exc
-        return TcpLink(parts.hostname, port)
+        return _tcp_link(url, parts)
     if parts.scheme == "rtu":
-        if parts.netloc:
-            raise ValueError(
-                f"{url!r}: write the serial device as a path with three slashes, "
-                "e.g. 'rtu:///dev/ttyUSB0?baudrate=19200&parity=E&stopbits=1'"
-            )
-        if not parts.path.startswith("/"):
-            raise ValueError(f"{url!r}: missing serial device path")
-        query = parse_qs(parts.query, keep_blank_values=True, strict_parsing=False)
-        known = {"baudrate", "parity", "stopbits", "bytesize"}
-        unknown = sorted(set(query) - known)
-        if unknown:
-            raise ValueError(
-                f"{url!r}: unknown parameter(s) {', '.join(unknown)}; "
-                "known: baudrate, parity, stopbits, bytesize"
-            )
-
-        def one(key: str, default: str) -> str:
-            values = query.get(key, [default])
-            if len(values) != 1:
-                raise ValueError(f"{url!r}: {key} given more than once")
-            return values[0]
-
-        try:
-            baudrate = int(one("baudrate", "19200"))
-            stopbits = int(one("stopbits", "1"))
-            bytesize = int(one("bytesize", "8"))
-        except ValueError as exc:
-            raise ValueError(f"{url!r}: baudrate, stopbits and bytesize are integers") from exc
-        parity = one("parity", "E").upper()
-        if baudrate <= 0:
-            raise ValueError(f"{url!r}: baudrate must be positive")
-        if parity not in ("N", "E", "O"):
-            raise ValueError(f"{url!r}: parity must be N, E or O")
-        if stopbits not in (1, 2):
-            raise ValueError(f"{url!r}: stopbits must be 1 or 2")
-        if bytesize not in (7, 8):
-            raise ValueError(f"{url!r}: bytesize must be 7 or 8")
-        return SerialLink(parts.path, baudrate, parity, stopbits, bytesize)  # type: ignore[arg-type]
+        return _serial_link(url, parts)
     raise ValueError(
         f"{url!r}: scheme must be 'tcp' (tcp://host:502) or 'rtu' (rtu:///dev/ttyUSB0?baudrate=19200)"
     )
+
+
+def _tcp_link(url: str, parts: SplitResult) -> TcpLink:
+    if not parts.hostname:
+        raise ValueError(f"{url!r}: missing host, write e.g. 'tcp://192.168.10.11:502'")
+    if parts.path not in ("", "/") or parts.query:
+        raise ValueError(f"{url!r}: a tcp URL takes only host and port")
+    try:
+        port = parts.port or 502
+    except ValueError as exc:
+        raise ValueError(f"{url!r}: invalid port") from exc
+    return TcpLink(parts.hostname, port)
+
+
+_SERIAL_PARAMETERS = ("baudrate", "parity", "stopbits", "bytesize")
+
+
+def _serial_link(url: str, parts: SplitResult) -> SerialLink:
+    if parts.netloc:
+        raise ValueError(
+            f"{url!r}: write the serial device as a path with three slashes, "
+            "e.g. 'rtu:///dev/ttyUSB0?baudrate=19200&parity=E&stopbits=1'"
+        )
+    if not parts.path.startswith("/"):
+        raise ValueError(f"{url!r}: missing serial device path")
+    query = parse_qs(parts.query, keep_blank_values=True, strict_parsing=False)
+    unknown = sorted(set(query) - set(_SERIAL_PARAMETERS))
+    if unknown:
+        raise ValueError(
+            f"{url!r}: unknown parameter(s) {', '.join(unknown)}; "
+            f"known: {', '.join(_SERIAL_PARAMETERS)}"
+        )
+
+    def one(key: str, default: str) -> str:
+        values = query.get(key, [default])
+        if len(values) != 1:
+            raise ValueError(f"{url!r}: {key} given more than once")
+        return values[0]
+
+    try:
+        baudrate = int(one("baudrate", "19200"))
+        stopbits = int(one("stopbits", "1"))
+        bytesize = int(one("bytesize", "8"))
+    except ValueError as exc:
+        raise ValueError(f"{url!r}: baudrate, stopbits and bytesize are integers") from exc
+    parity = one("parity", "E").upper()
+    _check_serial_settings(url, baudrate, parity, stopbits, bytesize)
+    return SerialLink(parts.path, baudrate, parity, stopbits, bytesize)  # type: ignore[arg-type]
+
+
+def _check_serial_settings(
+    url: str, baudrate: int, parity: str, stopbits: int, bytesize: int
+) -> None:
+    if baudrate <= 0:
+        raise ValueError(f"{url!r}: baudrate must be positive")
+    if parity not in ("N", "E", "O"):
+        raise ValueError(f"{url!r}: parity must be N, E or O")
+    if stopbits not in (1, 2):
+        raise ValueError(f"{url!r}: stopbits must be 1 or 2")
+    if bytesize not in (7, 8):
+        raise ValueError(f"{url!r}: bytesize must be 7 or 8")
 
 
 class ModbusTagConfig(TagConfigBase):
@@ -273,15 +289,29 @@ class ModbusTagConfig(TagConfigBase):
     def problems(self) -> Iterator[Problem]:
         """Cross-field problems of this tag (locations relative to the tag)."""
         address = self.parsed_address
-        numeric = self.type not in ("bool", "string")
+        yield from self._type_problems(address)
+        yield from self._length_problems()
+        yield from self._address_end_problems(address)
+        yield from self._number_only_problems()
+        yield from self._writable_problems(address)
+        yield from self._byte_order_problems(address)
+
+    def _type_problems(self, address: Address) -> Iterator[Problem]:
+        """Bits (coils, discrete inputs, a bit of a register) are read as bool only."""
         if address.is_bit_area and self.type != "bool":
             yield (("type",), f"{address.area}: addresses hold bits; type must be bool")
         if address.bit is not None and self.type != "bool":
             yield (("type",), f"a bit address ({self.address}) needs type bool")
+
+    def _length_problems(self) -> Iterator[Problem]:
+        """A string needs its length; nothing else takes one."""
         if self.type == "string" and self.length is None:
             yield (("length",), "required for type string (number of characters)")
         if self.type != "string" and self.length is not None:
             yield (("length",), "only valid for type string")
+
+    def _address_end_problems(self, address: Address) -> Iterator[Problem]:
+        """A multi-register value must end within the address space."""
         end = address.offset + self.count - 1
         if end > MAX_ADDRESS:
             yield (
@@ -289,14 +319,24 @@ class ModbusTagConfig(TagConfigBase):
                 f"{self.type} at offset {address.offset} needs {self.count} registers and "
                 f"would end at {end}, past the last address {MAX_ADDRESS}",
             )
+
+    def _number_only_problems(self) -> Iterator[Problem]:
+        """Scale, offset and deadband apply to numbers only; a scale of 0 loses the value."""
+        numeric = self.type not in ("bool", "string")
         if not numeric and (self.scale != 1.0 or self.offset != 0.0):
             yield (("scale",), f"scale/offset only apply to numbers, not {self.type}")
         if self.scale == 0.0:
             yield (("scale",), "must not be 0")
         if not numeric and self.deadband is not None:
             yield (("deadband",), f"only applies to numbers, not {self.type}")
+
+    def _writable_problems(self, address: Address) -> Iterator[Problem]:
+        """Discrete inputs and input registers cannot be written (no function code does)."""
         if self.writable and address.area in ("di", "ir"):
             yield (("writable",), f"{address.area}: addresses are read-only in Modbus")
+
+    def _byte_order_problems(self, address: Address) -> Iterator[Problem]:
+        """Byte and word order only mean something for registers."""
         if (self.byte_order or self.word_order) and address.is_bit_area:
             yield (("byte_order",), "byte/word order only apply to registers")
 
