@@ -59,7 +59,7 @@ from drivers.modbus.link import (
 )
 
 # What pymodbus raises for a request that got no (valid) answer.
-_NO_ANSWER = (TimeoutError, ModbusException, OSError)
+_REQUEST_FAILURES = (TimeoutError, ModbusException, OSError)
 
 
 class _NoAnswer(Exception):
@@ -191,7 +191,7 @@ class ModbusDriver(Driver):
         try:
             async with asyncio.timeout(link.request_deadline):
                 return await read_area(client, area, start, count, self.config.unit_id)
-        except _NO_ANSWER as exc:
+        except _REQUEST_FAILURES as exc:
             link.stats.timeouts += 1
             link.stats.errors += 1
             reason = failure_reason(exc)
@@ -346,7 +346,7 @@ class ModbusDriver(Driver):
                         unit=self.config.unit_id,
                         write_multiple=self.config.write_multiple,
                     )
-            except _NO_ANSWER as exc:
+            except _REQUEST_FAILURES as exc:
                 # The write may or may not have been applied: never resend, read back later.
                 link.stats.errors += 1
                 outcome = f"no answer to the write ({failure_reason(exc)})"
