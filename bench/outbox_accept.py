@@ -18,7 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.line_scale import RAW_INSERT, raw_events_db
 from sync.events import Event
-from sync.outbox.store import Outbox, encode_event
+from sync.outbox.codec import encode_event
+from sync.outbox.store import Outbox
 
 
 def make_events(producer: int, batch: int) -> list[Event]:

@@ -20,7 +20,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sync.events import Event, rfc3339
-from sync.outbox.store import Outbox, OutboxFull, OutboxUnavailable, StoredEvent, _ts_text
+from sync.outbox.codec import StoredEvent
+from sync.outbox.codec import ts_text as _ts_text
+from sync.outbox.store import Outbox, OutboxFull, OutboxUnavailable
 
 REPO = Path(__file__).resolve().parent.parent
 

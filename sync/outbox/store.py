@@ -20,10 +20,8 @@ Design (see design.md §6 and §9):
 from __future__ import annotations
 
 import asyncio
-import functools
 import heapq
 import itertools
-import json
 import logging
 import math
 import os
@@ -40,26 +38,15 @@ from typing import Any, Self
 import aiosqlite
 
 from sync import sqlite
-from sync.events import Event, json_safe, rfc3339
+from sync.events import Event, rfc3339
+from sync.outbox.codec import KIND_NAMES, SAMPLE_KIND, Row, StoredEvent, encode_event, ts_text
+from sync.outbox.errors import OutboxFull, OutboxUnavailable
+
+__all__ = ["Batch", "Outbox", "OutboxFull", "OutboxUnavailable"]
 
 log = logging.getLogger("edge_agent.outbox")
 
 SCHEMA_VERSION = 1
-
-# Kinds are stored as small integers (one byte per row instead of up to eight). The mapping
-# is part of the file format: never renumber, only append.
-KIND_CODES: dict[str, int] = {
-    "sample": 0,
-    "state": 1,
-    "count": 2,
-    "oee": 3,
-    "alarm": 4,
-    "workflow": 5,
-    "gap": 6,
-    "agent": 7,
-}
-KIND_NAMES: dict[int, str] = {code: name for name, code in KIND_CODES.items()}
-_SAMPLE = KIND_CODES["sample"]
 
 SCHEMA: tuple[str, ...] = (
     """
@@ -97,46 +84,6 @@ _ACK_CHUNK = 50_000
 # At most this many ranges per gap event, so that a gap event stays far below broker limits.
 _GAP_RANGES_PER_EVENT = 1000
 _MIN_MAX_SIZE = 64 * 1024
-
-Row = tuple[float, int, str | None, str | None, str | None, str | None]
-
-
-class OutboxUnavailable(Exception):
-    """The outbox cannot accept or change events right now (disk full, I/O error, closed)."""
-
-
-class OutboxFull(OutboxUnavailable):
-    """Over the cap and nothing droppable is left (only non-sample events are stored)."""
-
-
-@dataclass(frozen=True, slots=True)
-class StoredEvent:
-    """An event as stored in the outbox, with its seq; `value_json` is the stored JSON text."""
-
-    seq: int
-    ts: float
-    kind: str
-    device: str | None
-    tag: str | None
-    value_json: str | None
-    quality: str | None
-
-    @property
-    def value(self) -> Any:
-        """The decoded value."""
-        return None if self.value_json is None else json.loads(self.value_json)
-
-    def to_event(self) -> Event:
-        """The plain event record (without seq)."""
-        return Event(self.ts, self.kind, self.device, self.tag, self.value, self.quality)  # type: ignore[arg-type]
-
-    def wire(self) -> str:
-        """This event as an object of the S/sync ``events`` array (compact JSON)."""
-        return (
-            f'{{"seq":{self.seq},"ts":"{_ts_text(self.ts)}","kind":"{self.kind}",'
-            f'"device":{_quote(self.device)},"tag":{_quote(self.tag)},'
-            f'"value":{self.value_json or "null"},"quality":{_quote(self.quality)}}}'
-        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -530,8 +477,8 @@ class Outbox:
                 "reason": "append_failed",
                 "ranges": [],
                 "count": self._refused_count,
-                "first_ts": _ts_text(self._refused_first_ts),
-                "last_ts": _ts_text(self._refused_last_ts),
+                "first_ts": ts_text(self._refused_first_ts),
+                "last_ts": ts_text(self._refused_last_ts),
                 "detail": self._refused_reason,
             },
         )
@@ -611,7 +558,7 @@ class Outbox:
                 for row in await db.execute_fetchall(
                     "DELETE FROM events WHERE seq IN (SELECT seq FROM events WHERE kind = ? "
                     "ORDER BY seq LIMIT ?) RETURNING seq, ts",
-                    (_SAMPLE, want),
+                    (SAMPLE_KIND, want),
                 )
             ]
             if not gone:
@@ -866,63 +813,6 @@ class Outbox:
             await self._conn().execute_fetchall("SELECT ts FROM events ORDER BY seq LIMIT 1")
         )
         return float(rows[0][0]) if rows else None
-
-
-def encode_event(event: Event) -> Row:
-    """An event as a stored row (without seq); raises ValueError if it cannot be stored."""
-    kind = KIND_CODES.get(event.kind)
-    if kind is None:
-        raise ValueError(f"unknown event kind {event.kind!r}")
-    ts = event.ts
-    if type(ts) is not float:
-        ts = float(ts)
-    if not math.isfinite(ts):
-        raise ValueError(f"event ts must be finite, got {event.ts!r}")
-    return (ts, kind, event.device, event.tag, _encode_value(event.value), event.quality)
-
-
-def _encode_value(value: Any) -> str | None:
-    # Fast paths for the common scalar types; same text as json.dumps would produce.
-    kind = type(value)
-    if value is None:
-        return None
-    if kind is float:
-        return repr(value) if math.isfinite(value) else None
-    if kind is int:
-        return str(value)
-    if kind is bool:
-        return "true" if value else "false"
-    if kind is str:
-        return json.dumps(value, ensure_ascii=False)
-    try:
-        return json.dumps(
-            json_safe(value), ensure_ascii=False, allow_nan=False, separators=(",", ":")
-        )
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"event value is not JSON-serialisable: {exc}") from exc
-
-
-def _quote(text: str | None) -> str:
-    if text is None:
-        return "null"
-    return _quote_text(text)
-
-
-@functools.lru_cache(maxsize=16384)
-def _quote_text(text: str) -> str:
-    # Device, tag and quality strings repeat endlessly: quote each once.
-    return json.dumps(text, ensure_ascii=False)
-
-
-@functools.lru_cache(maxsize=256)  # small, like sync.events._second_text
-def _second_prefix(seconds: int) -> str:
-    return rfc3339(float(seconds))[:-5]
-
-
-def _ts_text(ts: float) -> str:
-    """Same text as `sync.events.rfc3339`, with the date/time part cached per second."""
-    seconds, millis = divmod(round(ts * 1000), 1000)
-    return f"{_second_prefix(seconds)}.{millis:03d}Z"
 
 
 def _ranges(seqs: Sequence[int]) -> list[list[int]]:
