@@ -58,7 +58,7 @@ from sync.central.ingest import COLUMNS  # noqa: E402
 from sync.events import Event, dumps, parse_rfc3339, rfc3339  # noqa: E402
 from sync.mqtt.client import MqttClient  # noqa: E402
 from sync.outbox.codec import encode_event  # noqa: E402
-from sync.outbox.store import SCHEMA  # noqa: E402
+from sync.outbox.database import SCHEMA  # noqa: E402
 from sync.uplink.topics import live_topic, sample_payload  # noqa: E402
 from tests.fixtures import ChildProcess, MosquittoBroker, PostgresServer, free_port  # noqa: E402
 from tests.fixtures.procs import read_text_lossy, tail  # noqa: E402
