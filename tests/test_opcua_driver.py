@@ -24,11 +24,10 @@ from cryptography import x509
 
 from drivers.base import DriverContext, DriverFault, DriverUnavailable, Reading, WriteUnverified
 from drivers.opcua.config import OpcUaDeviceConfig
-from drivers.opcua.driver import (
+from drivers.opcua.driver import OpcUaDriver
+from drivers.opcua.security import create_client_certificate, fingerprint
+from drivers.opcua.values import (
     NotFinite,
-    OpcUaDriver,
-    create_client_certificate,
-    fingerprint,
     json_value,
     make_reading,
     status_name,
