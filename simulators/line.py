@@ -7,44 +7,34 @@ and the same sequence of ``advance()``/``write()`` calls always give the same va
 The simulation is event driven: ``advance`` jumps from event to event (cycle completed, fault,
 starvation, changeover, end of a stop) instead of sampling on a fixed grid, so a large ``dt``
 costs one loop iteration per event, not per millisecond.
+
+Point names and write rules live in ``line_points.py``, the random stops (faults, starvation,
+changeovers) in ``line_stops.py``.
 """
 
 from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
-from enum import IntEnum
 from typing import Final
 
+from simulators.line_points import (
+    PRODUCT_CODE_MAX,
+    TARGET_QTY_MAX,
+    MachineState,
+    PointValue,
+    check_name,
+    check_uint,
+    validate_point,
+)
+from simulators.line_stops import Episode, StopSchedule
+
 __all__ = [
-    "PRODUCT_CODE_MAX",
-    "PRODUCT_NAME_MAX",
-    "WRITABLE_POINTS",
     "BulkBlock",
     "LineModel",
     "MachineState",
     "PointValue",
 ]
-
-PointValue = bool | int | float | str
-
-PRODUCT_CODE_MAX: Final = 9999
-PRODUCT_NAME_MAX: Final = 16
-TARGET_QTY_MAX: Final = 0xFFFF_FFFF
-
-WRITABLE_POINTS: Final = frozenset(
-    {
-        "start",
-        "stop",
-        "quality_hold",
-        "maintenance_lock",
-        "product_code",
-        "target_qty",
-        "product_name",
-    }
-)
-_BOOL_POINTS: Final = frozenset({"start", "stop", "quality_hold", "maintenance_lock"})
 
 # Electrical power drawn per state (kW), integrated into energy_kwh.
 _POWER_KW: Final = {0: 0.3, 1: 7.5, 2: 2.0, 3: 1.5, 4: 2.0}
@@ -56,24 +46,69 @@ _TEMP_TAU_S: Final = 240.0
 _SCAN_HZ: Final = 100
 
 
-class MachineState(IntEnum):
-    """Machine state codes as exposed by the PLC (hr:100 / ir:1)."""
+class _Temperature:
+    """Machine temperature: lags towards the running or idle level, drifts, is read with noise."""
 
-    OFF = 0
-    RUNNING = 1
-    UNPLANNED_STOP = 2
-    PLANNED_STOP = 3
-    STARVED = 4
+    def __init__(self, *, seed: int) -> None:
+        """Start at 55 °C with no drift; ``seed`` seeds the noise stream."""
+        # Its own random stream: noise is drawn per advance() call and must not shift the
+        # event draws, so that splitting the same time differently gives the same events.
+        self._noise_rng = random.Random(f"noise-{seed}")
+        self._base = 55.0
+        self._drift = 0.0
+        self.value = self._base
+
+    def integrate(self, step: float, *, running: bool) -> None:
+        """Move the true temperature forward by ``step`` seconds."""
+        target = _TEMP_RUNNING_C if running else _TEMP_IDLE_C
+        self._base = target + (self._base - target) * math.exp(-step / _TEMP_TAU_S)
+        # Slow mean-reverting drift (ambient, sensor ageing): ±1-2 °C over tens of minutes.
+        self._drift *= math.exp(-step / 1800.0)
+        self._drift += self._noise_rng.gauss(0.0, 0.02 * math.sqrt(step))
+
+    def measure(self) -> None:
+        """Take a reading: the true temperature plus measurement noise."""
+        self.value = round(self._base + self._drift + self._noise_rng.gauss(0.0, 0.15), 3)
 
 
-@dataclass
-class _Episode:
-    """A stop in progress: fault, changeover or starvation, with the time it still lasts."""
+class _Commands:
+    """The latched command coils and their interlocks."""
 
-    state: MachineState
-    remaining_s: float
-    fault_code: int = 0
-    reason: str = ""
+    def __init__(
+        self,
+        *,
+        start: bool = True,
+        stop: bool = False,
+        quality_hold: bool = False,
+        maintenance_lock: bool = False,
+    ) -> None:
+        """Coils as given (the default: commanded on, nothing held or locked)."""
+        # start and stop are mutually exclusive: writing one clears the other, so each reads
+        # back as written and "commanded on" is simply ``start``.
+        self.start = start
+        self.stop = stop
+        self.quality_hold = quality_hold
+        self.maintenance_lock = maintenance_lock
+
+    def write(self, point: str, value: bool) -> None:
+        """Apply a validated write to the coil ``point``."""
+        if point == "start":
+            if self.maintenance_lock:
+                return  # a locked-out machine ignores start; the coil stays False
+            self.start = value
+            if value:
+                self.stop = False
+        elif point == "stop":
+            self.stop = value
+            if value:
+                self.start = False
+        elif point == "quality_hold":
+            self.quality_hold = value
+        elif point == "maintenance_lock":
+            self.maintenance_lock = value
+            if value:
+                # Lockout drops the run command: after unlocking, an explicit start is needed.
+                self.start = False
 
 
 class LineModel:
@@ -104,15 +139,6 @@ class LineModel:
             raise ValueError("ideal_cycle_time must be > 0")
         if not 0.0 <= reject_rate <= 1.0:
             raise ValueError("reject_rate must be within 0..1")
-        if not 0.0 <= microstop_share <= 1.0:
-            raise ValueError("microstop_share must be within 0..1")
-        for name, mean in (
-            ("mean_time_between_faults_s", mean_time_between_faults_s),
-            ("mean_time_between_starved_s", mean_time_between_starved_s),
-            ("mean_time_between_changeovers_s", mean_time_between_changeovers_s),
-        ):
-            if not mean > 0:
-                raise ValueError(f"{name} must be > 0 (math.inf disables the event)")
         if mean_slowdown < 0:
             raise ValueError("mean_slowdown must be >= 0")
         self.seed: Final = seed
@@ -120,16 +146,12 @@ class LineModel:
         self.counter_bits: Final = counter_bits
         self.counter_modulus: Final = 1 << counter_bits
         self.reject_rate: Final = reject_rate
-        self._mtbf_s = mean_time_between_faults_s
-        self._microstop_share = microstop_share
-        self._mtb_starved_s = mean_time_between_starved_s
-        self._mtb_changeover_s = mean_time_between_changeovers_s
         self._mean_slowdown = mean_slowdown
-        # Two streams: discrete events draw from _rng only when an event fires, measurement
-        # noise from _noise_rng, so the event trajectory does not depend on how the same total
-        # time is split into advance() calls (the simulator's tick jitter).
+        # Two streams: discrete events (cycles, rejects, stops) draw from _rng only when an
+        # event fires, measurement noise from the temperature's own stream, so the event
+        # trajectory does not depend on how the same total time is split into advance() calls
+        # (the simulator's tick jitter).
         self._rng = random.Random(seed)
-        self._noise_rng = random.Random(f"noise-{seed}")
 
         mod = self.counter_modulus
         if not 0 <= initial_total < mod or not 0 <= initial_reject < mod:
@@ -138,32 +160,31 @@ class LineModel:
         self._reject = initial_reject
         self._good = (initial_total - initial_reject) % mod
 
-        # Commands (latched coils). start and stop are mutually exclusive: writing one clears
-        # the other, so each reads back as written and "commanded on" is simply ``start``.
-        self._start = True
-        self._stop = False
-        self._quality_hold = False
-        self._maintenance_lock = False
+        self._commands = _Commands()
 
-        self._product_code = _check_uint("product_code", product_code, PRODUCT_CODE_MAX)
-        self._product_name = _check_name(product_name)
-        self._target_qty = _check_uint("target_qty", target_qty, TARGET_QTY_MAX)
+        self._product_code = check_uint("product_code", product_code, PRODUCT_CODE_MAX)
+        self._product_name = check_name(product_name)
+        self._target_qty = check_uint("target_qty", target_qty, TARGET_QTY_MAX)
         self._order_count = 0
         self._order_done = False
 
-        self._episode: _Episode | None = None
+        self._episode: Episode | None = None
         self._sim_time_s = 0.0
         self._runtime_s = 0.0
         self._energy_kwh = 0.0
-        self._temp_base = 55.0
-        self._temp_drift = 0.0
-        self._temperature = self._temp_base
+        self._temperature = _Temperature(seed=seed)
         self._cycle_time_s = self._draw_cycle_time()
         self._cycle_remaining_s = self._cycle_time_s
         self._last_cycle_s = self._cycle_time_s
-        self._next_fault_in = self._draw_exp(self._mtbf_s)
-        self._next_starved_in = self._draw_exp(self._mtb_starved_s)
-        self._next_changeover_in = self._draw_exp(self._mtb_changeover_s)
+        # Drawn after the first cycle time: the order of draws from _rng is part of the seed's
+        # trajectory.
+        self._stops = StopSchedule(
+            rng=self._rng,
+            mean_time_between_faults_s=mean_time_between_faults_s,
+            microstop_share=microstop_share,
+            mean_time_between_starved_s=mean_time_between_starved_s,
+            mean_time_between_changeovers_s=mean_time_between_changeovers_s,
+        )
         self.revision = 0
         self.write_history: list[tuple[float, str, PointValue]] = []
 
@@ -172,11 +193,11 @@ class LineModel:
     @property
     def state(self) -> int:
         """Current state code (0 off, 1 running, 2 unplanned, 3 planned, 4 starved)."""
-        if self._maintenance_lock:
+        if self._commands.maintenance_lock:
             return MachineState.PLANNED_STOP
-        if not self._start:
+        if not self._commands.start:
             return MachineState.OFF
-        if self._quality_hold:
+        if self._commands.quality_hold:
             return MachineState.PLANNED_STOP
         if self._episode is not None:
             return self._episode.state
@@ -195,11 +216,11 @@ class LineModel:
         state = self.state
         if state == MachineState.RUNNING:
             return ""
-        if self._maintenance_lock:
+        if self._commands.maintenance_lock:
             return "maintenance_lock"
         if state == MachineState.OFF:
             return "order_done" if self._order_done else "stopped"
-        if self._quality_hold:
+        if self._commands.quality_hold:
             return "quality_hold"
         return self._episode.reason if self._episode is not None else ""
 
@@ -221,7 +242,7 @@ class LineModel:
     @property
     def temperature(self) -> float:
         """Machine temperature in °C."""
-        return self._temperature
+        return self._temperature.value
 
     @property
     def sim_time_s(self) -> float:
@@ -276,22 +297,22 @@ class LineModel:
     @property
     def start(self) -> bool:
         """Start coil (the machine is commanded on)."""
-        return self._start
+        return self._commands.start
 
     @property
     def stop(self) -> bool:
         """Stop coil (latched until start is written)."""
-        return self._stop
+        return self._commands.stop
 
     @property
     def quality_hold(self) -> bool:
         """Quality hold coil."""
-        return self._quality_hold
+        return self._commands.quality_hold
 
     @property
     def maintenance_lock(self) -> bool:
         """Maintenance lock coil."""
-        return self._maintenance_lock
+        return self._commands.maintenance_lock
 
     def snapshot(self) -> dict[str, PointValue]:
         """Return every point's current value keyed by point name."""
@@ -305,17 +326,17 @@ class LineModel:
             "faulted": state == MachineState.UNPLANNED_STOP,
             "starved": state == MachineState.STARVED,
             "order_done": self._order_done,
-            "start": self._start,
-            "stop": self._stop,
-            "quality_hold": self._quality_hold,
-            "maintenance_lock": self._maintenance_lock,
+            "start": self._commands.start,
+            "stop": self._commands.stop,
+            "quality_hold": self._commands.quality_hold,
+            "maintenance_lock": self._commands.maintenance_lock,
             "total_count": self._total,
             "reject_count": self._reject,
             "good_count": self._good,
             "total_count16": self._total & mask16,
             "reject_count16": self._reject & mask16,
             "last_cycle_ms": self.last_cycle_ms,
-            "temperature": self._temperature,
+            "temperature": self._temperature.value,
             "product_code": self._product_code,
             "target_qty": self._target_qty,
             "order_count": self._order_count,
@@ -330,42 +351,15 @@ class LineModel:
 
     def validate(self, point: str, value: object) -> PointValue:
         """Return ``value`` normalised for ``point`` or raise ValueError (KeyError if unknown)."""
-        if point not in WRITABLE_POINTS:
-            if point in _READ_ONLY_POINTS:
-                raise ValueError(f"{point} is read-only")
-            raise KeyError(point)
-        if point in _BOOL_POINTS:
-            if not isinstance(value, bool):
-                raise ValueError(f"{point} must be a bool, got {value!r}")
-            return value
-        if point == "product_name":
-            return _check_name(value)
-        return _check_uint(
-            point, value, PRODUCT_CODE_MAX if point == "product_code" else TARGET_QTY_MAX
-        )
+        return validate_point(point, value)
 
     def write(self, point: str, value: object) -> None:
         """Validate and apply a write to a writable point, and record it."""
         value = self.validate(point, value)
         self.write_history.append((self._sim_time_s, point, value))
         self.revision += 1
-        if point == "start":
-            if self._maintenance_lock:
-                return  # a locked-out machine ignores start; the coil stays False
-            self._start = bool(value)
-            if value:
-                self._stop = False
-        elif point == "stop":
-            self._stop = bool(value)
-            if value:
-                self._start = False
-        elif point == "quality_hold":
-            self._quality_hold = bool(value)
-        elif point == "maintenance_lock":
-            self._maintenance_lock = bool(value)
-            if value:
-                # Lockout drops the run command: after unlocking, an explicit start is needed.
-                self._start = False
+        if isinstance(value, bool):  # the command coils, the only bool points
+            self._commands.write(point, value)
         elif point == "product_code":
             assert isinstance(value, int)
             self._product_code = value
@@ -381,31 +375,11 @@ class LineModel:
 
     def force_state(self, code: int, fault_code: int = 0, duration_s: float | None = None) -> None:
         """Put the machine into state ``code`` now (for tests); None duration = until changed."""
-        if code not in {member.value for member in MachineState}:
-            raise ValueError(f"state code must be 0..4, got {code}")
-        if code == MachineState.UNPLANNED_STOP:
-            fault_code = fault_code or 1
-            if not 1 <= fault_code <= 9:
-                raise ValueError("fault_code must be within 1..9")
-        elif fault_code:
-            raise ValueError("fault_code is only valid with state 2")
-        remaining = math.inf if duration_s is None else float(duration_s)
-        if not remaining > 0:
-            raise ValueError("duration_s must be > 0")
+        episode = Episode.forced(code, fault_code, duration_s)
         self.revision += 1
-        self._quality_hold = False
-        self._maintenance_lock = False
-        self._episode = None
-        self._start = code != MachineState.OFF
-        self._stop = code == MachineState.OFF
-        if code in (MachineState.OFF, MachineState.RUNNING):
-            return
-        reason = {
-            MachineState.UNPLANNED_STOP: "forced_fault",
-            MachineState.PLANNED_STOP: "forced_planned_stop",
-            MachineState.STARVED: "forced_starved",
-        }[MachineState(code)]
-        self._episode = _Episode(MachineState(code), remaining, fault_code, reason)
+        off = code == MachineState.OFF
+        self._commands = _Commands(start=not off, stop=off)
+        self._episode = episode
 
     # ------------------------------------------------------------------ time
 
@@ -422,16 +396,7 @@ class LineModel:
             step = remaining
             if state == MachineState.RUNNING:
                 # Events that fell due together fire one per iteration, so clamp at 0.
-                step = max(
-                    0.0,
-                    min(
-                        step,
-                        self._cycle_remaining_s,
-                        self._next_fault_in,
-                        self._next_starved_in,
-                        self._next_changeover_in,
-                    ),
-                )
+                step = max(0.0, min(step, self._cycle_remaining_s, self._stops.next_due_in()))
             elif self._episode is not None:
                 step = max(0.0, min(step, self._episode.remaining_s))
             self._integrate(state, step)
@@ -441,27 +406,19 @@ class LineModel:
             if self._episode is not None and self._episode.remaining_s <= 0:
                 self._episode = None
         # Measurement noise is drawn once per call so it does not depend on event density.
-        self._temperature = round(
-            self._temp_base + self._temp_drift + self._noise_rng.gauss(0.0, 0.15), 3
-        )
+        self._temperature.measure()
 
     def _integrate(self, state: int, step: float) -> None:
         """Move continuous quantities forward by ``step`` seconds in ``state``."""
         self._sim_time_s += step
         self._energy_kwh += _POWER_KW[state] * step / 3600.0
-        target = _TEMP_RUNNING_C if state == MachineState.RUNNING else _TEMP_IDLE_C
-        self._temp_base = target + (self._temp_base - target) * math.exp(-step / _TEMP_TAU_S)
-        # Slow mean-reverting drift (ambient, sensor ageing): ±1-2 °C over tens of minutes.
-        self._temp_drift *= math.exp(-step / 1800.0)
-        self._temp_drift += self._noise_rng.gauss(0.0, 0.02 * math.sqrt(step))
+        self._temperature.integrate(step, running=state == MachineState.RUNNING)
         if self._episode is not None:
             self._episode.remaining_s -= step
         if state == MachineState.RUNNING:
             self._runtime_s += step
             self._cycle_remaining_s -= step
-            self._next_fault_in -= step
-            self._next_starved_in -= step
-            self._next_changeover_in -= step
+            self._stops.elapse(step)
 
     def _run_events(self) -> None:
         """Fire whichever running-time events fell due at the current instant."""
@@ -469,24 +426,9 @@ class LineModel:
             self._complete_cycle()
         if self.state != MachineState.RUNNING:
             return  # the order just completed and stopped the machine
-        if self._next_fault_in <= 0:
-            self._next_fault_in = self._draw_exp(self._mtbf_s)
-            if self._rng.random() < self._microstop_share:
-                # Jams and the like: short stops (< 2 min) that OEE counts as microstops.
-                code = self._rng.randint(1, 3)
-                duration = self._rng.uniform(5.0, 90.0)
-            else:
-                code = self._rng.randint(4, 9)
-                duration = self._rng.uniform(150.0, 900.0)
-            self._episode = _Episode(MachineState.UNPLANNED_STOP, duration, code, "fault")
-        elif self._next_starved_in <= 0:
-            self._next_starved_in = self._draw_exp(self._mtb_starved_s)
-            duration = self._rng.uniform(15.0, 240.0)
-            self._episode = _Episode(MachineState.STARVED, duration, 0, "starved")
-        elif self._next_changeover_in <= 0:
-            self._next_changeover_in = self._draw_exp(self._mtb_changeover_s)
-            duration = self._rng.uniform(300.0, 900.0)
-            self._episode = _Episode(MachineState.PLANNED_STOP, duration, 0, "changeover")
+        episode = self._stops.due_stop()
+        if episode is not None:
+            self._episode = episode
 
     def _complete_cycle(self) -> None:
         """Count one part and start the next cycle."""
@@ -503,63 +445,12 @@ class LineModel:
         if self._target_qty and self._order_count >= self._target_qty:
             # A finished order stops the machine by command, like a PLC batch counter.
             self._order_done = True
-            self._start = False
+            self._commands.start = False
 
     def _draw_cycle_time(self) -> float:
         """Draw a cycle time, never faster than ideal, slower by ``mean_slowdown`` on average."""
         slowdown = abs(self._rng.gauss(0.0, self._mean_slowdown * math.sqrt(math.pi / 2)))
         return self.ideal_cycle_time * (1.0 + slowdown)
-
-    def _draw_exp(self, mean: float) -> float:
-        """Draw an exponential running-time interval (``inf`` disables the event)."""
-        if math.isinf(mean):
-            return math.inf
-        return self._rng.expovariate(1.0 / mean)
-
-
-def _check_uint(point: str, value: object, limit: int) -> int:
-    """Validate an integer point within 0..limit."""
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise ValueError(f"{point} must be an int, got {value!r}")
-    if not 0 <= value <= limit:
-        raise ValueError(f"{point} must be within 0..{limit}, got {value}")
-    return value
-
-
-def _check_name(value: object) -> str:
-    """Validate a product name: printable ASCII, at most 16 characters."""
-    if not isinstance(value, str):
-        raise ValueError(f"product_name must be a str, got {value!r}")
-    if len(value) > PRODUCT_NAME_MAX:
-        raise ValueError(f"product_name longer than {PRODUCT_NAME_MAX} characters")
-    if any(not 0x20 <= ord(ch) <= 0x7E for ch in value):
-        raise ValueError("product_name must be printable ASCII")
-    return value
-
-
-_READ_ONLY_POINTS: Final = frozenset(
-    {
-        "state",
-        "fault_code",
-        "stop_reason",
-        "running",
-        "faulted",
-        "starved",
-        "order_done",
-        "total_count",
-        "reject_count",
-        "good_count",
-        "total_count16",
-        "reject_count16",
-        "last_cycle_ms",
-        "temperature",
-        "order_count",
-        "runtime_s",
-        "energy_kwh",
-        "cycle_counter16",
-        "sim_time_s",
-    }
-)
 
 
 class BulkBlock:
