@@ -409,7 +409,7 @@ class Line:
                 [
                     PYTHON,
                     "-m",
-                    "simulators.modbus.server",
+                    "simulators.modbus",
                     "--port",
                     str(port),
                     "--units",

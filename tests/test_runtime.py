@@ -18,7 +18,8 @@ import pytest
 from agent.daemon.runtime import Runtime
 from agent.settings.config_file import AgentSettings
 from agent.settings.loader import load_agent_settings
-from simulators.modbus.server import ModbusSimulator, send_control
+from simulators.modbus.control import send_control
+from simulators.modbus.server import ModbusSimulator
 from tests.fixtures.collector import TopicCollector
 from tests.fixtures.mosquitto import MosquittoBroker
 from tests.fixtures.ports import async_wait_until, free_port, wait_until

@@ -20,13 +20,10 @@ from pymodbus.exceptions import ConnectionException, ModbusIOException
 from pymodbus.framer import FramerType
 
 from simulators.line import BulkBlock, LineModel
-from simulators.modbus.server import (
-    BULK_START,
-    ModbusSimulator,
-    main,
-    register_map_table,
-    send_control,
-)
+from simulators.modbus.cli import main
+from simulators.modbus.control import send_control
+from simulators.modbus.registers import BULK_START, register_map_table
+from simulators.modbus.server import ModbusSimulator
 from simulators.ptybridge import PtyBridge
 
 REPO = Path(__file__).resolve().parents[1]
@@ -558,12 +555,12 @@ class Proc:
 
 
 async def start_cli(*args: str) -> Proc:
-    """Start ``python -m simulators.modbus.server`` and read its output up to the settings line."""
+    """Start ``python -m simulators.modbus`` and read its output up to the settings line."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "simulators.modbus.server",
+        "simulators.modbus",
         *args,
         cwd=REPO,
         env=env,
