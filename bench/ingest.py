@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import asyncpg
 
-from sync.central.ingest import COLUMNS, Ingest, Row, parse_batch
+from sync.central.batch import COLUMNS, Row, parse_batch
+from sync.central.ingest import Ingest
 from sync.events import dumps, rfc3339
 from sync.mqtt.client import Message, MqttClient
 from tests.fixtures import MosquittoBroker, PostgresServer

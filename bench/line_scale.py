@@ -54,7 +54,7 @@ import paho.mqtt.client as paho  # noqa: E402
 from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
 from pymodbus.client import AsyncModbusTcpClient  # noqa: E402
 
-from sync.central.ingest import COLUMNS  # noqa: E402
+from sync.central.batch import COLUMNS  # noqa: E402
 from sync.events import Event, dumps, parse_rfc3339, rfc3339  # noqa: E402
 from sync.mqtt.client import MqttClient  # noqa: E402
 from sync.outbox.codec import encode_event  # noqa: E402

@@ -13,14 +13,8 @@ from typing import Any
 import asyncpg
 import pytest
 
-from sync.central.ingest import (
-    Batch,
-    MalformedBatch,
-    commit_batch,
-    is_transient,
-    parse_batch,
-    prepare_connection,
-)
+from sync.central.batch import Batch, MalformedBatch, parse_batch
+from sync.central.commit import commit_batch, is_transient, prepare_connection
 from sync.central.partitions import maintain_partitions
 from sync.central.schema import migrate
 from sync.events import rfc3339

@@ -24,7 +24,7 @@ import asyncpg
 import pytest
 
 from agent.central.service import asyncio_report
-from sync.central.ingest import (
+from sync.central.commit import (
     commit_pooled,
     connection_survives,
     is_orphaned_asyncpg_waiter,

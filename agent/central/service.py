@@ -12,7 +12,8 @@ from typing import Any
 from agent.central.settings import CentralSettings
 from agent.service.sdnotify import SdNotifier
 from agent.service.watchdog import dead_tasks, ingest_status_line, watchdog_loop
-from sync.central.ingest import Ingest, is_orphaned_asyncpg_waiter, presence_payload, presence_topic
+from sync.central.commit import is_orphaned_asyncpg_waiter
+from sync.central.ingest import Ingest, presence_payload, presence_topic
 from sync.mqtt.client import MqttClient, TlsOptions, Will
 
 log = logging.getLogger("edge_agent.ingest")

@@ -12,8 +12,8 @@ default partition, delete them there, ``ATTACH PARTITION`` — one short transac
 never queues for long in front of the ingest's inserts.
 
 Months older than the retention are never created; their stray rows stay in the default
-partition (reported, never deleted silently: design §6). Whole partitions older than the
-retention are detached and dropped.
+partition (reported, never deleted silently: docs/central.md, "Partitions"). Whole partitions
+older than the retention are detached and dropped.
 
 Everything runs under one session advisory lock, so any number of replicas can maintain.
 """

@@ -1,4 +1,4 @@
-"""The central PostgreSQL schema (design §8) and its idempotent, versioned migrations.
+"""The central PostgreSQL schema (docs/central.md) and its idempotent, versioned migrations.
 
 Every statement is written to be re-runnable (``IF NOT EXISTS`` / ``OR REPLACE``) and the whole
 migration runs in one transaction under a transaction-level advisory lock, so any number of
