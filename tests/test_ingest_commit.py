@@ -6,8 +6,7 @@ import asyncio
 import json
 import random
 import uuid
-from collections.abc import AsyncIterator, Iterable
-from datetime import UTC, datetime
+from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
@@ -15,51 +14,7 @@ import pytest
 
 from sync.central.batch import Batch, MalformedBatch, parse_batch
 from sync.central.commit import commit_batch, is_transient, prepare_connection
-from sync.central.partitions import maintain_partitions
-from sync.central.schema import migrate
-from sync.events import rfc3339
-
-GW = "plant1-line3"
-TS = 1_795_000_000.0  # 2026-11-18, inside the partitions made ahead
-
-
-def batch_doc(
-    first: int,
-    last: int,
-    *,
-    stream: str,
-    gateway: str = GW,
-    absent: Iterable[int] = (),
-    ts: float = TS,
-) -> dict[str, Any]:
-    """An S/sync document covering [first, last], without the seqs in ``absent``."""
-    skip = set(absent)
-    return {
-        "gateway": gateway,
-        "stream": stream,
-        "first_seq": first,
-        "last_seq": last,
-        "events": [
-            {
-                "seq": seq,
-                "ts": rfc3339(ts + seq / 1000),
-                "kind": "sample",
-                "device": "press1",
-                "tag": "temperature",
-                "value": seq / 10,
-                "quality": "good",
-            }
-            for seq in range(first, last + 1)
-            if seq not in skip
-        ],
-    }
-
-
-def batch(first: int, last: int, **kwargs: Any) -> Batch:
-    """A parsed batch (see batch_doc)."""
-    doc = batch_doc(first, last, **kwargs)
-    return parse_batch(doc["gateway"], json.dumps(doc).encode())
-
+from tests.fixtures.central import GW, batch, batch_doc, prepare_schema
 
 # -- validation (no database) ------------------------------------------------------------------
 
@@ -136,18 +91,6 @@ def test_parse_rejects_an_invalid_topic_gateway() -> None:
 
 
 # -- the watermark -------------------------------------------------------------------------------
-
-
-async def prepare_schema(dsn: str) -> None:
-    """The central schema, with a partition for TS's month (and the next one), like the
-    ingest's first maintenance."""
-    connection = await asyncpg.connect(dsn)
-    try:
-        await migrate(connection)
-        now = datetime.fromtimestamp(TS, tz=UTC)
-        await maintain_partitions(connection, months_ahead=1, retention_months=24, now=now)
-    finally:
-        await connection.close()
 
 
 @pytest.fixture

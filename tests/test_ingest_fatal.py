@@ -31,8 +31,8 @@ from sync.central.commit import (
     is_transient,
     prepare_connection,
 )
+from tests.fixtures.central import batch, prepare_schema
 from tests.fixtures.relay import TcpRelay
-from tests.test_ingest_commit import batch, prepare_schema
 
 
 def fatal_message(text: str, code: str = "57P01") -> bytes:
