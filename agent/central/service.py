@@ -1,22 +1,29 @@
-"""`edge-agent ingest`: the central ingest service, wired from its config file."""
+"""`edge-agent ingest`: the central ingest service, wired from its config file.
+
+One TaskGroup owns the service's tasks: the ingest and the systemd watchdog. SIGTERM/SIGINT
+stop them through an Event (exit code 0); anything else that ends one of them ends the
+service, each cause logged (exit code 1). A cancellation from outside propagates.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 from agent.central.settings import CentralSettings
 from agent.service.sdnotify import SdNotifier
 from agent.service.watchdog import dead_tasks, ingest_status_line, watchdog_loop
-from sync.central.commit import is_orphaned_asyncpg_waiter
+from sync.central.commit import describe, is_orphaned_asyncpg_waiter, reported_by_server
 from sync.central.ingest import Ingest, presence_payload, presence_topic
 from sync.mqtt.client import MqttClient, TlsOptions, Will
 
 log = logging.getLogger("edge_agent.ingest")
+
+EXIT_FAILURE = 1
 
 
 def ingest_for(settings: CentralSettings) -> Ingest:
@@ -67,47 +74,67 @@ def asyncio_report(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> 
     loop.default_exception_handler(context)
 
 
-async def run_until_signalled(settings: CentralSettings) -> int:
-    """Run one replica until SIGTERM/SIGINT; exit code 0."""
-    loop = asyncio.get_running_loop()
-    ingest = ingest_for(settings)
-    notifier = SdNotifier(unset_environment=True)
-    task = asyncio.create_task(ingest.run(), name="ingest")
-    # Ready as soon as it runs: waiting for PostgreSQL here would let a database outage at
-    # boot fail the start (TimeoutStartSec) instead of being retried by the ingest.
-    notifier.ready(status="starting")
-    watchdog = (
-        asyncio.create_task(
-            watchdog_loop(
+async def consume(ingest: Ingest) -> None:
+    """``ingest.run()``, which runs until cancelled: returning at all is a failure."""
+    await ingest.run()
+    raise RuntimeError("the ingest stopped consuming without being told to")
+
+
+async def serve(
+    settings: CentralSettings, ingest: Ingest, notifier: SdNotifier, stop: asyncio.Event
+) -> None:
+    """Run the ingest and the watchdog in one TaskGroup until ``stop``."""
+    async with asyncio.TaskGroup() as group:
+        tasks = [group.create_task(consume(ingest), name="ingest")]
+        ingest_task = tasks[0]
+        # Ready as soon as it runs: waiting for PostgreSQL here would let a database outage at
+        # boot fail the start (TimeoutStartSec) instead of being retried by the ingest.
+        notifier.ready(status="starting")
+        if notifier.enabled:
+            watchdog = watchdog_loop(
                 notifier,
-                lambda: dead_tasks([task]),
+                lambda: dead_tasks([ingest_task]),
                 notifier.watchdog_interval,
                 status=lambda: ingest_status_line(
                     ingest, committed_rows=ingest.stats.rows_inserted
                 ),
-            ),
-            name="watchdog",
-        )
-        if notifier.enabled
-        else None
-    )
-
-    def stop() -> None:
-        if watchdog is not None:
-            watchdog.cancel()
+            )
+            tasks.append(group.create_task(watchdog, name="watchdog"))
+        await stop.wait()
         notifier.stopping()
-        task.cancel()
+        for task in tasks:
+            task.cancel()
 
+
+def leaf_exceptions(error: BaseException) -> Iterator[BaseException]:
+    """The exceptions inside (nested) exception groups, or ``error`` itself."""
+    if isinstance(error, BaseExceptionGroup):
+        for inner in error.exceptions:
+            yield from leaf_exceptions(inner)
+    else:
+        yield error
+
+
+async def run_until_signalled(settings: CentralSettings) -> int:
+    """Run one replica until SIGTERM/SIGINT (exit code 0); 1 if it ended any other way."""
+    loop = asyncio.get_running_loop()
+    ingest = ingest_for(settings)
+    notifier = SdNotifier(unset_environment=True)
+    stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop)
+        loop.add_signal_handler(signum, stop.set)
     previous_handler = loop.get_exception_handler()
     loop.set_exception_handler(asyncio_report)
     try:
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await serve(settings, ingest, notifier, stop)
+    except BaseExceptionGroup as failure:
+        for cause in leaf_exceptions(failure):
+            # PostgreSQL's own words suffice for a configuration error (an unknown database, a
+            # refused login); anything else is a bug, and its traceback is needed.
+            trace = None if reported_by_server(cause) else cause
+            log.error("ingest: stopped by %s", describe(cause), exc_info=trace)
+        return EXIT_FAILURE
     finally:
-        if watchdog is not None:
-            watchdog.cancel()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
         loop.set_exception_handler(previous_handler)

@@ -121,6 +121,11 @@ def is_refused_data(exc: BaseException) -> bool:
     return isinstance(exc, _REFUSED_DATA)
 
 
+def reported_by_server(exc: BaseException) -> bool:
+    """Whether PostgreSQL itself reported the error (e.g. an unknown database, a refused login)."""
+    return isinstance(exc, asyncpg.PostgresError)
+
+
 def connection_survives(exc: BaseException) -> bool:
     """Whether a connection may go back to the pool after ``exc`` ended a commit on it.
 
@@ -132,7 +137,7 @@ def connection_survives(exc: BaseException) -> bool:
     progress") - the pool's reset would run on a broken session: asyncio reports "Resetting
     connection with an active transaction" and the reset fails too.
     """
-    return isinstance(exc, asyncpg.PostgresError) and not isinstance(exc, _SESSION_ENDING)
+    return reported_by_server(exc) and not isinstance(exc, _SESSION_ENDING)
 
 
 def is_orphaned_asyncpg_waiter(context: dict[str, Any]) -> bool:
