@@ -1,8 +1,9 @@
 """`edge-agent ingest`: the central ingest service, wired from its config file.
 
-One TaskGroup owns the service's tasks: the ingest and the systemd watchdog. SIGTERM/SIGINT
-stop them through an Event (exit code 0); anything else that ends one of them ends the
-service, each cause logged (exit code 1). A cancellation from outside propagates.
+One TaskGroup owns the service's tasks: the ingest, its HTTP endpoint (/healthz /readyz
+/status /metrics) and the systemd watchdog. SIGTERM/SIGINT stop them through an Event (exit
+code 0); anything else that ends one of them ends the service, each cause logged (exit code 1).
+A cancellation from outside propagates.
 """
 
 from __future__ import annotations
@@ -12,9 +13,12 @@ import logging
 import signal
 import uuid
 from collections.abc import Iterator
+from dataclasses import asdict
 from typing import Any
 
-from agent.central.settings import CentralSettings
+from agent.central.metrics import IngestMetrics
+from agent.central.settings import CentralSettings, IngestHttpConfig
+from agent.service.http import HttpServer, Response, Route, json_response
 from agent.service.sdnotify import SdNotifier
 from agent.service.watchdog import dead_tasks, ingest_status_line, watchdog_loop
 from sync.central.commit import describe, is_orphaned_asyncpg_waiter, reported_by_server
@@ -74,6 +78,45 @@ def asyncio_report(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> 
     loop.default_exception_handler(context)
 
 
+def http_routes(ingest: Ingest) -> dict[str, Route]:
+    """/healthz (alive), /readyz (200 only while consuming), /status (JSON), /metrics."""
+    metrics = IngestMetrics(ingest)
+
+    def health() -> dict[str, bool]:
+        return {
+            "ready": ingest.ready,
+            "database_up": ingest.db_up,
+            "mqtt_connected": ingest.mqtt_connected,
+        }
+
+    def healthz() -> Response:
+        return json_response({"status": "alive"})
+
+    def readyz() -> Response:
+        state = health()
+        return json_response(state, 200 if state["ready"] else 503)
+
+    def status() -> Response:
+        return json_response({**health(), "queued": ingest.queued, "stats": asdict(ingest.stats)})
+
+    def metrics_page() -> Response:
+        return Response(200, metrics.render(), "text/plain; version=0.0.4; charset=utf-8")
+
+    return {"/healthz": healthz, "/readyz": readyz, "/status": status, "/metrics": metrics_page}
+
+
+async def serve_http(config: IngestHttpConfig, routes: dict[str, Route]) -> None:
+    """Serve ``routes`` on ``config.listen`` until cancelled; a port that cannot be bound is
+    logged and the endpoint given up (the ingest runs on without it)."""
+    host, _, port = config.listen.rpartition(":")
+    try:
+        async with HttpServer(host=host.strip("[]"), port=int(port), routes=routes):
+            await asyncio.Event().wait()  # serves from the event loop until cancelled
+    except OSError as exc:
+        # The endpoint is for operators; the data path must run without it.
+        log.error("http: cannot listen on %s: %s", config.listen, exc)
+
+
 async def consume(ingest: Ingest) -> None:
     """``ingest.run()``, which runs until cancelled: returning at all is a failure."""
     await ingest.run()
@@ -83,10 +126,14 @@ async def consume(ingest: Ingest) -> None:
 async def serve(
     settings: CentralSettings, ingest: Ingest, notifier: SdNotifier, stop: asyncio.Event
 ) -> None:
-    """Run the ingest and the watchdog in one TaskGroup until ``stop``."""
+    """Run the ingest, its HTTP endpoint and the watchdog in one TaskGroup until ``stop``."""
     async with asyncio.TaskGroup() as group:
         tasks = [group.create_task(consume(ingest), name="ingest")]
         ingest_task = tasks[0]
+        if settings.http.enabled:
+            tasks.append(
+                group.create_task(serve_http(settings.http, http_routes(ingest)), name="http")
+            )
         # Ready as soon as it runs: waiting for PostgreSQL here would let a database outage at
         # boot fail the start (TimeoutStartSec) instead of being retried by the ingest.
         notifier.ready(status="starting")
