@@ -1,3 +1,3 @@
-"""`edge-agent ingest`: the central program's settings and service wiring (its library is
-sync.central).
+"""`edge-agent ingest`: the central program's settings, service wiring and metrics (its library
+is sync.central).
 """
