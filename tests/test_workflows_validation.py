@@ -12,17 +12,17 @@ import pytest
 
 from agent.settings.config_file import AgentSettings
 from agent.settings.workflows import ParamSpec, parse_param_spec
-from agent.workflows.engine import (
-    COMMAND_QUEUE,
+from agent.workflows.commands import (
     MAX_PAYLOAD,
     CommandRejected,
     TokenBucket,
-    WorkflowEngine,
     decode_command,
     peek_command_id,
     render,
     validate_params,
 )
+from agent.workflows.engine import WorkflowEngine
+from agent.workflows.intake import COMMAND_QUEUE
 from drivers.modbus.config import ModbusTagConfig
 from drivers.values import same_value
 from sync.mqtt.client import Message, MqttClient
@@ -279,7 +279,7 @@ async def test_a_full_command_queue_rejects_busy(tmp_path: Path) -> None:
             engine._on_message(Message("s/a/l/_cmd/w", payload, 1, False))
     assert engine.stats.commands == COMMAND_QUEUE + 10
     assert engine.stats.busy_overflow == 10
-    replies = [json.loads(payload) for _, payload in engine._replies]
+    replies = [json.loads(payload) for _, payload in engine.replies.pending]
     assert [reply["id"] for reply in replies] == [f"c{COMMAND_QUEUE + n}" for n in range(10)]
     assert {reply["status"] for reply in replies} == {"rejected"}
     assert replies[0]["detail"] == "busy: too many commands queued"
