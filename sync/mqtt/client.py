@@ -29,21 +29,24 @@ import asyncio
 import contextlib
 import logging
 import random
-import socket
-import ssl
 import time
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
 
 from sync.mqtt import wire
+from sync.mqtt.errors import ConnectionLost, NotConnected, PublishRejected, describe_error
+from sync.mqtt.types import (
+    ConnectionListener,
+    Message,
+    MessageHandler,
+    MqttStats,
+    TlsOptions,
+    Will,
+)
 
 log = logging.getLogger("edge_agent.mqtt")
-
-MessageHandler = Callable[["Message"], None]
-ConnectionListener = Callable[[bool], None]
 
 
 def bulk_reserve(window: int) -> int:
@@ -55,67 +58,6 @@ def bulk_reserve(window: int) -> int:
     would wait behind the other.
     """
     return window // 8
-
-
-class NotConnected(Exception):
-    """Raised by `publish` while there is no connection; the caller keeps its data."""
-
-
-class ConnectionLost(Exception):
-    """Set on the PUBACK future of a message when its connection went away first."""
-
-
-class PublishRejected(ConnectionLost):
-    """Set on the PUBACK future when the broker refused the message (a failure reason code)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Message:
-    """An incoming message."""
-
-    topic: str
-    payload: bytes
-    qos: int
-    retain: bool
-
-
-@dataclass(frozen=True, slots=True)
-class Will:
-    """The Last Will: published by the broker when the connection dies without DISCONNECT."""
-
-    topic: str
-    payload: Callable[[], bytes]
-    qos: int = 1
-    retain: bool = True
-
-
-@dataclass(frozen=True, slots=True)
-class TlsOptions:
-    """TLS for mqtts://: CA bundle (None: system CAs), client certificate for mutual TLS."""
-
-    ca_file: str | None = None
-    cert_file: str | None = None
-    key_file: str | None = None
-
-    def context(self) -> ssl.SSLContext:
-        """Build the verifying client context (hostname checked, TLS >= 1.2)."""
-        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=self.ca_file)
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        if self.cert_file:
-            context.load_cert_chain(self.cert_file, self.key_file)
-        return context
-
-
-@dataclass(slots=True)
-class MqttStats:
-    """Counters for metrics."""
-
-    published: int = 0
-    acked: int = 0
-    received: int = 0
-    connects: int = 0
-    connect_failures: int = 0
-    lost: int = 0
 
 
 @dataclass(slots=True)
@@ -189,7 +131,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        reason = "connection closed by the broker" if exc is None else _describe(exc)
+        reason = "connection closed by the broker" if exc is None else describe_error(exc)
         self.owner._mark_lost(self, reason)
 
     # writing --------------------------------------------------------------------------------
@@ -660,7 +602,7 @@ class MqttClient:
                 raise
             except Exception as exc:  # every failure to connect is retried
                 self.stats.connect_failures += 1
-                reason = _describe(exc)
+                reason = describe_error(exc)
                 if self._last_error != reason or self._up_logged:
                     log.warning(
                         "%s: cannot connect to %s:%d: %s",
@@ -845,15 +787,16 @@ def _strip_share(topic: str) -> str:
     return topic
 
 
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return f"TLS certificate not trusted: {exc.verify_message}"
-    if isinstance(exc, ssl.SSLError):
-        return f"TLS error: {exc.reason or exc}"
-    if isinstance(exc, ConnectionRefusedError) and exc.args and isinstance(exc.args[0], str):
-        return exc.args[0]
-    if isinstance(exc, socket.gaierror):
-        return f"cannot resolve host: {exc.strerror}"
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    return str(exc) or type(exc).__name__
+__all__ = [
+    "ConnectionListener",
+    "ConnectionLost",
+    "Message",
+    "MessageHandler",
+    "MqttClient",
+    "MqttStats",
+    "NotConnected",
+    "PublishRejected",
+    "TlsOptions",
+    "Will",
+    "bulk_reserve",
+]
