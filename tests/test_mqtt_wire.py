@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sync.mqtt import wire
-from sync.mqtt.client import Message, MqttClient, _Connection
+from sync.mqtt.client import Message, MqttClient
+from sync.mqtt.connection import Connection as _Connection
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,155 @@
+"""One connection to the broker as an asyncio Protocol: packet framing, buffered writes, keep-alive
+clocks, and the packet identifiers in use on it.
+
+A publish is a few bytes appended to the write list, and everything appended in one event-loop
+turn goes out in one `transport.write`; a PUBACK is four bytes read in place. Both matter: they
+are most of the CPU the agent spends per live value (see the module docstring of
+`sync.mqtt.client`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any, Protocol
+
+from sync.mqtt import wire
+from sync.mqtt.errors import describe_error
+
+
+class ConnectionOwner(Protocol):
+    """What a connection reports to (the client): PUBACKs, every other packet, and its end."""
+
+    def _on_puback(self, mid: int, reason: int) -> None: ...
+
+    def _on_packet(self, connection: Connection, first: int, body: memoryview) -> None: ...
+
+    def _mark_lost(self, connection: Connection, reason: str) -> None: ...
+
+
+class Connection(asyncio.Protocol):
+    """One TCP (or TLS) connection: packet framing, the write list, keep-alive clocks and the
+    packet identifiers in flight on it."""
+
+    def __init__(
+        self, owner: ConnectionOwner, loop: asyncio.AbstractEventLoop, *, v5: bool
+    ) -> None:
+        self.owner = owner
+        self.loop = loop
+        self.v5 = v5
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.out: list[bytes] = []
+        self.flush_scheduled = False
+        self.closed = False
+        now = time.monotonic()
+        self.last_in = now
+        self.last_out = now
+        self.ping_sent: float | None = None
+        # Every connection starts clean (clean start, session expiry 0), so the packet
+        # identifiers in use, and what waits for an answer under them, die with it.
+        self.next_mid = 0
+        self.pending: dict[int, asyncio.Future[None] | None] = {}  # QoS 1 PUBLISH -> PUBACK
+        self.requests: dict[int, str] = {}  # SUBSCRIBE/UNSUBSCRIBE -> its topic filter
+        self.incoming_qos2: set[int] = set()  # the broker's QoS 2 messages before PUBREL
+
+    # asyncio.Protocol ----------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.last_in = time.monotonic()
+        buffer = self.buffer
+        buffer += data
+        owner = self.owner
+        size = len(buffer)
+        pos = 0
+        try:
+            while size - pos >= 2:
+                first = buffer[pos]
+                # The remaining length: one byte for every packet this client sees often.
+                length = buffer[pos + 1]
+                start = pos + 2
+                if length >= 0x80:
+                    decoded = wire.decode_varint(buffer, pos + 1)
+                    if decoded is None:
+                        break
+                    length, start = decoded
+                end = start + length
+                if end > size:
+                    break
+                if first == wire.PUBACK and length >= 2:
+                    # The hot path: one PUBACK per QoS 1 publish.
+                    reason = buffer[start + 2] if length > 2 and self.v5 else 0
+                    owner._on_puback((buffer[start] << 8) | buffer[start + 1], reason)
+                else:
+                    # A copy: a view into `buffer` would pin it against the `del` below.
+                    owner._on_packet(self, first, memoryview(bytes(memoryview(buffer)[start:end])))
+                pos = end
+                if self.closed:
+                    return
+        except (ValueError, IndexError) as exc:  # MalformedPacket, or a field cut short
+            owner._mark_lost(self, f"malformed packet from the broker: {exc}")
+            return
+        if pos:
+            del buffer[:pos]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        reason = "connection closed by the broker" if exc is None else describe_error(exc)
+        self.owner._mark_lost(self, reason)
+
+    # writing --------------------------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        """Queue bytes; everything queued in one loop turn goes out in one send."""
+        self.out.append(data)
+        if not self.flush_scheduled:
+            self.flush_scheduled = True
+            self.loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Hand the queued bytes to the transport."""
+        self.flush_scheduled = False
+        out, self.out = self.out, []
+        transport = self.transport
+        if not out or transport is None or self.closed or transport.is_closing():
+            return
+        transport.write(b"".join(out) if len(out) > 1 else out[0])
+        self.last_out = time.monotonic()
+
+    def new_mid(self) -> int:
+        """The next free 16-bit packet identifier (never 0), unique across PUBLISH (QoS 1),
+        SUBSCRIBE and UNSUBSCRIBE in flight, as the spec requires."""
+        pending = self.pending
+        requests = self.requests
+        mid = self.next_mid
+        while True:
+            mid = mid % 0xFFFF + 1
+            if mid not in pending and mid not in requests:
+                self.next_mid = mid
+                return mid
+
+    def disconnect(self) -> None:
+        """Send DISCONNECT (the broker then discards the Last Will) after what is buffered,
+        and close."""
+        transport = self.transport
+        if self.closed or transport is None:
+            return
+        self.write(wire.DISCONNECT_PACKET)
+        self.flush()
+        self.closed = True
+        transport.close()  # sends what the transport still buffers before it closes
+
+    def abort(self) -> None:
+        """Drop the connection now (no flush)."""
+        self.closed = True
+        self.out = []
+        if self.transport is not None:
+            self.transport.abort()
+
+    def socket(self) -> Any:
+        """The underlying socket (tests shut it down to simulate a dead TCP connection)."""
+        return None if self.transport is None else self.transport.get_extra_info("socket")

@@ -1,0 +1,137 @@
+"""Incoming packets other than PUBACK (which the connection hands straight to the in-flight
+window): parsed here and passed to what handles them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from sync.mqtt import wire
+from sync.mqtt.connection import Connection
+from sync.mqtt.subscriptions import Subscriptions
+from sync.mqtt.types import Message, MqttStats
+
+
+@dataclass(frozen=True, slots=True)
+class Connack:
+    """The broker's answer to CONNECT: its reason code and the limits it sets (MQTT 5)."""
+
+    code: int
+    server_keepalive: int | None = None  # overrides ours (MQTT 5, 3.2.2.3.14)
+    receive_maximum: int | None = None  # QoS 1 messages it takes unacknowledged
+    reason_string: str | None = None  # why it refused, when it says
+
+
+def parse_connack(body: memoryview, *, v5: bool) -> Connack:
+    """The CONNACK body: reason code and, for MQTT 5, the properties the client uses."""
+    if len(body) < 2:
+        raise wire.MalformedPacket("CONNACK too short")
+    code = body[1]
+    if not v5 or len(body) <= 2:
+        return Connack(code)
+    properties, _ = wire.parse_properties(body, 2, len(body))
+    keepalive = properties.get(wire.SERVER_KEEP_ALIVE)
+    receive_maximum = properties.get(wire.RECEIVE_MAXIMUM)
+    if receive_maximum == 0:  # a protocol error (MQTT 5, 3.2.2.3.3)
+        raise wire.MalformedPacket("CONNACK with Receive Maximum 0")
+    detail = properties.get(wire.REASON_STRING)
+    return Connack(
+        code,
+        server_keepalive=keepalive if isinstance(keepalive, int) and keepalive > 0 else None,
+        receive_maximum=receive_maximum if isinstance(receive_maximum, int) else None,
+        reason_string=detail if isinstance(detail, str) and detail else None,
+    )
+
+
+def parse_publish(first: int, body: memoryview, *, v5: bool) -> tuple[Message, int]:
+    """An incoming PUBLISH: the message and its packet identifier (0 for QoS 0)."""
+    qos = (first >> 1) & 0x03
+    if qos == 3 or len(body) < 2:
+        raise wire.MalformedPacket("invalid PUBLISH")
+    topic_end = 2 + ((body[0] << 8) | body[1])
+    if topic_end > len(body):
+        raise wire.MalformedPacket("PUBLISH topic runs past the packet")
+    try:
+        topic = str(body[2:topic_end], "utf-8")
+    except UnicodeDecodeError:
+        raise wire.MalformedPacket("PUBLISH topic is not UTF-8") from None
+    pos = topic_end
+    mid = 0
+    if qos:
+        if pos + 2 > len(body):
+            raise wire.MalformedPacket("PUBLISH without a packet identifier")
+        mid = (body[pos] << 8) | body[pos + 1]
+        pos += 2
+    if v5:
+        _, pos = wire.parse_properties(body, pos, len(body))
+    return Message(topic, bytes(body[pos:]), qos, bool(first & 0x01)), mid
+
+
+def disconnect_reason(body: memoryview, *, v5: bool) -> str:
+    """Why the broker sent DISCONNECT: the reason code's name and its reason string, if any."""
+    reason = wire.reason_name(body[0]) if len(body) >= 1 else "Normal disconnection"
+    if len(body) > 1 and v5:
+        properties, _ = wire.parse_properties(body, 1, len(body))
+        detail = properties.get(wire.REASON_STRING)
+        if isinstance(detail, str) and detail:
+            reason = f"{reason} ({detail})"
+    return reason
+
+
+class PacketDispatcher:
+    """Routes every incoming packet but PUBACK: messages to the subscriptions, CONNACK and
+    DISCONNECT to the link (`sync.mqtt.link`), the QoS 2 handshake and PINGRESP answered here."""
+
+    def __init__(
+        self,
+        *,
+        subscriptions: Subscriptions,
+        stats: MqttStats,
+        on_connack: Callable[[Connack], None],
+        on_disconnect: Callable[[Connection, str], None],
+    ) -> None:
+        self._subscriptions = subscriptions
+        self._stats = stats
+        self._on_connack = on_connack
+        self._on_disconnect = on_disconnect
+
+    def dispatch(self, connection: Connection, first: int, body: memoryview) -> None:
+        """Handle one packet; raises MalformedPacket for one a broker may not send."""
+        kind = first & 0xF0
+        if kind == wire.PUBLISH:
+            self._on_publish(connection, first, body)
+        elif kind == wire.CONNACK:
+            self._on_connack(parse_connack(body, v5=connection.v5))
+        elif kind == wire.PINGRESP:
+            connection.ping_sent = None
+        elif kind == wire.SUBACK:
+            self._subscriptions.on_suback(connection, body)
+        elif kind == wire.UNSUBACK:
+            self._subscriptions.on_unsuback(connection, body)
+        elif kind == wire.PUBREL:  # the broker's QoS 2 handshake, step 3 of 4
+            if len(body) < 2:
+                raise wire.MalformedPacket("PUBREL without a packet identifier")
+            mid = (body[0] << 8) | body[1]
+            connection.incoming_qos2.discard(mid)
+            connection.write(wire.ack(wire.PUBCOMP, mid))
+        elif kind == wire.DISCONNECT:
+            reason = disconnect_reason(body, v5=connection.v5)
+            self._on_disconnect(connection, f"disconnected by the broker: {reason}")
+        elif kind == wire.PUBACK:
+            raise wire.MalformedPacket("PUBACK shorter than a packet identifier")
+        elif kind in (wire.PUBREC, wire.PUBCOMP, wire.AUTH):
+            raise wire.MalformedPacket(f"unexpected packet type {kind >> 4}")
+        else:
+            raise wire.MalformedPacket(f"packet type {kind >> 4} is not sent by a broker")
+
+    def _on_publish(self, connection: Connection, first: int, body: memoryview) -> None:
+        message, mid = parse_publish(first, body, v5=connection.v5)
+        if message.qos == 1:
+            connection.write(wire.ack(wire.PUBACK, mid))
+        elif message.qos == 2:
+            connection.write(wire.ack(wire.PUBREC, mid))
+            if mid in connection.incoming_qos2:
+                return  # a re-sent QoS 2 message we already delivered
+            connection.incoming_qos2.add(mid)
+        self._stats.received += 1
+        self._subscriptions.deliver(message)

@@ -1,0 +1,84 @@
+"""Where and as whom the client connects: the broker's address, TLS, protocol version and the
+fields of its CONNECT packet."""
+
+from __future__ import annotations
+
+import asyncio
+
+from sync.mqtt import wire
+from sync.mqtt.connection import Connection
+from sync.mqtt.types import TlsOptions, Will
+
+
+class Endpoint:
+    """The broker to connect to and the CONNECT sent to it."""
+
+    def __init__(
+        self,
+        *,
+        host: str,
+        port: int,
+        client_id: str,
+        username: str | None = None,
+        password: str | None = None,
+        tls: TlsOptions | None = None,
+        keepalive: float = 30.0,
+        will: Will | None = None,
+        protocol: int = 5,
+        connect_timeout: float = 10.0,
+    ) -> None:
+        if not host:
+            raise ValueError("host is required")
+        if not 0 < port < 65536:
+            raise ValueError(f"invalid port {port}")
+        if protocol not in (4, 5):
+            raise ValueError("protocol must be 4 (MQTT 3.1.1) or 5")
+        self.host = host
+        self.port = port
+        self.client_id = client_id
+        self.username = username
+        self._password = password
+        # Built once: a missing or unreadable certificate fails here, not at every attempt.
+        self.tls_context = tls.context() if tls is not None else None
+        self.keepalive = max(5, int(keepalive))  # seconds; the broker's Server Keep Alive wins
+        self.will = will
+        # MQTT 5 is needed for shared subscriptions and for reason codes on PUBACK (a broker
+        # that refuses a message says so); 3.1.1 stays available for old brokers.
+        self.v5 = protocol == 5
+        self.connect_timeout = connect_timeout
+
+    async def open(self, connection: Connection) -> None:
+        """Open the TCP (or TLS) connection for `connection` and send CONNECT."""
+        try:
+            # asyncio resolves the name in its executor and does the TLS handshake without
+            # blocking the loop; TCP_NODELAY is set by asyncio on TCP transports.
+            await asyncio.wait_for(
+                connection.loop.create_connection(
+                    lambda: connection,
+                    self.host,
+                    self.port,
+                    ssl=self.tls_context,
+                    server_hostname=self.host if self.tls_context is not None else None,
+                ),
+                self.connect_timeout,
+            )
+        except TimeoutError:
+            raise ConnectionError("connection attempt timed out") from None
+        connection.write(self.connect_packet())
+        connection.flush()
+
+    def connect_packet(self) -> bytes:
+        """CONNECT with a clean start; the Will's payload is taken now (e.g. a timestamp)."""
+        will = None
+        if self.will is not None:
+            will = wire.WillMessage(
+                self.will.topic, self.will.payload(), self.will.qos, self.will.retain
+            )
+        return wire.encode_connect(
+            client_id=self.client_id,
+            keepalive=self.keepalive,
+            v5=self.v5,
+            username=self.username,
+            password=self._password,
+            will=will,
+        )
