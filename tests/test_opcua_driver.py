@@ -33,7 +33,9 @@ from drivers.opcua.values import (
     status_name,
     to_variant,
 )
-from simulators.opcua.server import ALL_ENDPOINTS, CONST_BYTES, OpcUaSimulator
+from simulators.opcua.nodes import CONST_BYTES
+from simulators.opcua.security import ALL_ENDPOINTS
+from simulators.opcua.server import OpcUaSimulator
 from tests.fixtures.ports import async_wait_until
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")

@@ -22,7 +22,8 @@ from agent.daemon.runtime import Runtime
 from agent.probe import probe
 from agent.settings.config_file import AgentSettings
 from agent.settings.loader import load_agent_settings
-from simulators.opcua.server import OpcUaSimulator, send_control
+from simulators.opcua.control import send_control
+from simulators.opcua.server import OpcUaSimulator
 from sync.events import rfc3339
 from tests.fixtures.collector import TopicCollector
 from tests.fixtures.mosquitto import MosquittoBroker

@@ -15,7 +15,10 @@ from asyncua import ua
 from asyncua.client.client import Client
 from asyncua.ua.uaerrors import UaStatusCodeError
 
-from simulators.opcua.server import NAMESPACE_URI, NODE_TABLE, OpcUaSimulator, main, send_control
+from simulators.opcua.cli import main
+from simulators.opcua.control import send_control
+from simulators.opcua.nodes import NAMESPACE_URI, NODE_TABLE
+from simulators.opcua.server import OpcUaSimulator
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
