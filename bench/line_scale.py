@@ -430,7 +430,7 @@ class Line:
             [
                 PYTHON,
                 "-m",
-                "simulators.opcua.server",
+                "simulators.opcua",
                 "--port",
                 str(self.opcua_port),
                 "--bulk",

@@ -176,7 +176,7 @@ def start_simulator(port: int, control: int, items: int) -> subprocess.Popen[byt
         [
             sys.executable,
             "-m",
-            "simulators.opcua.server",
+            "simulators.opcua",
             "--port",
             str(port),
             "--control-port",

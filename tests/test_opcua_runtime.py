@@ -268,7 +268,7 @@ def start_simulator(port: int, control: int) -> subprocess.Popen[bytes]:
         [
             sys.executable,
             "-m",
-            "simulators.opcua.server",
+            "simulators.opcua",
             "--port",
             str(port),
             "--control-port",

@@ -409,12 +409,3 @@ def main(argv: list[str] | None = None) -> int:
     from simulators.opcua.cli import main as cli_main
 
     return cli_main(argv)
-
-
-if __name__ == "__main__":
-    import sys
-
-    # asyncua logs every refused login and dropped connection at WARNING and above; the CLI
-    # (`edge-agent simulate opcua`) does the same unless --log-level debug.
-    logging.getLogger("asyncua").setLevel(logging.CRITICAL)
-    sys.exit(main())
