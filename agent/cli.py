@@ -230,13 +230,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         if value is not None:
             argv += [flag, str(value)]
     if args.protocol == "modbus":
-        from simulators.modbus.server import main as modbus_main
+        from simulators.modbus.cli import main as modbus_main
 
         for flag, value in (("--serial", args.serial), ("--units", args.units)):
             if value is not None:
                 argv += [flag, str(value)]
         return modbus_main(argv)
-    from simulators.opcua.server import main as opcua_main
+    from simulators.opcua.cli import main as opcua_main
 
     if args.secure:
         argv.append("--secure")

@@ -38,7 +38,7 @@ from simulators.modbus.store import LineStore, Unit
 from simulators.modbus.writelog import WriteLog, WriteRecord
 from simulators.ptybridge import PtyBridge
 
-__all__ = ["DEFAULT_PORT", "ModbusServers", "ModbusSimulator", "main"]
+__all__ = ["DEFAULT_PORT", "ModbusServers", "ModbusSimulator"]
 
 DEFAULT_PORT: Final = 5020
 
@@ -382,10 +382,3 @@ class ModbusSimulator:
             if dt > 0:
                 for unit in self._units.values():
                     unit.model.advance(dt)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``edge-agent simulate modbus``: agent/cli.py imports it from here (the CLI is cli.py)."""
-    from simulators.modbus.cli import main as cli_main  # cli.py imports this module
-
-    return cli_main(argv)

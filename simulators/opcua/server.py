@@ -62,7 +62,7 @@ from simulators.opcua.values import json_value, same_value
 from simulators.opcua.variables import Variables
 from simulators.opcua.writes import WriteLog, WriteRecord
 
-__all__ = ["DEFAULT_PORT", "OpcUaSimulator", "main"]
+__all__ = ["DEFAULT_PORT", "OpcUaSimulator"]
 
 log = logging.getLogger("edge_agent.simulator.opcua")
 
@@ -401,11 +401,3 @@ class OpcUaSimulator:
             except Exception:
                 # A bad injected value must not stop the line: log it and keep ticking.
                 log.exception("opcua simulator: tick failed")
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run the OPC UA simulator (simulators/opcua/cli.py); kept here for ``edge-agent``."""
-    # Imported here: cli.py imports this module for OpcUaSimulator.
-    from simulators.opcua.cli import main as cli_main
-
-    return cli_main(argv)
