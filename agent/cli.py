@@ -299,6 +299,9 @@ HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
 }
 
 
+DAEMONS = ("run", "ingest")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `edge-agent` console script."""
     from agent.settings.loader import ConfigError
@@ -316,10 +319,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         return EXIT_OK
-    except Exception as exc:  # last resort: one line, not a traceback
-        log.debug("unhandled error", exc_info=True)
-        print(f"edge-agent {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
+    except Exception as exc:  # last resort: one line per cause
+        causes = _causes(exc)
+        for cause in causes:
+            # A daemon that ends here logs why, with the traceback: an ExceptionGroup's own
+            # line says only how many sub-exceptions it holds.
+            level = logging.ERROR if args.command in DAEMONS else logging.DEBUG
+            log.log(level, "%s: %s", type(cause).__name__, cause, exc_info=cause)
+        for cause in causes:
+            print(f"edge-agent {args.command}: {type(cause).__name__}: {cause}", file=sys.stderr)
         return EXIT_FAILURE
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    """The exceptions inside (nested) exception groups, or `exc` itself."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [cause for inner in exc.exceptions for cause in _causes(inner)]
+    return [exc]
 
 
 if __name__ == "__main__":

@@ -12,9 +12,9 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 from simulators.modbus.server import ModbusSimulator
+from tests.fixtures.daemon import REPO, config_text, running, settings_for
 from tests.fixtures.mosquitto import MosquittoBroker
 from tests.fixtures.ports import async_wait_until, free_port
-from tests.test_runtime import REPO, config_text, running, settings_for
 
 
 def get(port: int, path: str) -> tuple[int, bytes]:

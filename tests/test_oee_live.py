@@ -8,8 +8,8 @@ from pathlib import Path
 from agent.oee.live import REANCHOR_STEP, EngineClock
 from simulators.modbus.server import ModbusSimulator
 from tests.fixtures.collector import TopicCollector
+from tests.fixtures.daemon import ROOT, config_text, running, settings_for
 from tests.fixtures.mosquitto import MosquittoBroker
-from tests.test_runtime import ROOT, config_text, running, settings_for
 
 MACHINE = """
 [[machines]]

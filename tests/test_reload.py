@@ -11,8 +11,8 @@ from pathlib import Path
 
 from simulators.modbus.server import ModbusSimulator
 from tests.fixtures.collector import TopicCollector
+from tests.fixtures.daemon import REPO, ROOT, config_text
 from tests.fixtures.mosquitto import MosquittoBroker
-from tests.test_runtime import REPO, ROOT, config_text
 
 EXTRA_TAG = '  [[devices.tags]]\n  name = "product_code"\n  address = "hr:200"\n'
 

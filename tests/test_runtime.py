@@ -4,110 +4,22 @@ faults (kill/restart, stall, garbage), isolation between devices, SIGTERM."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from agent.daemon.runtime import Runtime
-from agent.settings.config_file import AgentSettings
-from agent.settings.loader import load_agent_settings
 from simulators.modbus.control import send_control
 from simulators.modbus.server import ModbusSimulator
 from tests.fixtures.collector import TopicCollector
+from tests.fixtures.daemon import REPO, ROOT, config_text, running, settings_for
 from tests.fixtures.mosquitto import MosquittoBroker
 from tests.fixtures.ports import async_wait_until, free_port, wait_until
-
-REPO = Path(__file__).resolve().parent.parent
-ROOT = "plant1/assembly/line3"
-
-
-def config_text(
-    broker: MosquittoBroker, data_dir: Path, devices: list[tuple[str, int]], **device_keys: str
-) -> str:
-    extra = "".join(f"{key} = {value}\n" for key, value in device_keys.items())
-    blocks = []
-    for name, port in devices:
-        blocks.append(
-            f"""
-[[devices]]
-name = "{name}"
-driver = "modbus"
-url = "tcp://127.0.0.1:{port}"
-poll_interval = "200ms"
-timeout = "300ms"
-read_retries = 0
-breaker_failures = 3
-breaker_reset = "1s"
-{extra}
-  [[devices.tags]]
-  name = "state_code"
-  address = "hr:100"
-  [[devices.tags]]
-  name = "total_count"
-  address = "hr:102"
-  type = "uint32"
-  [[devices.tags]]
-  name = "temperature"
-  address = "ir:0"
-  type = "int16"
-  scale = 0.1
-  [[devices.tags]]
-  name = "product_name"
-  address = "hr:210"
-  type = "string"
-  length = 16
-  [[devices.tags]]
-  name = "running"
-  address = "di:0"
-  type = "bool"
-  [[devices.tags]]
-  name = "energy"
-  address = "ir:14"
-  type = "float64"
-"""
-        )
-    return f"""
-[gateway]
-id = "plant1-line3"
-site = "plant1"
-area = "assembly"
-line = "line3"
-data_dir = "{data_dir}"
-
-[mqtt]
-url = "{broker.url}"
-
-[http]
-listen = "127.0.0.1:{free_port()}"
-""" + "".join(blocks)
-
-
-def settings_for(tmp_path: Path, text: str) -> AgentSettings:
-    path = tmp_path / "agent.toml"
-    path.write_text(text)
-    return load_agent_settings(path, environ={})
-
-
-@contextlib.asynccontextmanager
-async def running(settings: AgentSettings) -> AsyncIterator[Runtime]:
-    runtime = Runtime(settings)
-    stop = asyncio.Event()
-    task = asyncio.create_task(runtime.run(stop), name="runtime")
-    try:
-        async with asyncio.timeout(10):
-            await runtime.started.wait()
-        yield runtime
-    finally:
-        stop.set()
-        async with asyncio.timeout(15):
-            await task
 
 
 async def test_values_arrive_retained_with_the_contract_payload(

@@ -25,7 +25,7 @@ import pytest
 from simulators.modbus.server import ModbusSimulator
 from tests.fixtures.mosquitto import MosquittoBroker
 from tests.fixtures.mqtt_client import MqttTestClient
-from tests.test_workflows_helpers import REPO, CentralAcker, ok_writes, saga_rows, step_rows
+from tests.fixtures.workflows import REPO, CentralAcker, ok_writes, saga_rows, step_rows
 
 pytestmark = pytest.mark.slow
 

@@ -19,7 +19,7 @@ from agent.workflows.failpoints import (
     parse_failpoints,
 )
 from agent.workflows.saga_log import DuplicateCommand, SagaLog, SagaRecord, StepRecord
-from tests.test_workflows_helpers import REPO
+from tests.fixtures.workflows import REPO
 
 
 def saga(command_id: str = "c1", workflow: str = "w") -> SagaRecord:

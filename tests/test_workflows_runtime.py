@@ -21,7 +21,7 @@ from simulators.modbus.server import ModbusSimulator
 from simulators.opcua.server import OpcUaSimulator
 from tests.fixtures.mosquitto import MosquittoBroker
 from tests.fixtures.ports import async_wait_until as wait_for
-from tests.test_workflows_helpers import (
+from tests.fixtures.workflows import (
     CentralAcker,
     CommandSender,
     GatedProxy,

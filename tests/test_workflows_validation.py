@@ -27,7 +27,7 @@ from drivers.modbus.config import ModbusTagConfig
 from drivers.values import same_value
 from sync.mqtt.client import Message, MqttClient
 from sync.outbox.store import Outbox
-from tests.test_workflows_helpers import settings_for
+from tests.fixtures.workflows import settings_for
 
 
 def rejected(payload: bytes) -> CommandRejected:

@@ -79,6 +79,11 @@ class _RuntimeCollector(Collector):
         skipped = _counter(
             "device_skipped_ticks", "Poll ticks skipped after an overrun.", ["device"]
         )
+        down = _gauge(
+            "device_down_info",
+            "1 for a device that is not up, with why (the last error) in the reason label.",
+            ["device", "reason"],
+        )
         for name, poller in gateway.devices.pollers.items():
             current = poller.state
             up.add_metric([name], 1.0 if current == "up" else 0.0)
@@ -89,7 +94,9 @@ class _RuntimeCollector(Collector):
             errors.add_metric([name], poller.poll_errors)
             reconnects.add_metric([name], poller.reconnects)
             skipped.add_metric([name], poller.skipped_ticks)
-        yield from (up, state, breaker, polls, errors, reconnects, skipped)
+            if current != "up":
+                down.add_metric([name, (poller.reason or current)[:200]], 1.0)
+        yield from (up, state, breaker, polls, errors, reconnects, skipped, down)
 
     def _outbox(self, gateway: Gateway) -> Iterator[Metric]:
         outbox = gateway.outbox

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import math
 import time
+import traceback
 from collections.abc import Awaitable, Callable
 from typing import Literal
 
@@ -61,6 +62,7 @@ class DevicePoller:
         self.last_activity = clock()  # watchdog: the poller is alive
         self.on_poll: Callable[[str, float], None] | None = None  # metrics hook
         self._was_down_logged = False
+        self._internal_logged: str | None = None  # the unexpected error last logged in full
         self._connected_once = False
 
     @property
@@ -116,8 +118,7 @@ class DevicePoller:
                 forget_taskgroup_cancel(before)
                 # A bug (ours or a library's) must not take the daemon down: log it with its
                 # traceback, treat the device as down, reconnect with a fresh driver.
-                log.error("device %s: unexpected error", self.name, exc_info=group.exceptions[0])
-                await self._went_down(f"internal error: {_first_reason(group)}")
+                await self._went_down(self._internal_error(_first_exception(group)))
             finally:
                 self.driver = None
                 await driver.close()
@@ -148,18 +149,43 @@ class DevicePoller:
                         if driver.polled_tags:
                             async with asyncio.timeout(self._read_deadline):
                                 first = await driver.read()
-                except BaseException as exc:
+                except (DriverError, OSError, TimeoutError, pybreaker.CircuitBreakerError) as exc:
                     await driver.close()
-                    if isinstance(
-                        exc, DriverError | OSError | TimeoutError | pybreaker.CircuitBreakerError
-                    ):
-                        await self._went_down(_describe(exc))
+                    await self._went_down(_describe(exc))
+                    raise
+                except Exception as exc:
+                    # A bug, or a library error that is none of the above (pyserial raises
+                    # termios.error when a serial adapter or a pty refuses the line settings):
+                    # this device is down and retried; the others and the daemon go on.
+                    await driver.close()
+                    await self._went_down(self._internal_error(exc))
+                    # What the failed library call held lives on in its frames: pymodbus'
+                    # half-built serial transport keeps the port open and locked, and the
+                    # next attempt would fail with "could not lock port" instead.
+                    traceback.clear_frames(exc.__traceback__)
+                    raise DriverUnavailable(str(exc) or type(exc).__name__) from exc
+                except BaseException:
+                    await driver.close()
                     raise
                 self.driver = driver
                 self.reconnects += 1 if self._connected_once else 0
                 self._connected_once = True
                 return driver, first
         raise AssertionError("unreachable")
+
+    def _internal_error(self, exc: BaseException) -> str:
+        """The down reason of an unexpected error; its traceback is logged once per reason."""
+        kind = type(exc)
+        name = (
+            kind.__qualname__
+            if kind.__module__ == "builtins"
+            else f"{kind.__module__}.{kind.__qualname__}"
+        )
+        reason = f"internal error: {name}: {exc}" if str(exc) else f"internal error: {name}"
+        if reason != self._internal_logged:
+            self._internal_logged = reason
+            log.error("device %s: unexpected error", self.name, exc_info=exc)
+        return reason
 
     async def _sleep(self, seconds: float) -> None:
         # While waiting to reconnect the poller is healthy (it is doing its job).
@@ -237,6 +263,7 @@ class DevicePoller:
         else:
             log.info("device %s connected", self.name)
         self._was_down_logged = False
+        self._internal_logged = None
         self._state = "up"
         self.reason = None
 
@@ -271,3 +298,8 @@ def _first_reason(group: BaseExceptionGroup[BaseException]) -> str:
             return _first_reason(exc)
         return _describe(exc)
     return "unknown error"
+
+
+def _first_exception(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    first = group.exceptions[0]
+    return _first_exception(first) if isinstance(first, BaseExceptionGroup) else first
