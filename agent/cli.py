@@ -1,5 +1,5 @@
-"""The `edge-agent` command line (design §3). Exit codes: 0 ok, 1 runtime failure, 2 bad
-config or usage. Every error is one readable line; no input produces a traceback."""
+"""The `edge-agent` command line (README.md, "Commands"). Exit codes: 0 ok, 1 runtime failure,
+2 bad config or usage. Every error is one readable line; no input produces a traceback."""
 
 from __future__ import annotations
 

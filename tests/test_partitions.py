@@ -61,7 +61,7 @@ async def test_migrate_is_idempotent_and_safe_for_concurrent_replicas(
         applied = await conns[0].fetch("SELECT version FROM edge_schema_version")
         assert [row["version"] for row in applied] == [1]
 
-        # The contract's columns, exactly (design §8).
+        # The contract's columns, exactly (docs/central.md, "Schema").
         columns = await conns[0].fetch(
             """
             SELECT column_name, data_type, is_nullable FROM information_schema.columns

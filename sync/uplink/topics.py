@@ -1,4 +1,4 @@
-"""Topic names and payloads of the MQTT contract (design §5), as pure functions."""
+"""Topic names and payloads of the MQTT contract (docs/topics.md), as pure functions."""
 
 from __future__ import annotations
 
