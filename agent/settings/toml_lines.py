@@ -8,6 +8,8 @@ and arrays that span several lines. It only maps paths to lines; tomllib stays t
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
+from typing import Literal
 
 Path = tuple[str | int, ...]
 
@@ -21,83 +23,99 @@ def _split_key(text: str) -> list[str]:
     return [a or b or c for a, b, c in parts]
 
 
-def frame_of(stack: list[list[object]]) -> Path:
-    """The path of the innermost open bracket."""
-    path = stack[-1][1]
-    assert isinstance(path, tuple)
-    return path
+@dataclass(slots=True)
+class _Frame:
+    """An open bracket of a value: an array counts its elements, an inline table its keys."""
+
+    kind: Literal["array", "table"]
+    path: Path
+    next_index: int = 0
+    last_key: Path = ()  # a table's latest key: a bracket after it opens that key's value
 
 
-def _scan_value(
-    text: str, line: int, path: Path, lines: dict[Path, int], state: list[object]
-) -> None:
-    """Record positions of array elements and inline-table keys in a value's text."""
-    # state: a stack of frames [kind, path, next_index]; strings are skipped.
-    i = 0
-    quote: str | None = None
-    stack: list[list[object]] = state  # type: ignore[assignment]
-    while i < len(text):
-        char = text[i]
-        if quote:
-            if char == "\\" and quote == '"':
-                i += 2
-                continue
-            if text.startswith(quote, i):
-                i += len(quote)
-                quote = None
-                continue
-            i += 1
-            continue
-        if char in "\"'":
-            if stack and stack[-1][0] == "array":
-                index = stack[-1][2]
-                assert isinstance(index, int)
-                lines.setdefault((*frame_of(stack), index), line)
-                stack[-1][2] = index + 1
-            quote = text[i : i + 3] if text.startswith(char * 3, i) else char
-            i += len(quote)
-            continue
-        if char == "#":
-            break
-        frame_path: Path = path if not stack else stack[-1][1]  # type: ignore[assignment]
-        if char in "[{":
-            if stack and stack[-1][0] == "array":
-                index = stack[-1][2]
-                assert isinstance(index, int)
-                element_path: Path = (*frame_path, index)
-                lines.setdefault(element_path, line)
-                stack[-1][2] = index + 1
-            elif stack and stack[-1][0] == "table":
-                element_path = stack[-1][3]  # type: ignore[assignment]
+class _ValueScanner:
+    """Records the lines of array elements and inline-table keys in a value's text; the open
+    brackets carry over to the next line (a value spanning lines)."""
+
+    def __init__(self, lines: dict[Path, int]) -> None:
+        self._lines = lines
+        self._stack: list[_Frame] = []
+
+    @property
+    def open(self) -> bool:
+        """Whether a bracket of the value is still open at the end of the last line."""
+        return bool(self._stack)
+
+    def scan(self, text: str, line: int, path: Path) -> None:
+        """Scan one line of a value whose key is `path` (ignored inside open brackets)."""
+        i = 0
+        while i < len(text):
+            char = text[i]
+            if char in "\"'":
+                self._element(line)
+                i = _after_string(text, i)
+            elif char == "#":
+                break
+            elif char in "[{":
+                self._open("array" if char == "[" else "table", line, path)
+                i += 1
+            elif char in "]}":
+                if self._stack:
+                    self._stack.pop()
+                i += 1
             else:
-                element_path = frame_path
-            stack.append(["array" if char == "[" else "table", element_path, 0, element_path])
-            i += 1
-            continue
-        if char in "]}":
-            if stack:
-                stack.pop()
-            i += 1
-            continue
-        if stack and stack[-1][0] == "array" and not char.isspace() and char != ",":
+                i = self._other(text, i, line)
+
+    def _element(self, line: int) -> None:
+        """Inside an array, the next element starts here."""
+        if self._stack and self._stack[-1].kind == "array":
+            top = self._stack[-1]
+            self._lines.setdefault((*top.path, top.next_index), line)
+            top.next_index += 1
+
+    def _open(self, kind: Literal["array", "table"], line: int, path: Path) -> None:
+        if not self._stack:
+            element = path
+        elif self._stack[-1].kind == "array":
+            top = self._stack[-1]
+            element = (*top.path, top.next_index)
+            self._element(line)
+        else:
+            element = self._stack[-1].last_key
+        self._stack.append(_Frame(kind, element, 0, element))
+
+    def _other(self, text: str, i: int, line: int) -> int:
+        """A character outside strings and brackets; the index to go on from."""
+        top = self._stack[-1] if self._stack else None
+        if top is not None and top.kind == "array" and not text[i].isspace() and text[i] != ",":
             # A scalar element: count it once, skip to the next separator.
-            index = stack[-1][2]
-            assert isinstance(index, int)
-            lines.setdefault((*frame_path, index), line)
-            stack[-1][2] = index + 1
+            self._element(line)
             while i < len(text) and text[i] not in ",]#\"'":
                 i += 1
-            continue
-        if stack and stack[-1][0] == "table":
+            return i
+        if top is not None and top.kind == "table":
             match = _KEY.match(text[i:])
             if match:
-                keys = _split_key(match.group(1))
-                key_path: Path = (*frame_path, *keys)
-                lines.setdefault(key_path, line)
-                stack[-1][3] = key_path
-                i += match.end()
-                continue
-        i += 1
+                key_path: Path = (*top.path, *_split_key(match.group(1)))
+                self._lines.setdefault(key_path, line)
+                top.last_key = key_path
+                return i + match.end()
+        return i + 1
+
+
+def _after_string(text: str, start: int) -> int:
+    """The index after the string that starts at `start` (or the line's end)."""
+    char = text[start]
+    quote = char * 3 if text.startswith(char * 3, start) else char
+    i = start + len(quote)
+    while i < len(text):
+        if text[i] == "\\" and quote == '"':
+            i += 2
+        elif text.startswith(quote, i):
+            return i + len(quote)
+        else:
+            i += 1
+    return i
 
 
 def key_lines(text: str) -> dict[Path, int]:
@@ -105,10 +123,10 @@ def key_lines(text: str) -> dict[Path, int]:
     lines: dict[Path, int] = {}
     table: Path = ()
     counters: dict[Path, int] = {}
-    pending: list[object] = []  # open brackets of a value spanning lines
+    value = _ValueScanner(lines)  # holds the open brackets of a value spanning lines
     for number, raw in enumerate(text.splitlines(), start=1):
-        if pending:
-            _scan_value(raw, number, (), lines, pending)
+        if value.open:
+            value.scan(raw, number, ())
             continue
         header = _HEADER.match(raw)
         if header and not _KEY.match(raw):
@@ -133,8 +151,7 @@ def key_lines(text: str) -> dict[Path, int]:
         if match:
             path: Path = (*table, *_split_key(match.group(1)))
             lines.setdefault(path, number)
-            rest = raw[match.end() :]
-            _scan_value(rest, number, path, lines, pending)
+            value.scan(raw[match.end() :], number, path)
     return lines
 
 
