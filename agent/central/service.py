@@ -20,7 +20,7 @@ from agent.central.metrics import IngestMetrics
 from agent.central.settings import CentralSettings, IngestHttpConfig
 from agent.service.http import HttpServer, Response, Route, json_response
 from agent.service.sdnotify import SdNotifier
-from agent.service.watchdog import dead_tasks, ingest_status_line, watchdog_loop
+from agent.service.watchdog import dead_tasks, watchdog_loop
 from sync.central.commit import describe, is_orphaned_asyncpg_waiter, reported_by_server
 from sync.central.ingest import Ingest, presence_payload, presence_topic
 from sync.mqtt.client import MqttClient, TlsOptions, Will
@@ -28,6 +28,14 @@ from sync.mqtt.client import MqttClient, TlsOptions, Will
 log = logging.getLogger("edge_agent.ingest")
 
 EXIT_FAILURE = 1
+
+
+def ingest_status_line(ingest: Ingest, *, committed_rows: int) -> str:
+    """One-line STATUS= summary of the central ingest."""
+    return (
+        f"database {'up' if ingest.db_up else 'down'}, {ingest.queued} messages queued, "
+        f"{committed_rows} rows committed"
+    )
 
 
 def ingest_for(settings: CentralSettings) -> Ingest:

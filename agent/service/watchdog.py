@@ -1,10 +1,11 @@
-"""The systemd watchdog of the daemon: WATCHDOG=1 only while the event loop turns *and* every
-worker shows signs of life, plus a STATUS= summary for `systemctl status`.
+"""The systemd watchdog of both programs: WATCHDOG=1 only while the event loop turns *and*
+the program's checks find no problem, plus a STATUS= summary for `systemctl status`.
 
 The pings come from a task on the event loop, so a stuck loop (a blocking call, a busy
 callback) stops them by construction. A task that died quietly (cancelled outside the
-shutdown path) or a poller that stopped reporting makes `checks()` return problems and the
-pings are withheld too; systemd then kills the service after WatchdogSec and restarts it.
+shutdown path) or, in the daemon, a poller that stopped reporting (agent/daemon/health.py)
+makes `checks()` return problems and the pings are withheld too; systemd then kills the
+service after WatchdogSec and restarts it.
 """
 
 from __future__ import annotations
@@ -42,28 +43,6 @@ def _how(task: asyncio.Task[Any]) -> str:
         return " (cancelled)"
     exc = task.exception()
     return f" ({type(exc).__name__}: {exc})" if exc is not None else ""
-
-
-class IngestLike(Protocol):
-    """The parts of sync.central.ingest.Ingest the ingest's STATUS= line reads."""
-
-    @property
-    def db_up(self) -> bool:
-        """False while the database fails."""
-        ...
-
-    @property
-    def queued(self) -> int:
-        """Messages received and not yet committed."""
-        ...
-
-
-def ingest_status_line(ingest: IngestLike, *, committed_rows: int) -> str:
-    """One-line STATUS= summary of the central ingest."""
-    return (
-        f"database {'up' if ingest.db_up else 'down'}, {ingest.queued} messages queued, "
-        f"{committed_rows} rows committed"
-    )
 
 
 async def watchdog_loop(
