@@ -16,10 +16,10 @@ EXIT_UNREACHABLE = 2
 
 def fetch_status(settings: AgentSettings, *, timeout: float = 3.0) -> dict[str, Any]:
     """GET /status of the agent that runs with this config; raises OSError when unreachable."""
-    host, _, port = settings.http.listen.rpartition(":")
-    if host in ("0.0.0.0", "::", "[::]"):
-        host = "127.0.0.1"
-    url = f"http://{host}:{port}/status"
+    http = settings.http
+    # A wildcard bind answers on loopback; an IPv6 address needs its brackets in a URL.
+    host = "127.0.0.1" if http.host in ("0.0.0.0", "::") else http.host
+    url = f"http://{f'[{host}]' if ':' in host else host}:{http.port}/status"
     with urllib.request.urlopen(url, timeout=timeout) as response:
         document: dict[str, Any] = json.loads(response.read())
     return document

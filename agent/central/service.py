@@ -116,9 +116,8 @@ def http_routes(ingest: Ingest) -> dict[str, Route]:
 async def serve_http(config: IngestHttpConfig, routes: dict[str, Route]) -> None:
     """Serve ``routes`` on ``config.listen`` until cancelled; a port that cannot be bound is
     logged and the endpoint given up (the ingest runs on without it)."""
-    host, _, port = config.listen.rpartition(":")
     try:
-        async with HttpServer(host=host.strip("[]"), port=int(port), routes=routes):
+        async with HttpServer(host=config.host, port=config.port, routes=routes):
             await asyncio.Event().wait()  # serves from the event loop until cancelled
     except OSError as exc:
         # The endpoint is for operators; the data path must run without it.

@@ -228,8 +228,7 @@ class Runtime:
         http = self.settings.http
         if not http.enabled:
             return
-        host, _, port = http.listen.rpartition(":")
-        server = HttpServer(host=host.strip("[]"), port=int(port), routes=self._routes())
+        server = HttpServer(host=http.host, port=http.port, routes=self._routes())
         try:
             await stack.enter_async_context(server)
         except OSError as exc:

@@ -1,4 +1,4 @@
-"""/healthz, /readyz, /status and /metrics over a tiny asyncio HTTP/1.1 server.
+"""Fixed GET routes (/healthz, /readyz, /status, /metrics) over a tiny asyncio HTTP/1.1 server.
 
 Loopback by default (`http.listen`). Only GET, no keep-alive, bounded request size: it is a
 probe and scrape endpoint, not a web server.
@@ -64,7 +64,7 @@ class HttpServer:
 
     async def __aenter__(self) -> HttpServer:
         self._server = await asyncio.start_server(self._handle, self._host, self._port)
-        log.info("http: serving /healthz /readyz /status /metrics on %s:%d", self._host, self.port)
+        log.info("http: serving %s on %s:%d", " ".join(self._routes), self._host, self.port)
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -138,6 +138,16 @@ class HttpConfig(ConfigModel):
     def _check_listen(cls, value: str) -> str:
         return check_listen(value)
 
+    @property
+    def host(self) -> str:
+        """The address to bind (an IPv6 address without its brackets)."""
+        return self.listen.rpartition(":")[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        """The port to bind."""
+        return int(self.listen.rpartition(":")[2])
+
 
 class SettingsFile(BaseSettings):
     """A whole config file: pydantic checks its structure, `problems()` what spans fields."""
