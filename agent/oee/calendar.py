@@ -1,4 +1,4 @@
-"""Shift calendars (design §4 `[[calendars]]`) turned into concrete UTC windows.
+"""Shift calendars (`[[calendars]]`, docs/configuration.md) turned into concrete UTC windows.
 
 Pure: no I/O, no clock reads. Everything is epoch seconds (UTC floats) so that the OEE engine's
 per-sample path never touches a datetime.
@@ -42,11 +42,6 @@ class ShiftWindow:
     def start_utc(self) -> datetime:
         """Start as an aware UTC datetime."""
         return datetime.fromtimestamp(self.start, tz=UTC)
-
-    @property
-    def end_utc(self) -> datetime:
-        """End as an aware UTC datetime."""
-        return datetime.fromtimestamp(self.end, tz=UTC)
 
     @property
     def planned_seconds(self) -> float:
