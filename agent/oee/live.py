@@ -7,11 +7,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
 
 from agent.oee.engine import OeeEngine
+from agent.oee.records import OeeRecord
 from agent.settings.config_file import AgentSettings
 from agent.settings.machines import CalendarConfig, MachineConfig
 from drivers.base import Reading
@@ -63,7 +63,7 @@ class _Machine:
     state_ref: tuple[str, str]
     counters: dict[tuple[str, str], str]  # (device, tag) -> total | reject | good
     calendar: CalendarConfig
-    last_report: dict[str, Any] | None = None
+    last_report: OeeRecord | None = None
 
 
 class LiveOee:
@@ -120,8 +120,9 @@ class LiveOee:
                 self._by_tag.setdefault(key, []).append((entry, which))
 
     @property
-    def machines(self) -> dict[str, dict[str, Any] | None]:
+    def machines(self) -> dict[str, Mapping[str, object] | None]:
         """The last shift (or rolling) report per machine, for the health data and the demo."""
+        # Read-only views of the records (typed as mappings so callers may `.get` any key).
         return {m.config.name: m.last_report for m in self._machines}
 
     def engine(self, name: str) -> OeeEngine | None:

@@ -22,7 +22,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
-from agent.oee.engine import GOOD, REJECT, TOTAL, OeeEngine
+from agent.oee.counters import GOOD, REJECT, TOTAL
+from agent.oee.engine import OeeEngine
+from agent.oee.records import OeeRecord
 from agent.settings.config_file import AgentSettings
 from sync.events import parse_rfc3339
 
@@ -63,7 +65,7 @@ class Sample:
 class ReplayResult:
     """Records (ordered by shift start, then machine) and what the file contained."""
 
-    records: list[dict[str, Any]] = field(default_factory=list)
+    records: list[OeeRecord] = field(default_factory=list)
     rows: int = 0
     used: int = 0  # rows of a tag some machine uses
     sorted_input: bool = True
@@ -456,7 +458,7 @@ class _Replayer:
     def finish(self) -> ReplayResult:
         result = self.result
         end = result.last_ts
-        records: list[tuple[str, int, dict[str, Any]]] = []
+        records: list[tuple[str, int, OeeRecord]] = []
         for index, engine in enumerate(self.engines):
             if not self.seen_state[index]:
                 result.machines_without_state.append(engine.machine.name)
@@ -503,7 +505,7 @@ def run_replay(settings: AgentSettings, path: Path) -> ReplayResult:
     return replayer.finish()
 
 
-def replay(settings: AgentSettings, path: Path) -> list[dict[str, Any]]:
+def replay(settings: AgentSettings, path: Path) -> list[OeeRecord]:
     """§7 records, one per machine per shift covered by the file, by shift start then machine."""
     return run_replay(settings, path).records
 
@@ -551,7 +553,7 @@ def read_samples(path: Path) -> Iterator[Sample]:
                 raise ReplayError(f"{path}:{reader.line_num}: {exc}") from None
 
 
-def replay_samples(settings: AgentSettings, samples: Iterable[Sample]) -> list[dict[str, Any]]:
+def replay_samples(settings: AgentSettings, samples: Iterable[Sample]) -> list[OeeRecord]:
     """§7 records from samples in any order (the same engine calls as `replay`)."""
     ordered = sorted(samples, key=lambda sample: sample.ts)
     replayer = _Replayer(settings, Path("<samples>"), buffered=False)
