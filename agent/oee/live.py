@@ -9,8 +9,10 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from typing import Literal
 
-from agent.oee.engine import OeeEngine
+from agent.oee.counters import CounterName
+from agent.oee.engine import OeeDiagnostics, OeeEngine
 from agent.oee.records import OeeRecord
 from agent.settings.config_file import AgentSettings
 from agent.settings.machines import CalendarConfig, MachineConfig
@@ -22,6 +24,7 @@ log = logging.getLogger("edge_agent.oee")
 
 Publish = Callable[[str, bytes], None]
 Emit = Callable[[list[Event]], Awaitable[None]]
+TagRole = Literal["state"] | CounterName  # what a machine reads from a tag
 
 # Re-anchor the engine clock to the wall clock only for big steps (a clock fixed after boot):
 # small NTP slews and steps must not create or remove production time.
@@ -60,10 +63,31 @@ class EngineClock:
 class _Machine:
     config: MachineConfig
     engine: OeeEngine
-    state_ref: tuple[str, str]
-    counters: dict[tuple[str, str], str]  # (device, tag) -> total | reject | good
+    state_ref: tuple[str, str]  # (device, tag)
+    counters: dict[tuple[str, str], CounterName]  # (device, tag) -> which counter
     calendar: CalendarConfig
     last_report: OeeRecord | None = None
+
+    @classmethod
+    def start(cls, settings: AgentSettings, machine: MachineConfig) -> _Machine:
+        """A machine with a fresh engine."""
+        calendar = next(c for c in settings.calendars if c.name == machine.calendar)
+        counters: dict[tuple[str, str], CounterName] = {}
+        refs: tuple[tuple[CounterName, str | None], ...] = (
+            ("total", machine.total_count),
+            ("reject", machine.reject_count),
+            ("good", machine.good_count),
+        )
+        for which, ref in refs:
+            if ref is not None:
+                counters[_device_tag(ref)] = which
+        engine = OeeEngine.from_settings(settings, machine)
+        return cls(machine, engine, _device_tag(machine.state.tag), counters, calendar)
+
+
+def _device_tag(ref: str) -> tuple[str, str]:
+    device, _, tag = ref.partition("/")
+    return device, tag
 
 
 class LiveOee:
@@ -82,7 +106,7 @@ class LiveOee:
         self._emit = emit
         self._clock = clock or EngineClock()
         self._machines: list[_Machine] = []
-        self._by_tag: dict[tuple[str, str], list[tuple[_Machine, str]]] = {}
+        self._by_tag: dict[tuple[str, str], list[tuple[_Machine, TagRole]]] = {}
         self._wakeup = asyncio.Event()
         self.reconfigure(settings)
 
@@ -99,21 +123,7 @@ class LiveOee:
         for machine in settings.machines:
             entry = kept.get(machine.name)
             if entry is None or entry.config != machine:
-                calendar = next(c for c in settings.calendars if c.name == machine.calendar)
-                counters = {}
-                for which in ("total", "reject", "good"):
-                    ref = getattr(machine, f"{which}_count")
-                    if ref is not None:
-                        device, _, tag = ref.partition("/")
-                        counters[(device, tag)] = which
-                device, _, tag = machine.state.tag.partition("/")
-                entry = _Machine(
-                    machine,
-                    OeeEngine.from_settings(settings, machine),
-                    (device, tag),
-                    counters,
-                    calendar,
-                )
+                entry = _Machine.start(settings, machine)
             self._machines.append(entry)
             self._by_tag.setdefault(entry.state_ref, []).append((entry, "state"))
             for key, which in entry.counters.items():
@@ -121,13 +131,23 @@ class LiveOee:
 
     @property
     def machines(self) -> dict[str, Mapping[str, object] | None]:
-        """The last shift (or rolling) report per machine, for the health data and the demo."""
-        # Read-only views of the records (typed as mappings so callers may `.get` any key).
+        """The last shift (or rolling) report per machine, for the health data and the demo
+        (read-only: callers look keys up by name)."""
         return {m.config.name: m.last_report for m in self._machines}
 
     def engine(self, name: str) -> OeeEngine | None:
         """The engine of one machine."""
         return next((m.engine for m in self._machines if m.config.name == name), None)
+
+    def diagnostics(self) -> dict[str, OeeDiagnostics]:
+        """Per machine, the readings its engine corrected or ignored (for /metrics). A machine
+        whose config changed starts a new engine, and so its counts start again at 0."""
+        return {m.config.name: m.engine.diagnostics() for m in self._machines}
+
+    @property
+    def clock_reanchors(self) -> int:
+        """How often the engine clock re-anchored to a wall clock that stepped (for /metrics)."""
+        return self._clock.reanchors
 
     def observe(self, device: str, readings: list[Reading]) -> None:
         """Pipeline observer: every reading of a mapped tag goes into its engines."""
@@ -142,7 +162,7 @@ class LiveOee:
                 if which == "state":
                     machine.engine.on_state(now, reading.value, reading.quality)
                 else:
-                    machine.engine.on_count(now, which, reading.value, reading.quality)  # type: ignore[arg-type]
+                    machine.engine.on_count(now, which, reading.value, reading.quality)
         if touched:
             self._wakeup.set()
 
