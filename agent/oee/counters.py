@@ -45,6 +45,8 @@ class CounterReadings:
     )
 
     def __init__(self, *, counter_bits: Mapping[str, int | None], ideal_cycle_time: float) -> None:
+        if ideal_cycle_time <= 0:
+            raise ValueError(f"ideal cycle time must be > 0, not {ideal_cycle_time}")
         # Width in bits per counter (None: unknown, every drop is then a reset).
         self._bits: list[int | None] = [counter_bits.get(name) for name in COUNTER_SLOTS]
         self._ideal_cycle_time = ideal_cycle_time

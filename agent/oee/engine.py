@@ -94,14 +94,14 @@ class OeeEngine:
         self.machine = machine
         self.calendar = calendar
         self._microstop_threshold = float(machine.microstop_threshold)
-        self._states = StateCodes(machine.state)
+        self._states = StateCodes(state=machine.state)
         self._counters = CounterReadings(
             counter_bits=counter_bits or {}, ideal_cycle_time=float(machine.ideal_cycle_time)
         )
         self._history = (
             RollingHistory(length=float(machine.rolling_window)) if keep_history else None
         )
-        self._timeline = PlannedTimeline(calendar)
+        self._timeline = PlannedTimeline(calendar=calendar)
         self._totals: ShiftTotals | None = None  # the current shift window's
         self._next_event = -math.inf  # next instant with work to do (calendar or threshold)
         self._now = -math.inf
@@ -114,7 +114,7 @@ class OeeEngine:
         self._observed_from: float | None = None  # the first state sample
 
         # Outputs.
-        self._final_records = FinalRecords(machine)
+        self._final_records = FinalRecords(machine=machine)
         self._state_log = StateLog()
         self._finished = False
 
@@ -212,6 +212,7 @@ class OeeEngine:
             self._schedule()
 
     def _schedule(self) -> None:
+        """Work out `_next_event`: the next calendar boundary or threshold crossing."""
         boundary = self._timeline.schedule()
         stop = self._undecided_stop
         self._next_event = boundary if stop is None else min(boundary, stop.threshold_at)
@@ -223,6 +224,7 @@ class OeeEngine:
         return stop if stop is not None and stop.microstop is None else None
 
     def _cross_boundary(self) -> None:
+        """Step over the next calendar boundary, the time before it accounted."""
         timeline = self._timeline
         t = timeline.next_boundary
         if timeline.in_planned:  # a planned interval ends (a break or the shift end follows)
@@ -231,7 +233,8 @@ class OeeEngine:
         if crossed is Boundary.SHIFT_START:
             window = timeline.window
             assert window is not None
-            self._totals = ShiftTotals(window, window.start if self._category is not None else None)
+            observed = window.start if self._category is not None else None
+            self._totals = ShiftTotals(window=window, observed_from=observed)
         elif crossed is Boundary.PLANNED_START:
             self._accounted_until = t
         elif crossed is Boundary.SHIFT_END:

@@ -14,7 +14,7 @@ class FinalRecords:
 
     __slots__ = ("_machine", "_ready", "_waiting")
 
-    def __init__(self, machine: MachineConfig) -> None:
+    def __init__(self, *, machine: MachineConfig) -> None:
         self._machine = machine
         self._waiting: list[ShiftTotals] = []
         self._ready: list[OeeRecord] = []

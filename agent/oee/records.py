@@ -46,7 +46,7 @@ class OeeRecord(TypedDict):
     performance_flagged: bool
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class WindowFigures:
     """What was counted in a window, unrounded: the input of a record."""
 

@@ -27,6 +27,8 @@ class RollingHistory:
     __slots__ = ("_counted", "_pieces", "length")
 
     def __init__(self, *, length: float) -> None:
+        if length <= 0:
+            raise ValueError(f"rolling window length must be > 0, not {length}")
         self.length = length
         self._pieces: deque[EpisodePiece] = deque()
         self._counted: deque[PartsCounted] = deque()
@@ -85,7 +87,11 @@ class RollingHistory:
             if ts >= start:
                 parts[slot] += count
         return WindowFigures(
-            running, downtime, len(stops), len(microstops), (parts[0], parts[1], parts[2])
+            running_s=running,
+            downtime_s=downtime,
+            stops=len(stops),
+            microstops=len(microstops),
+            parts=(parts[0], parts[1], parts[2]),
         )
 
 

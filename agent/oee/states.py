@@ -82,14 +82,13 @@ class StateLog:
 class StateCodes:
     """The machine's state table: which category each configured code belongs to."""
 
-    __slots__ = ("by_bool", "by_value")
+    __slots__ = ("_by_bool", "_by_value")
 
-    def __init__(self, state: MachineStateConfig) -> None:
+    def __init__(self, *, state: MachineStateConfig) -> None:
         # True == 1 in Python: bool codes live apart so that a bool tag's True does not match
-        # the integer code 1 (the config keeps them distinct too). The engine looks codes up
-        # in these two tables directly (its hot path); the first listing of a code wins.
-        self.by_value: dict[object, StateCategory] = {}
-        self.by_bool: dict[object, StateCategory] = {}
+        # the integer code 1 (the config keeps them distinct too). The first listing wins.
+        self._by_value: dict[object, StateCategory] = {}
+        self._by_bool: dict[object, StateCategory] = {}
         groups = (
             (state.running, RUNNING),
             (state.planned_stop, PLANNED_STOP),
@@ -97,13 +96,13 @@ class StateCodes:
         )
         for codes, category in groups:
             for code in codes:
-                table = self.by_bool if isinstance(code, bool) else self.by_value
+                table = self._by_bool if isinstance(code, bool) else self._by_value
                 table.setdefault(code, category)
 
     def category(self, code: object) -> StateCategory:
         """The category of a state reading; UNKNOWN for a value the table does not list."""
         try:
-            table = self.by_bool if code.__class__ is bool else self.by_value
+            table = self._by_bool if code.__class__ is bool else self._by_value
             return table.get(code, UNKNOWN)
         except TypeError:  # unhashable (a list): not a code of the mapping
             return UNKNOWN

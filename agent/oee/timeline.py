@@ -38,7 +38,7 @@ class PlannedTimeline:
         "window",
     )
 
-    def __init__(self, calendar: CalendarConfig) -> None:
+    def __init__(self, *, calendar: CalendarConfig) -> None:
         self._calendar = calendar
         # Prepared lazily from the first timestamp seen (`start`).
         self._windows: Iterator[ShiftWindow] | None = None

@@ -23,6 +23,8 @@ class Stop:
     __slots__ = ("microstop", "shifts", "start", "threshold_at")
 
     def __init__(self, *, start: float, threshold: float) -> None:
+        if threshold < 0:
+            raise ValueError(f"microstop threshold must be >= 0, not {threshold}")
         self.start = start
         self.threshold_at = start + threshold  # when it becomes an unplanned stop
         # Threshold 0: every stop is an unplanned stop from the start.
@@ -87,7 +89,7 @@ class ShiftTotals:
         "window",
     )
 
-    def __init__(self, window: ShiftWindow, observed_from: float | None) -> None:
+    def __init__(self, *, window: ShiftWindow, observed_from: float | None) -> None:
         self.window = window
         self.observed_from = observed_from  # first observed instant in the window (None: not yet)
         self.observed_until = math.inf  # set when the window closes
@@ -111,7 +113,11 @@ class ShiftTotals:
             microstops += 1
         parts = self.parts
         figures = WindowFigures(
-            running, self.downtime_s, self.stops, microstops, (parts[0], parts[1], parts[2])
+            running_s=running,
+            downtime_s=self.downtime_s,
+            stops=self.stops,
+            microstops=microstops,
+            parts=(parts[0], parts[1], parts[2]),
         )
         return figures if open_piece is None else self._with_open_piece(figures, open_piece)
 
