@@ -15,6 +15,7 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -84,7 +85,9 @@ def render(runtime: Runtime, *, started: float) -> str:
     for machine in settings.machines:
         engine = oee.engine(machine.name) if oee is not None else None
         state = engine.state.state if engine is not None and engine.state is not None else "-"
-        report = (oee.machines.get(machine.name) if oee is not None else None) or {}
+        report: Mapping[str, object] = (
+            oee.machines.get(machine.name) if oee is not None else None
+        ) or {}
         shift = shift_label(engine.current_window(), time.time()) if engine is not None else ""
         lines.append(
             f"{machine.name:<10}{state:<16}{_pct(report.get('availability')):>13}"

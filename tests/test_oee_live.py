@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import urllib.request
 from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from agent.oee.live import REANCHOR_STEP, EngineClock
 from simulators.modbus.server import ModbusSimulator
 from tests.fixtures.collector import TopicCollector
 from tests.fixtures.daemon import ROOT, config_text, running, settings_for
 from tests.fixtures.mosquitto import MosquittoBroker
+from tests.fixtures.ports import async_wait_until
 
 MACHINE = """
 [[machines]]
@@ -101,3 +105,46 @@ def test_engine_clock_ignores_small_steps_and_never_goes_back() -> None:
     mono[0] += 1
     assert clock.now() == wall[0]
     assert clock.reanchors == 2
+
+
+async def test_oee_diagnostics_are_on_metrics(mosquitto: MosquittoBroker, tmp_path: Path) -> None:
+    async with ModbusSimulator(port=0, seed=5, speed=0.0) as sim:
+        sim.model(1).force_state(1)
+        text = config_text(mosquitto, tmp_path / "data", [("press1", sim.port)]) + MACHINE
+        settings = settings_for(tmp_path, text)
+        http = int(settings.http.listen.rsplit(":", 1)[1])
+
+        async def families() -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+            body = await asyncio.to_thread(_get, http, "/metrics")
+            found: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+            for family in text_string_to_metric_families(body.decode()):
+                for sample in family.samples:
+                    labels = tuple(sorted(sample.labels.items()))
+                    found.setdefault(sample.name, {})[labels] = sample.value
+            return found
+
+        async with running(settings) as runtime:
+            await async_wait_until(lambda: runtime.pollers["press1"].polls >= 2, timeout=10)
+            before = await families()
+            machine = (("machine", "line_press"),)
+            for name in (
+                "clock_steps_back",
+                "ignored_bad",
+                "invalid_values",
+                "rollovers",
+                "resets",
+            ):
+                assert before[f"edge_agent_oee_{name}_total"][machine] == 0.0
+            assert before["edge_agent_oee_clock_reanchors_total"][()] == 0.0
+            # A stalled PLC: the device goes down, and its one bad reading per tag reaches the
+            # engine, which ignores it (state and counter: two readings).
+            sim.stall()
+            await async_wait_until(lambda: runtime.pollers["press1"].state != "up", timeout=15)
+            after = await families()
+            assert after["edge_agent_oee_ignored_bad_total"][machine] == 2.0
+
+
+def _get(port: int, path: str) -> bytes:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+        body: bytes = response.read()
+        return body

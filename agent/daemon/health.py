@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol, TypedDict
 
+from agent.oee.records import OeeRecord
 from agent.service.watchdog import dead_tasks
 from drivers.config import DeviceConfigBase
 from sync.events import rfc3339
@@ -52,7 +53,7 @@ class StatusDocument(HealthDocument):
     device_detail: dict[str, DeviceDetail]
     uplink_error: str | None
     outbox_append_failures: int
-    oee: dict[str, dict[str, Any] | None]
+    oee: dict[str, OeeRecord | None]
 
 
 def health_document(

@@ -20,6 +20,14 @@ if TYPE_CHECKING:
     from agent.daemon.runtime import Runtime
 
 PREFIX = "edge_agent"
+# The OEE engines' diagnostics (docs/oee.md), one counter per machine each.
+OEE_DIAGNOSTICS = {
+    "clock_steps_back": "Readings stamped earlier than the latest one seen (clamped).",
+    "ignored_bad": "Bad-quality readings of a machine's state or counters (ignored).",
+    "invalid_values": "Counter readings that are not integers (ignored).",
+    "rollovers": "Counter drops taken as a rollover.",
+    "resets": "Counter drops taken as a PLC reset.",
+}
 POLL_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -166,6 +174,25 @@ class _RuntimeCollector(Collector):
                 if isinstance(value, int | float):
                     family.add_metric([machine], float(value))
         yield from families.values()
+        yield from self._oee_diagnostics(gateway)
+
+    def _oee_diagnostics(self, gateway: Gateway) -> Iterator[Metric]:
+        oee = gateway.oee
+        families = {
+            name: _counter(f"oee_{name}", help_, ["machine"])
+            for name, help_ in OEE_DIAGNOSTICS.items()
+        }
+        for machine, diagnostics in oee.diagnostics().items():
+            for name, family in families.items():
+                family.add_metric([machine], getattr(diagnostics, name))
+        yield from families.values()
+        yield _simple(
+            _counter(
+                "oee_clock_reanchors",
+                "Times the OEE clock re-anchored to a wall clock that stepped by more than 60 s.",
+            ),
+            oee.clock_reanchors,
+        )
 
     def _workflows(self, gateway: Gateway) -> Iterator[Metric]:
         stats = gateway.workflows.stats

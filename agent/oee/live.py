@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -130,9 +130,8 @@ class LiveOee:
                 self._by_tag.setdefault(key, []).append((entry, which))
 
     @property
-    def machines(self) -> dict[str, Mapping[str, object] | None]:
-        """The last shift (or rolling) report per machine, for the health data and the demo
-        (read-only: callers look keys up by name)."""
+    def machines(self) -> dict[str, OeeRecord | None]:
+        """The last shift (or rolling) report per machine, for the health data and the demo."""
         return {m.config.name: m.last_report for m in self._machines}
 
     def engine(self, name: str) -> OeeEngine | None:
