@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import subprocess
 import sys
 import urllib.request
@@ -98,3 +99,33 @@ async def test_status_healthy(mosquitto: MosquittoBroker, tmp_path: Path) -> Non
             result = await asyncio.to_thread(status_command, tmp_path / "agent.toml")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "status     healthy" in result.stdout
+
+
+def documented_metrics() -> set[str]:
+    """Every metric named in docs/install.md's table (family names: without `_total`)."""
+    names: set[str] = set()
+    for line in (REPO / "docs" / "install.md").read_text().splitlines():
+        if line.startswith("| `edge_agent_"):
+            first_column = line.split(" | ")[0]
+            names.update(
+                name.removesuffix("_total")
+                for name in re.findall(r"`(edge_agent_[a-z_]+)", first_column)
+            )
+    return names
+
+
+async def test_every_documented_metric_is_served(
+    mosquitto: MosquittoBroker, tmp_path: Path
+) -> None:
+    documented = documented_metrics()
+    assert len(documented) > 40
+    async with ModbusSimulator(port=0, seed=5, speed=0.0) as sim:
+        text = config_text(mosquitto, tmp_path / "data", [("press1", sim.port)])
+        settings = settings_for(tmp_path, text)
+        port = int(settings.http.listen.rsplit(":", 1)[1])
+        async with running(settings) as runtime:
+            await async_wait_until(lambda: runtime.pollers["press1"].polls >= 2, timeout=10)
+            code, body = await asyncio.to_thread(get, port, "/metrics")
+    served = {family.name for family in text_string_to_metric_families(body.decode())}
+    assert code == 200
+    assert documented - served == set()
