@@ -19,11 +19,12 @@ from typing import Any
 from agent.central.metrics import IngestMetrics
 from agent.central.settings import CentralSettings, IngestHttpConfig
 from agent.service.http import HttpServer, Response, Route, json_response
+from agent.service.mqtt import mqtt_client
 from agent.service.sdnotify import SdNotifier
 from agent.service.watchdog import dead_tasks, watchdog_loop
 from sync.central.commit import describe, is_orphaned_asyncpg_waiter, reported_by_server
 from sync.central.ingest import Ingest, presence_payload, presence_topic
-from sync.mqtt.client import MqttClient, TlsOptions, Will
+from sync.mqtt.client import Will
 
 log = logging.getLogger("edge_agent.ingest")
 
@@ -41,25 +42,11 @@ def ingest_status_line(ingest: Ingest, *, committed_rows: int) -> str:
 def ingest_for(settings: CentralSettings) -> Ingest:
     """An Ingest replica for a loaded central config."""
     mqtt = settings.mqtt
-    tls = (
-        TlsOptions(
-            ca_file=str(mqtt.ca_file) if mqtt.ca_file else None,
-            cert_file=str(mqtt.cert_file) if mqtt.cert_file else None,
-            key_file=str(mqtt.key_file) if mqtt.key_file else None,
-        )
-        if mqtt.tls
-        else None
-    )
     # Replicas must not share a client id (the broker would disconnect one for the other).
     client_id = mqtt.client_id or f"edge-agent-ingest-{uuid.uuid4().hex[:12]}"
-    client = MqttClient(
-        host=mqtt.host,
-        port=mqtt.port,
+    client = mqtt_client(
+        mqtt,
         client_id=client_id,
-        username=mqtt.username,
-        password=mqtt.password.get_secret_value() if mqtt.password else None,
-        tls=tls,
-        keepalive=mqtt.keepalive,
         name="ingest-mqtt",
         will=Will(presence_topic(mqtt.sync_prefix, client_id), lambda: presence_payload("offline")),
     )

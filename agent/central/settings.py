@@ -15,7 +15,7 @@ from pydantic import (
 )
 from pydantic_settings import SettingsConfigDict
 
-from agent.settings.common import ENV_PREFIX, HttpConfig, SettingsFile, TlsClientConfig, check_topic
+from agent.settings.common import HttpConfig, SettingsFile, TlsClientConfig, check_topic
 from agent.settings.loader import load_settings
 from drivers.config import (
     ConfigModel,
@@ -102,15 +102,7 @@ class IngestHttpConfig(HttpConfig):
 class CentralSettings(SettingsFile):
     """The central ingest's config file (docs/central.md)."""
 
-    model_config = SettingsConfigDict(
-        extra="forbid",
-        frozen=True,
-        validate_default=True,
-        env_prefix=ENV_PREFIX,
-        env_nested_delimiter="__",
-        case_sensitive=False,
-        title="edge-agent ingest configuration",
-    )
+    model_config = SettingsConfigDict(title="edge-agent ingest configuration")
 
     mqtt: IngestMqttConfig
     postgres: PostgresConfig

@@ -11,9 +11,10 @@ from agent import __version__
 from agent.daemon.devices import Devices, PollObserver, driver_context
 from agent.daemon.pipeline import Pipeline
 from agent.oee.live import LiveOee
+from agent.service.mqtt import mqtt_client
 from agent.settings.config_file import AgentSettings
 from agent.workflows.engine import WorkflowEngine
-from sync.mqtt.client import MqttClient, TlsOptions, Will
+from sync.mqtt.client import MqttClient, Will
 from sync.outbox.store import Outbox
 from sync.uplink.forwarder import Forwarder
 from sync.uplink.live import LivePublisher
@@ -23,28 +24,13 @@ from sync.uplink.topics import status_payload, status_topic
 
 def mqtt_client_for(settings: AgentSettings) -> MqttClient:
     """The agent's MQTT client: Last Will offline, birth online, both retained."""
-    mqtt = settings.mqtt
-    root = mqtt.topic_root
-    tls = (
-        TlsOptions(
-            ca_file=str(mqtt.ca_file) if mqtt.ca_file else None,
-            cert_file=str(mqtt.cert_file) if mqtt.cert_file else None,
-            key_file=str(mqtt.key_file) if mqtt.key_file else None,
-        )
-        if mqtt.tls
-        else None
-    )
-    return MqttClient(
-        host=mqtt.host,
-        port=mqtt.port,
+    root = settings.mqtt.topic_root
+    return mqtt_client(
+        settings.mqtt,
         client_id=settings.client_id,
-        username=mqtt.username,
-        password=mqtt.password.get_secret_value() if mqtt.password else None,
-        tls=tls,
-        keepalive=mqtt.keepalive,
+        name="uplink",
         will=Will(status_topic(root), lambda: status_payload(time.time(), "offline", __version__)),
         birth=Will(status_topic(root), lambda: status_payload(time.time(), "online", __version__)),
-        name="uplink",
     )
 
 

@@ -14,7 +14,7 @@ from pydantic import (
     SecretStr,
     field_validator,
 )
-from pydantic_settings import BaseSettings
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from drivers.config import (
     ConfigModel,
@@ -151,6 +151,17 @@ class HttpConfig(ConfigModel):
 
 class SettingsFile(BaseSettings):
     """A whole config file: pydantic checks its structure, `problems()` what spans fields."""
+
+    # Unknown keys are errors, a loaded config is immutable, EDGE_AGENT__SECTION__KEY overrides
+    # (each program's model adds its title).
+    model_config = SettingsConfigDict(
+        extra="forbid",
+        frozen=True,
+        validate_default=True,
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        case_sensitive=False,
+    )
 
     def problems(self) -> Iterator[Problem]:
         """Every cross-field problem, with locations from the file's root."""

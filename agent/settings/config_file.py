@@ -16,7 +16,7 @@ from pydantic import (
 )
 from pydantic_settings import SettingsConfigDict
 
-from agent.settings.common import ENV_PREFIX, HttpConfig, SettingsFile
+from agent.settings.common import HttpConfig, SettingsFile
 from agent.settings.gateway import BufferConfig, GatewayConfig, MqttConfig
 from agent.settings.machines import CalendarConfig, MachineConfig
 from agent.settings.workflows import (
@@ -38,15 +38,7 @@ from drivers.registry import DeviceConfig
 class AgentSettings(SettingsFile):
     """The whole agent config file."""
 
-    model_config = SettingsConfigDict(
-        extra="forbid",
-        frozen=True,
-        validate_default=True,
-        env_prefix=ENV_PREFIX,
-        env_nested_delimiter="__",
-        case_sensitive=False,
-        title="edge-agent configuration",
-    )
+    model_config = SettingsConfigDict(title="edge-agent configuration")
 
     gateway: GatewayConfig
     mqtt: MqttConfig
