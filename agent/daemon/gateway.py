@@ -66,7 +66,6 @@ class Gateway:
 
     outbox: Outbox
     mqtt: MqttClient
-    live: LivePublisher
     sinks: tuple[Sink, ...]
     pipeline: Pipeline
     oee: LiveOee
@@ -94,7 +93,7 @@ def build_gateway(
     )
     workflows = WorkflowEngine(settings, outbox=outbox, mqtt=mqtt, devices=devices)
     pipeline.add_observer(workflows.observe)
-    return Gateway(outbox, mqtt, live, sinks, pipeline, oee, devices, workflows)
+    return Gateway(outbox, mqtt, sinks, pipeline, oee, devices, workflows)
 
 
 def configure_tags(
