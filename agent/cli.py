@@ -320,7 +320,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return EXIT_OK
     except Exception as exc:  # last resort: one line per cause
-        causes = _causes(exc)
+        from agent.service.tasks import leaf_exceptions
+
+        causes = list(leaf_exceptions(exc))
         for cause in causes:
             # A daemon that ends here logs why, with the traceback: an ExceptionGroup's own
             # line says only how many sub-exceptions it holds.
@@ -329,13 +331,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         for cause in causes:
             print(f"edge-agent {args.command}: {type(cause).__name__}: {cause}", file=sys.stderr)
         return EXIT_FAILURE
-
-
-def _causes(exc: BaseException) -> list[BaseException]:
-    """The exceptions inside (nested) exception groups, or `exc` itself."""
-    if isinstance(exc, BaseExceptionGroup):
-        return [cause for inner in exc.exceptions for cause in _causes(inner)]
-    return [exc]
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ import asyncio
 import logging
 import signal
 import uuid
-from collections.abc import Iterator
 from dataclasses import asdict
 from typing import Any
 
@@ -21,6 +20,7 @@ from agent.central.settings import CentralSettings, IngestHttpConfig
 from agent.service.http import HttpServer, Response, Route, json_response
 from agent.service.mqtt import mqtt_client
 from agent.service.sdnotify import SdNotifier
+from agent.service.tasks import leaf_exceptions
 from agent.service.watchdog import dead_tasks, watchdog_loop
 from sync.central.commit import describe, is_orphaned_asyncpg_waiter, reported_by_server
 from sync.central.ingest import Ingest, presence_payload, presence_topic
@@ -145,15 +145,6 @@ async def serve(
         notifier.stopping()
         for task in tasks:
             task.cancel()
-
-
-def leaf_exceptions(error: BaseException) -> Iterator[BaseException]:
-    """The exceptions inside (nested) exception groups, or ``error`` itself."""
-    if isinstance(error, BaseExceptionGroup):
-        for inner in error.exceptions:
-            yield from leaf_exceptions(inner)
-    else:
-        yield error
 
 
 async def run_until_signalled(settings: CentralSettings) -> int:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 # How often a stop re-sends the cancellation to tasks that have not finished yet.
 CANCEL_REPEAT = 1.0
@@ -42,3 +42,12 @@ async def cancel_and_wait(tasks: Iterable[asyncio.Task[object]]) -> None:
         _, pending = await asyncio.wait(pending, timeout=CANCEL_REPEAT)
         for task in pending:
             task.cancel()
+
+
+def leaf_exceptions(error: BaseException) -> Iterator[BaseException]:
+    """The exceptions inside (nested) exception groups, or `error` itself."""
+    if isinstance(error, BaseExceptionGroup):
+        for inner in error.exceptions:
+            yield from leaf_exceptions(inner)
+    else:
+        yield error
