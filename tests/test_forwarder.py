@@ -114,8 +114,12 @@ class FakeCentral:
                 self.received.append(event["seq"])
                 known = self.events.setdefault(event["seq"], event)
                 assert known == event, "a seq came back with different content"
-            # Coverage rule: the batch covers every seq in [first, last].
+            # Coverage rule (docs/central.md): a batch covers its own range and every range
+            # its gap events declare dropped.
             self.covered.append((first, last))
+            for event in doc["events"]:
+                if event["kind"] == "gap":
+                    self.covered.extend(tuple(r) for r in event["value"]["ranges"])
             self.covered.sort()
             while self.covered and self.covered[0][0] <= self.watermark + 1:
                 self.watermark = max(self.watermark, self.covered.pop(0)[1])
@@ -367,15 +371,40 @@ async def test_acks_for_another_stream_are_ignored(
             await async_wait_until(lambda: outbox.acked_seq == 10, message="our ack applied")
             assert outbox.events_count == 90
             assert forwarder.acks_received == 1
-            # An ack beyond anything sent is held to what was sent: later events stay.
-            await asyncio.to_thread(central.publish_ack, outbox.stream, 10**9)
-            await async_wait_until(lambda: outbox.acked_seq == 100, message="clamped ack")
-            await outbox.append(events(100, 10))
-            await async_wait_until(lambda: len(central.received) >= 110, message="sent")
-            assert outbox.events_count == 10
     assert [r.message for r in caplog.records].count(
         f"forwarder: ignoring ack for stream {old_stream} (ours is {outbox.stream})"
     ) == 1
+
+
+async def test_an_ack_beyond_what_was_sent_deletes_nothing(
+    outbox: Outbox, mosquitto: MosquittoBroker, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A forged (or buggy) ack: the stream in another spelling of the same UUID, and a seq far
+    # beyond anything sent. It must not delete a single event (docs/delivery.md).
+    caplog.set_level(logging.ERROR, logger="edge_agent.forwarder")
+    with FakeCentral(mosquitto) as central:
+        central.mute = True
+        async with forwarding(outbox, mosquitto, ack_timeout=30) as (forwarder, _):
+            await outbox.append(events(0, 100))
+            await async_wait_until(lambda: len(central.received) >= 100, message="batch sent")
+            spelled = f"urn:uuid:{{{outbox.stream.upper()}}}".replace("{", "").replace("}", "")
+            await asyncio.to_thread(central.publish_ack, spelled, 10**9)
+            await asyncio.to_thread(central.publish_ack, "{" + outbox.stream + "}", 10**9)
+            # Ordered behind the forged ones: a true ack, in yet another spelling.
+            await asyncio.to_thread(central.publish_ack, outbox.stream.upper(), 10)
+            await async_wait_until(lambda: outbox.acked_seq == 10, message="true ack applied")
+            assert outbox.committed_seq == 101  # the 100 events and the alarm event
+            assert outbox.events_count == 91  # nothing but seqs 1..10 was deleted
+            figures = {figure.name: figure.value for figure in forwarder.figures()}
+            assert figures["sync_acks_refused"] == 2
+            assert forwarder.acks_received == 1
+            await async_wait_until(
+                lambda: any(e["kind"] == "alarm" for e in list(central.events.values())),
+                message="the alarm event reached the central store",
+            )
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1  # rate-limited: one line for the burst
+    assert "nothing was deleted" in errors[0]
 
 
 async def test_drops_while_the_central_is_away_are_declared(

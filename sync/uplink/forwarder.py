@@ -41,6 +41,7 @@ from functools import partial
 from sync.events import Event
 from sync.mqtt.client import Message, MqttClient, NotConnected, PublishRejected
 from sync.outbox.store import Batch, Outbox, OutboxUnavailable
+from sync.uplink.acks import AckCheck
 from sync.uplink.budget import MIN_BATCH_BYTES, BatchBudget
 from sync.uplink.sink import SinkFigure
 
@@ -124,11 +125,8 @@ class Forwarder:
         self._rejected: _Sent | None = None
         self._send_at = 0.0
         self._started = False
-        self._foreign_streams: set[str] = set()
-        self._bad_acks_logged = False
-        self._beyond_logged = False
+        self._acks = AckCheck()
         self._oversized_logged = 0
-        self._committed_at_start = 0
         self._outbox_error: str | None = None
         self._envelope_size: int | None = None
         # Counters for metrics and health.
@@ -171,7 +169,17 @@ class Forwarder:
             SinkFigure("sync_batches_sent", "S/sync batches sent.", self.batches_sent),
             SinkFigure("sync_batches_resent", "S/sync batches sent again.", self.batches_resent),
             SinkFigure("sync_events_sent", "Events sent on S/sync.", self.events_sent),
-            SinkFigure("sync_acks_received", "S/ack messages received.", self.acks_received),
+            SinkFigure("sync_acks_received", "S/ack messages applied.", self.acks_received),
+            SinkFigure(
+                "sync_acks_refused",
+                "S/ack messages beyond the last seq sent: deleted nothing (forged or a bug).",
+                self._acks.counts.refused,
+            ),
+            SinkFigure(
+                "sync_acks_ignored",
+                "S/ack messages malformed or for another stream.",
+                self._acks.counts.malformed + self._acks.counts.foreign,
+            ),
             SinkFigure(
                 "sync_stalls",
                 "Times no ack came within ack_timeout (or a batch was refused).",
@@ -201,7 +209,6 @@ class Forwarder:
         outbox = self._outbox
         self._central_acked = self._ack_target = outbox.acked_seq
         self._next_after = self._high_sent = outbox.acked_seq
-        self._committed_at_start = outbox.committed_seq
         self._client.subscribe(self.ack_topic, self._on_ack_message, qos=1)
         self._client.subscribe(self.central_topic, self._on_central_status, qos=1)
         self._client.add_listener(self._on_connection)
@@ -222,6 +229,7 @@ class Forwarder:
     async def _step(self, now: float) -> float | None:
         """Do what can be done now; return when to look again (None: on the next event)."""
         try:
+            await self._commit_ack_alarm()
             self._apply_acks(now)
             self._check_stalls(now)
             wake_at = await self._send(now)
@@ -236,6 +244,11 @@ class Forwarder:
         if self._central_acked > self._outbox.acked_seq:
             deadlines.append(self._ack_retry_at)
         return min(deadlines) if deadlines else None
+
+    async def _commit_ack_alarm(self) -> None:
+        alarm = self._acks.take_alarm()
+        if alarm is not None:
+            await self._outbox.append([alarm])
 
     def _apply_acks(self, now: float) -> None:
         """Move the window to the central watermark received."""
@@ -393,36 +406,14 @@ class Forwarder:
     # -- callbacks (event loop, from MqttClient) -------------------------------------------------
 
     def _on_ack_message(self, message: Message) -> None:
-        try:
-            document = json.loads(message.payload)
-            stream = document["stream"]
-            acked = document["acked_seq"]
-            if not isinstance(stream, str) or not isinstance(acked, int):
-                raise TypeError("stream must be a string and acked_seq an integer")
-        except (ValueError, KeyError, TypeError) as exc:
-            if not self._bad_acks_logged:
-                log.warning("forwarder: ignoring malformed ack on %s: %s", message.topic, exc)
-                self._bad_acks_logged = True
-            return
-        if stream != self._outbox.stream:
-            if stream not in self._foreign_streams:
-                self._foreign_streams.add(stream)
-                log.warning(
-                    "forwarder: ignoring ack for stream %s (ours is %s)",
-                    stream,
-                    self._outbox.stream,
-                )
+        acks = self._acks
+        acked = acks.accepted_seq(message, stream=self._outbox.stream, sent_up_to=self._high_sent)
+        if acked is None:
+            if acks.alarm_pending:
+                self._wake.set()
             return
         self.acks_received += 1
         self.last_ack_ts = time.time()
-        # Never believe an ack beyond what was ever sent (this run, or the previous one before
-        # a restart): it would delete events that are committed later without sending them.
-        limit = max(self._high_sent, self._committed_at_start)
-        if acked > limit:
-            if not self._beyond_logged:
-                log.warning("forwarder: ack %d beyond the last seq sent (%d)", acked, limit)
-                self._beyond_logged = True
-            acked = limit
         if acked > self._ack_target:
             self._ack_target = acked
             self._wake.set()

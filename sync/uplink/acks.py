@@ -1,0 +1,104 @@
+"""Which S/ack messages the forwarder believes (docs/delivery.md, "Deleted only on the central
+acknowledgement"). An ack deletes events, so a forged or buggy one must never delete what the
+central store does not have: only an ack of our own stream (compared as a UUID, whatever its
+spelling), at most up to the last seq this process has sent, is applied."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+
+from sync.events import Event
+from sync.mqtt.client import Message
+
+log = logging.getLogger("edge_agent.forwarder")
+
+# At most one alarm event (and one ERROR line) per this many seconds for refused acks: a flood
+# of forged acks must not fill the outbox or the journal.
+ALARM_INTERVAL = 600.0
+# Distinct foreign streams remembered (each is logged once); beyond it, only counted.
+FOREIGN_STREAMS = 64
+
+
+@dataclass(slots=True)
+class AckCounts:
+    """What became of S/ack messages, for /metrics."""
+
+    malformed: int = 0
+    foreign: int = 0
+    refused: int = 0  # beyond the last seq sent: deleted nothing
+
+
+class AckCheck:
+    """Decides which acks to apply and reports the others (once, or rate-limited)."""
+
+    def __init__(self) -> None:
+        self.counts = AckCounts()
+        self._malformed_logged = False
+        self._foreign: set[uuid.UUID] = set()
+        self._alarm_at = -ALARM_INTERVAL
+        self._refused_since_alarm = 0
+        self._pending_alarm: Event | None = None
+
+    def accepted_seq(self, message: Message, *, stream: str, sent_up_to: int) -> int | None:
+        """The seq this ack of our `stream` acknowledges, or None when it must not delete
+        anything."""
+        try:
+            document = json.loads(message.payload)
+            acked_stream = uuid.UUID(document["stream"])
+            acked = document["acked_seq"]
+            if not isinstance(acked, int) or isinstance(acked, bool) or acked < 0:
+                raise TypeError("acked_seq must be a non-negative integer")
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            self.counts.malformed += 1
+            if not self._malformed_logged:
+                log.warning("forwarder: ignoring malformed ack on %s: %s", message.topic, exc)
+                self._malformed_logged = True
+            return None
+        if acked_stream != uuid.UUID(stream):
+            self.counts.foreign += 1
+            if acked_stream not in self._foreign and len(self._foreign) < FOREIGN_STREAMS:
+                self._foreign.add(acked_stream)
+                log.warning(
+                    "forwarder: ignoring ack for stream %s (ours is %s)", acked_stream, stream
+                )
+            return None
+        if acked > sent_up_to:
+            self._refuse(message, acked, sent_up_to)
+            return None
+        return acked
+
+    def _refuse(self, message: Message, acked: int, sent_up_to: int) -> None:
+        # Nothing this process sent reaches that far: a forged ack, an ingest bug, or an ack
+        # meant for the previous process (resent and acked again soon). Deleting on it could
+        # lose events the central store never received, so it deletes nothing.
+        self.counts.refused += 1
+        self._refused_since_alarm += 1
+        now = time.monotonic()
+        if now - self._alarm_at < ALARM_INTERVAL:
+            return
+        count, self._refused_since_alarm = self._refused_since_alarm, 0
+        self._alarm_at = now
+        text = (
+            f"ignored an acknowledgement of seq {acked} on {message.topic}: the last seq sent "
+            f"is {sent_up_to}; nothing was deleted ({count} such ack(s) since the last alarm)"
+        )
+        log.error("forwarder: %s", text)
+        self._pending_alarm = Event(
+            time.time(),
+            "alarm",
+            value={"source": "uplink", "severity": "critical", "message": text},
+        )
+
+    @property
+    def alarm_pending(self) -> bool:
+        """Whether an alarm event waits to be committed."""
+        return self._pending_alarm is not None
+
+    def take_alarm(self) -> Event | None:
+        """The alarm event to commit, once (None when there is none)."""
+        alarm, self._pending_alarm = self._pending_alarm, None
+        return alarm
