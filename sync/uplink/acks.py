@@ -29,7 +29,8 @@ class AckCounts:
 
     malformed: int = 0
     foreign: int = 0
-    refused: int = 0  # beyond the last seq sent: deleted nothing
+    stale: int = 0  # for seqs sent before a restart: deleted nothing, resent instead
+    refused: int = 0  # beyond anything ever committed and sent: deleted nothing, alarmed
 
 
 class AckCheck:
@@ -43,9 +44,11 @@ class AckCheck:
         self._refused_since_alarm = 0
         self._pending_alarm: Event | None = None
 
-    def accepted_seq(self, message: Message, *, stream: str, sent_up_to: int) -> int | None:
-        """The seq this ack of our `stream` acknowledges, or None when it must not delete
-        anything."""
+    def accepted_seq(
+        self, message: Message, *, stream: str, sent_up_to: int, committed_at_start: int
+    ) -> int | None:
+        """The seq this ack of our `stream` acknowledges (at most `sent_up_to`, the last seq
+        this process sent), or None when it must not delete anything."""
         try:
             document = json.loads(message.payload)
             acked_stream = uuid.UUID(document["stream"])
@@ -66,15 +69,24 @@ class AckCheck:
                     "forwarder: ignoring ack for stream %s (ours is %s)", acked_stream, stream
                 )
             return None
-        if acked > sent_up_to:
+        if acked > max(sent_up_to, committed_at_start):
             self._refuse(message, acked, sent_up_to)
+            return None
+        if acked > sent_up_to:
+            # Seqs the process before a restart sent, acknowledged late: believable, but this
+            # process has not sent them, so they are resent and acknowledged again first.
+            self.counts.stale += 1
+            if self.counts.stale == 1:
+                log.info(
+                    "forwarder: ack %d is for seqs sent before the restart: they are resent",
+                    acked,
+                )
             return None
         return acked
 
     def _refuse(self, message: Message, acked: int, sent_up_to: int) -> None:
-        # Nothing this process sent reaches that far: a forged ack, an ingest bug, or an ack
-        # meant for the previous process (resent and acked again soon). Deleting on it could
-        # lose events the central store never received, so it deletes nothing.
+        # Beyond everything ever committed and sent: a forged ack or an ingest bug. Deleting on
+        # it could lose events the central store never received, so it deletes nothing.
         self.counts.refused += 1
         self._refused_since_alarm += 1
         now = time.monotonic()

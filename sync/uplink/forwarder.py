@@ -126,6 +126,7 @@ class Forwarder:
         self._send_at = 0.0
         self._started = False
         self._acks = AckCheck()
+        self._committed_at_start = 0  # set in run(): what the process before a restart sent
         self._oversized_logged = 0
         self._outbox_error: str | None = None
         self._envelope_size: int | None = None
@@ -177,8 +178,8 @@ class Forwarder:
             ),
             SinkFigure(
                 "sync_acks_ignored",
-                "S/ack messages malformed or for another stream.",
-                self._acks.counts.malformed + self._acks.counts.foreign,
+                "S/ack messages malformed, for another stream, or for seqs sent before a restart.",
+                self._acks.counts.malformed + self._acks.counts.foreign + self._acks.counts.stale,
             ),
             SinkFigure(
                 "sync_stalls",
@@ -209,6 +210,7 @@ class Forwarder:
         outbox = self._outbox
         self._central_acked = self._ack_target = outbox.acked_seq
         self._next_after = self._high_sent = outbox.acked_seq
+        self._committed_at_start = outbox.committed_seq
         self._client.subscribe(self.ack_topic, self._on_ack_message, qos=1)
         self._client.subscribe(self.central_topic, self._on_central_status, qos=1)
         self._client.add_listener(self._on_connection)
@@ -407,7 +409,12 @@ class Forwarder:
 
     def _on_ack_message(self, message: Message) -> None:
         acks = self._acks
-        acked = acks.accepted_seq(message, stream=self._outbox.stream, sent_up_to=self._high_sent)
+        acked = acks.accepted_seq(
+            message,
+            stream=self._outbox.stream,
+            sent_up_to=self._high_sent,
+            committed_at_start=self._committed_at_start,
+        )
         if acked is None:
             if acks.alarm_pending:
                 self._wake.set()
