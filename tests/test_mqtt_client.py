@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from sync.mqtt.client import ConnectionLost, Message, MqttClient, NotConnected, TlsOptions, Will
+from tests.fixtures.fake_broker import read_packet
 from tests.fixtures.mosquitto import MosquittoBroker
 from tests.fixtures.mqtt_client import MqttTestClient
 from tests.fixtures.pool import MosquittoFactory
@@ -347,7 +348,7 @@ class StrictBroker:
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         outstanding: set[int] = set()
         first = True
-        while packet := await self._read_packet(reader):
+        while packet := await read_packet(reader):
             kind, body = packet
             if first:  # CONNECT: answer CONNACK with (or without) Receive Maximum
                 first = False
@@ -378,21 +379,6 @@ class StrictBroker:
         if not writer.is_closing():
             outstanding.discard(mid)
             writer.write(b"\x40\x03" + mid.to_bytes(2, "big") + b"\x00")
-
-    @staticmethod
-    async def _read_packet(reader: asyncio.StreamReader) -> tuple[int, bytes] | None:
-        try:
-            kind = (await reader.readexactly(1))[0]
-            length, shift = 0, 0
-            while True:
-                byte = (await reader.readexactly(1))[0]
-                length |= (byte & 0x7F) << shift
-                shift += 7
-                if byte < 0x80:
-                    break
-            return kind, await reader.readexactly(length)
-        except asyncio.IncompleteReadError:
-            return None
 
 
 @contextlib.asynccontextmanager

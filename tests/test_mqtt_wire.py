@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import re
 
 import pytest
 from hypothesis import given, settings
@@ -12,6 +13,7 @@ from hypothesis import strategies as st
 from sync.mqtt import wire
 from sync.mqtt.client import Message, MqttClient
 from sync.mqtt.connection import Connection as _Connection
+from sync.mqtt.dispatch import parse_connack, parse_publish
 
 
 @pytest.mark.parametrize(
@@ -132,13 +134,21 @@ def test_parse_properties_by_type() -> None:
         b"\x13\x00\x3c"  # server keep-alive 60
         + b"\x21\x00\x14"  # receive maximum 20
         + b"\x27\x00\x01\x00\x00"  # maximum packet size 65,536
-        + b"\x26\x00\x01k\x00\x01v"  # a user property (skipped)
+        + b"\x26\x00\x01k\x00\x01v"  # a user property
+        + b"\x26\x00\x02by\x00\x05l\xc3\xa9on"  # another, in UTF-8: pairs keep their order
         + b"\x1f\x00\x04oops"  # reason string
         + b"\x0b\x81\x01"  # subscription identifier 129 (variable byte integer)
     )
     data = b"\xff" + wire.encode_varint(len(properties)) + properties + b"rest"
     found, end = wire.parse_properties(data, 1, len(data))
-    assert found == {0x13: 60, 0x21: 20, 0x27: 65_536, 0x1F: "oops", 0x0B: 129}
+    assert found == {
+        0x13: 60,
+        0x21: 20,
+        0x27: 65_536,
+        0x1F: "oops",
+        0x0B: 129,
+        0x26: (("k", "v"), ("by", "léon")),
+    }
     assert data[end:] == b"rest"
 
 
@@ -240,3 +250,132 @@ def test_framing_in_one_chunk_and_byte_by_byte() -> None:
 def test_framing_at_any_split(cuts: list[int]) -> None:
     points = [0, *sorted(set(cuts)), len(STREAM)]
     assert _feed([STREAM[a:b] for a, b in itertools.pairwise(points)]) == EXPECTED
+
+
+# -- issue #18: limits and what a broker may not send --------------------------------------------
+
+
+def test_connect_v5_announces_max_packet_size() -> None:
+    packet = wire.encode_connect(client_id="c", keepalive=5, v5=True, max_packet_size=1 << 20)
+    # Properties: length 5, Maximum Packet Size (0x27) = 1,048,576 (four bytes).
+    assert packet == b"\x10\x13\x00\x04MQTT\x05\x02\x00\x05\x05\x27\x00\x10\x00\x00\x00\x01c"
+    # MQTT 3.1.1 has no properties: nothing to announce.
+    assert wire.encode_connect(
+        client_id="c", keepalive=5, v5=False, max_packet_size=1 << 20
+    ) == wire.encode_connect(client_id="c", keepalive=5, v5=False)
+
+
+@pytest.mark.parametrize(
+    ("no_local", "retain_as_published", "v5", "options"),
+    [
+        (False, True, True, 0x09),  # QoS 1 + Retain As Published (bit 3)
+        (True, True, True, 0x0D),
+        (False, False, True, 0x01),
+        (True, True, False, 0x01),  # 3.1.1: the byte is the QoS, nothing else
+    ],
+)
+def test_subscribe_retain_as_published(
+    no_local: bool, retain_as_published: bool, v5: bool, options: int
+) -> None:
+    packet = wire.encode_subscribe(
+        7, "a/#", 1, no_local=no_local, v5=v5, retain_as_published=retain_as_published
+    )
+    assert packet[-1] == options
+
+
+def test_disconnect_with_a_reason_code() -> None:
+    assert wire.encode_disconnect(wire.PACKET_TOO_LARGE) == b"\xe0\x02\x95\x00"
+    assert wire.reason_name(wire.MALFORMED_PACKET) == "Malformed Packet"
+    assert wire.reason_name(wire.PROTOCOL_ERROR) == "Protocol Error"
+
+
+@given(
+    topic=st.integers(min_value=1, max_value=300),
+    payload=st.sampled_from([0, 1, 100, 120, 121, 122, 16_000, 16_370, 16_380, 2_097_140, 3 << 20]),
+    qos=st.sampled_from([0, 1]),
+    v5=st.booleans(),
+)
+def test_publish_size_is_the_packets_length(topic: int, payload: int, qos: int, v5: bool) -> None:
+    header = wire.publish_header(b"t" * topic, payload, qos, False, 1, v5)
+    assert wire.publish_size(topic, payload, qos, v5) == len(header) + payload
+
+
+@pytest.mark.parametrize(
+    ("raw", "error"),
+    [
+        (b"a/\xff", "is not valid UTF-8"),
+        (b"a/\xc0\xaf", "is not valid UTF-8"),  # an overlong encoding of '/'
+        (b"a/\xed\xa0\x80", "is not valid UTF-8"),  # a UTF-16 surrogate
+        (b"a/\x00", "contains U+0000"),
+    ],
+)
+def test_malformed_utf8_strings(raw: bytes, error: str) -> None:
+    with pytest.raises(wire.MalformedPacket, match=re.escape(error)) as caught:
+        wire.decode_utf8(raw, "topic")
+    assert caught.value.reason_code == wire.MALFORMED_PACKET
+    assert wire.decode_utf8("a/é/\ufeff".encode(), "topic") == "a/é/\ufeff"
+
+
+@pytest.mark.parametrize("topic", ["", "a/+", "+", "a/#", "#", "a/b+c"])
+def test_a_broker_may_not_deliver_these_topics(topic: str) -> None:
+    with pytest.raises(wire.ProtocolError) as caught:
+        wire.check_incoming_topic(topic)
+    assert caught.value.reason_code == wire.PROTOCOL_ERROR
+
+
+@pytest.mark.parametrize("topic", ["a", "a/b", "/", "a//b", "$SYS/x", "a/ b"])
+def test_a_broker_may_deliver_these_topics(topic: str) -> None:
+    wire.check_incoming_topic(topic)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"\x06\x26\x00\x01k\x00\x01",  # the value's length without the value
+        b"\x07\x26\x00\x01k\x00\x01\xff",  # value not UTF-8
+        b"\x07\x26\x00\x01\x00\x00\x01v",  # name is U+0000
+        b"\x03\x26\x00\x05",  # name longer than the properties
+    ],
+)
+def test_malformed_user_properties_are_refused(data: bytes) -> None:
+    with pytest.raises(wire.MalformedPacket):
+        wire.parse_properties(data, 0, len(data))
+
+
+def _publish_body(properties: bytes, *, topic: bytes = b"a/b", payload: bytes = b"p") -> bytes:
+    return len(topic).to_bytes(2, "big") + topic + b"\x00\x05" + properties + payload
+
+
+@pytest.mark.parametrize(
+    ("properties", "user_properties"),
+    [
+        (b"\x00", ()),
+        (b"\x07\x26\x00\x01k\x00\x01v", (("k", "v"),)),
+        (
+            # Repeated names are allowed and kept in order (spec 3.3.2.3.7).
+            b"\x1b\x26\x00\x02by\x00\x03ann\x01\x01\x26\x00\x02by\x00\x03bob\x02\x00\x00\x00\x10",
+            (("by", "ann"), ("by", "bob")),
+        ),
+    ],
+)
+def test_parse_publish_keeps_user_properties(
+    properties: bytes, user_properties: tuple[tuple[str, str], ...]
+) -> None:
+    body = memoryview(_publish_body(properties))
+    message, mid = parse_publish(0x33, body, v5=True)
+    assert (message.topic, message.payload, message.qos, message.retain, mid) == (
+        "a/b",
+        b"p",
+        1,
+        True,
+        5,
+    )
+    assert message.user_properties == user_properties
+
+
+def test_connack_maximum_packet_size() -> None:
+    connack = parse_connack(memoryview(b"\x00\x00\x05\x27\x00\x00\x04\x00"), v5=True)
+    assert connack.maximum_packet_size == 1024
+    assert parse_connack(memoryview(b"\x00\x00\x00"), v5=True).maximum_packet_size is None
+    with pytest.raises(wire.ProtocolError, match="Maximum Packet Size 0"):
+        parse_connack(memoryview(b"\x00\x00\x05\x27\x00\x00\x00\x00"), v5=True)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from types import TracebackType
 from typing import Self
 
@@ -27,7 +28,7 @@ from sync.mqtt import wire
 from sync.mqtt.connection import Connection
 from sync.mqtt.dispatch import PacketDispatcher
 from sync.mqtt.endpoint import Endpoint
-from sync.mqtt.errors import ConnectionLost, NotConnected, PublishRejected
+from sync.mqtt.errors import ConnectionLost, MessageTooLarge, NotConnected, PublishRejected
 from sync.mqtt.link import BrokerLink
 from sync.mqtt.subscriptions import Subscription, Subscriptions
 from sync.mqtt.types import (
@@ -40,11 +41,14 @@ from sync.mqtt.types import (
 )
 from sync.mqtt.window import InflightWindow, bulk_reserve
 
+log = logging.getLogger("edge_agent.mqtt")
+
 __all__ = [
     "ConnectionListener",
     "ConnectionLost",
     "Message",
     "MessageHandler",
+    "MessageTooLarge",
     "MqttClient",
     "MqttStats",
     "NotConnected",
@@ -75,6 +79,7 @@ class MqttClient:
         reconnect_max: float = 10.0,
         connect_timeout: float = 10.0,
         protocol: int = 5,
+        max_packet_size: int = wire.MAX_PACKET_SIZE,
         name: str = "mqtt",
     ) -> None:
         endpoint = Endpoint(
@@ -88,9 +93,12 @@ class MqttClient:
             will=will,
             protocol=protocol,
             connect_timeout=connect_timeout,
+            max_packet_size=max_packet_size,
         )
         self.stats = MqttStats()
         self._client_id = client_id
+        self._name = name
+        self._max_packet_size = endpoint.max_packet_size
         self._birth = birth
         self._window = InflightWindow(max_inflight=max_inflight, stats=self.stats)
         self._link = BrokerLink(
@@ -153,6 +161,17 @@ class MqttClient:
         await self._link.connected.wait()
 
     @property
+    def max_packet_size(self) -> int:
+        """The largest packet taken from the broker (announced in CONNECT on MQTT 5)."""
+        return self._max_packet_size
+
+    @property
+    def broker_max_packet_size(self) -> int | None:
+        """The broker's Maximum Packet Size (MQTT 5 CONNACK) on the current connection; None
+        when it announced none (or on MQTT 3.1.1, or before the first CONNACK)."""
+        return self._link.broker_max_packet_size
+
+    @property
     def last_error(self) -> str | None:
         """Why the last connection attempt failed or the connection was lost."""
         return self._link.last_error
@@ -166,12 +185,25 @@ class MqttClient:
         self._link.remove_listener(listener)
 
     def subscribe(
-        self, topic: str, handler: MessageHandler, *, qos: int = 1, no_local: bool = False
+        self,
+        topic: str,
+        handler: MessageHandler,
+        *,
+        qos: int = 1,
+        no_local: bool = False,
+        retain_as_published: bool = False,
     ) -> None:
-        """Subscribe now (when connected) and again after every reconnect."""
+        """Subscribe now (when connected) and again after every reconnect.
+
+        `Message.retain` of what arrives: a message sent because this subscription was made
+        (the broker's stored copy) has RETAIN set. A live one has it cleared by the broker,
+        unless `retain_as_published` (MQTT 5 subscription option, spec 3.8.3.1) asks for the
+        flag as the publisher set it. MQTT 3.1.1 has no such option: there the option is not
+        sent, and only the stored copies arrive with RETAIN set.
+        """
         if qos not in (0, 1, 2):
             raise ValueError(f"invalid QoS {qos}")
-        subscription = Subscription(topic, qos, handler, no_local)
+        subscription = Subscription(topic, qos, handler, no_local, retain_as_published)
         self._subscriptions.add(subscription)
         connection = self._link.connection
         if connection is not None and self.is_connected:
@@ -231,19 +263,25 @@ class MqttClient:
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
         """Send a message now (fire and forget; it still counts in the in-flight window).
 
-        Raises NotConnected when there is no connection: nothing is queued anywhere.
+        Raises NotConnected when there is no connection: nothing is queued anywhere; and
+        MessageTooLarge when the packet exceeds `broker_max_packet_size`.
         """
         self._send(topic, payload, qos, retain, None)
 
     def publish_acked(
         self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False
     ) -> asyncio.Future[None]:
-        """Send a message now; the future resolves on PUBACK or fails with ConnectionLost."""
+        """Send a message now; the future resolves on PUBACK or fails with ConnectionLost, or
+        with PublishRejected: the broker refused it, or (MessageTooLarge) it would have."""
         loop = self._loop
         if loop is None:
             raise NotConnected("client not started")
         future: asyncio.Future[None] = loop.create_future()
-        self._send(topic, payload, qos, retain, future)
+        try:
+            self._send(topic, payload, qos, retain, future)
+        except MessageTooLarge as exc:
+            # Reported like the broker's own refusal, which its owner handles already.
+            future.set_exception(exc)
         return future
 
     def _send(
@@ -271,6 +309,15 @@ class MqttClient:
             raise ValueError("only QoS 0 and 1 are published by this client")
         if len(payload) > wire.MAX_REMAINING_LENGTH - len(topic_bytes) - 8:
             raise ValueError(f"payload of {len(payload)} bytes is too large for MQTT")
+        limit = link.broker_max_packet_size
+        if limit is not None and len(payload) + len(topic_bytes) + 10 > limit:
+            # The broker would disconnect us for it (MQTT 5, 3.2.2.3.6): refuse it here.
+            size = wire.publish_size(len(topic_bytes), len(payload), qos, connection.v5)
+            if size > limit:
+                raise MessageTooLarge(
+                    f"message to {topic} of {size} bytes is larger than the broker's "
+                    f"Maximum Packet Size ({limit} bytes)"
+                )
         if qos == 0:
             connection.write(
                 wire.publish_header(topic_bytes, len(payload), 0, retain, 0, connection.v5)
@@ -288,13 +335,17 @@ class MqttClient:
         # A new connection knows no subscriptions (clean start); the birth message follows.
         self._subscriptions.subscribe_all(connection)
         if self._birth is not None:
-            with contextlib.suppress(NotConnected):
+            try:
                 self.publish(
                     self._birth.topic,
                     self._birth.payload(),
                     qos=self._birth.qos,
                     retain=self._birth.retain,
                 )
+            except NotConnected:
+                pass
+            except MessageTooLarge as exc:
+                log.warning("%s: birth message not sent: %s", self._name, exc)
 
     def _on_puback(self, mid: int, reason: int) -> None:
         self._window.acknowledge(mid, reason)

@@ -5,16 +5,24 @@ A publish is a few bytes appended to the write list, and everything appended in 
 turn goes out in one `transport.write`; a PUBACK is four bytes read in place. Both matter: they
 are most of the CPU the agent spends per live value (see the module docstring of
 `sync.mqtt.client`).
+
+What the broker sends is never trusted with memory or with the process: a packet whose fixed
+header announces more than `max_packet_size` bytes is refused before its body is buffered, and
+a malformed packet or one the broker may not send closes the connection (DISCONNECT with the
+spec's reason code on MQTT 5) like any other lost connection; the link then reconnects.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Any, Protocol
 
 from sync.mqtt import wire
 from sync.mqtt.errors import describe_error
+
+log = logging.getLogger("edge_agent.mqtt")
 
 
 class ConnectionOwner(Protocol):
@@ -32,11 +40,18 @@ class Connection(asyncio.Protocol):
     packet identifiers in flight on it."""
 
     def __init__(
-        self, owner: ConnectionOwner, loop: asyncio.AbstractEventLoop, *, v5: bool
+        self,
+        owner: ConnectionOwner,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        v5: bool,
+        max_packet_size: int = wire.MAX_PACKET_SIZE,
     ) -> None:
         self.owner = owner
         self.loop = loop
         self.v5 = v5
+        self.max_packet_size = max_packet_size  # the most one incoming packet may take
+        self.refused: str | None = None  # why we closed it on what the broker sent
         self.transport: asyncio.Transport | None = None
         self.buffer = bytearray()
         self.out: list[bytes] = []
@@ -60,12 +75,17 @@ class Connection(asyncio.Protocol):
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return  # refused already: what the transport still hands over is dropped
         self.last_in = time.monotonic()
         buffer = self.buffer
         buffer += data
         owner = self.owner
         size = len(buffer)
+        limit = self.max_packet_size
         pos = 0
+        # Nothing the broker sends may escape into the event loop (and from there end the
+        # program): every error closes this connection, and the link reconnects.
         try:
             while size - pos >= 2:
                 first = buffer[pos]
@@ -73,11 +93,20 @@ class Connection(asyncio.Protocol):
                 length = buffer[pos + 1]
                 start = pos + 2
                 if length >= 0x80:
-                    decoded = wire.decode_varint(buffer, pos + 1)
+                    decoded = wire.decode_varint(buffer, pos + 1)  # more than 4 bytes: malformed
                     if decoded is None:
                         break
                     length, start = decoded
                 end = start + length
+                if end - pos > limit:
+                    # Refused on its fixed header: the body is never buffered (MQTT 5
+                    # 3.1.2.11.4: a packet over our Maximum Packet Size is a protocol error).
+                    self.refuse(
+                        wire.PACKET_TOO_LARGE,
+                        f"packet of {end - pos} bytes from the broker is larger than "
+                        f"max_packet_size ({limit} bytes)",
+                    )
+                    return
                 if end > size:
                     break
                 if first == wire.PUBACK and length >= 2:
@@ -90,11 +119,34 @@ class Connection(asyncio.Protocol):
                 pos = end
                 if self.closed:
                     return
-        except (ValueError, IndexError) as exc:  # MalformedPacket, or a field cut short
-            owner._mark_lost(self, f"malformed packet from the broker: {exc}")
+        except wire.MalformedPacket as exc:
+            self.refuse(exc.reason_code, f"malformed packet from the broker: {exc}")
+            return
+        except (ValueError, IndexError) as exc:  # a field cut short, or not what it must be
+            self.refuse(wire.MALFORMED_PACKET, f"malformed packet from the broker: {exc}")
+            return
+        except Exception as exc:  # a bug of ours: logged with its traceback, then as above
+            log.exception("mqtt: error handling a packet from the broker")
+            self.refuse(wire.IMPLEMENTATION_ERROR, f"error handling a packet: {exc!r}")
             return
         if pos:
             del buffer[:pos]
+
+    def refuse(self, reason_code: int, reason: str) -> None:
+        """Close because of what the broker sent, then report the loss with `reason` (the link
+        logs it once). MQTT 5: DISCONNECT with `reason_code` first, after what is buffered;
+        a reason code other than 0 keeps the Last Will. MQTT 3.1.1 DISCONNECT has no reason
+        and would discard the Will: the socket is just closed."""
+        self.refused = reason
+        self.buffer = bytearray()  # an oversized packet's first bytes are not kept either
+        transport = self.transport
+        if not self.closed and transport is not None:
+            if self.v5:
+                self.write(wire.encode_disconnect(reason_code))
+            self.flush()
+            self.closed = True
+            transport.close()
+        self.owner._mark_lost(self, reason)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True

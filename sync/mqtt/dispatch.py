@@ -19,6 +19,7 @@ class Connack:
     code: int
     server_keepalive: int | None = None  # overrides ours (MQTT 5, 3.2.2.3.14)
     receive_maximum: int | None = None  # QoS 1 messages it takes unacknowledged
+    maximum_packet_size: int | None = None  # the largest packet it takes (None: no limit)
     reason_string: str | None = None  # why it refused, when it says
 
 
@@ -33,28 +34,34 @@ def parse_connack(body: memoryview, *, v5: bool) -> Connack:
     keepalive = properties.get(wire.SERVER_KEEP_ALIVE)
     receive_maximum = properties.get(wire.RECEIVE_MAXIMUM)
     if receive_maximum == 0:  # a protocol error (MQTT 5, 3.2.2.3.3)
-        raise wire.MalformedPacket("CONNACK with Receive Maximum 0")
+        raise wire.ProtocolError("CONNACK with Receive Maximum 0")
+    maximum_packet_size = properties.get(wire.MAXIMUM_PACKET_SIZE)
+    if maximum_packet_size == 0:  # a protocol error (MQTT 5, 3.2.2.3.6)
+        raise wire.ProtocolError("CONNACK with Maximum Packet Size 0")
     detail = properties.get(wire.REASON_STRING)
     return Connack(
         code,
         server_keepalive=keepalive if isinstance(keepalive, int) and keepalive > 0 else None,
         receive_maximum=receive_maximum if isinstance(receive_maximum, int) else None,
+        maximum_packet_size=(maximum_packet_size if isinstance(maximum_packet_size, int) else None),
         reason_string=detail if isinstance(detail, str) and detail else None,
     )
 
 
 def parse_publish(first: int, body: memoryview, *, v5: bool) -> tuple[Message, int]:
-    """An incoming PUBLISH: the message and its packet identifier (0 for QoS 0)."""
+    """An incoming PUBLISH: the message and its packet identifier (0 for QoS 0).
+
+    A topic no handler may see (not UTF-8, a U+0000, a wildcard, empty) makes the packet
+    malformed: a reply topic built from it would be invalid too (docs/workflows.md).
+    """
     qos = (first >> 1) & 0x03
     if qos == 3 or len(body) < 2:
         raise wire.MalformedPacket("invalid PUBLISH")
     topic_end = 2 + ((body[0] << 8) | body[1])
     if topic_end > len(body):
         raise wire.MalformedPacket("PUBLISH topic runs past the packet")
-    try:
-        topic = str(body[2:topic_end], "utf-8")
-    except UnicodeDecodeError:
-        raise wire.MalformedPacket("PUBLISH topic is not UTF-8") from None
+    topic = wire.decode_utf8(bytes(body[2:topic_end]), "PUBLISH topic")
+    wire.check_incoming_topic(topic)
     pos = topic_end
     mid = 0
     if qos:
@@ -62,9 +69,17 @@ def parse_publish(first: int, body: memoryview, *, v5: bool) -> tuple[Message, i
             raise wire.MalformedPacket("PUBLISH without a packet identifier")
         mid = (body[pos] << 8) | body[pos + 1]
         pos += 2
+    user_properties: tuple[tuple[str, str], ...] = ()
     if v5:
-        _, pos = wire.parse_properties(body, pos, len(body))
-    return Message(topic, bytes(body[pos:]), qos, bool(first & 0x01)), mid
+        properties, pos = wire.parse_properties(body, pos, len(body))
+        if wire.TOPIC_ALIAS in properties:
+            # We announce no Topic Alias Maximum, i.e. 0: any alias is a protocol error.
+            raise wire.ProtocolError("PUBLISH with a topic alias, which this client never allows")
+        pairs = properties.get(wire.USER_PROPERTY)
+        if isinstance(pairs, tuple):
+            user_properties = pairs
+    message = Message(topic, bytes(body[pos:]), qos, bool(first & 0x01), user_properties)
+    return message, mid
 
 
 def disconnect_reason(body: memoryview, *, v5: bool) -> str:
@@ -120,9 +135,9 @@ class PacketDispatcher:
         elif kind == wire.PUBACK:
             raise wire.MalformedPacket("PUBACK shorter than a packet identifier")
         elif kind in (wire.PUBREC, wire.PUBCOMP, wire.AUTH):
-            raise wire.MalformedPacket(f"unexpected packet type {kind >> 4}")
+            raise wire.ProtocolError(f"unexpected packet type {kind >> 4}")
         else:
-            raise wire.MalformedPacket(f"packet type {kind >> 4} is not sent by a broker")
+            raise wire.ProtocolError(f"packet type {kind >> 4} is not sent by a broker")
 
     def _on_publish(self, connection: Connection, first: int, body: memoryview) -> None:
         message, mid = parse_publish(first, body, v5=connection.v5)

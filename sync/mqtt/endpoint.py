@@ -9,6 +9,9 @@ from sync.mqtt import wire
 from sync.mqtt.connection import Connection
 from sync.mqtt.types import TlsOptions, Will
 
+# Below this not even a CONNACK or SUBACK with a reason string is sure to fit.
+MIN_PACKET_SIZE = 256
+
 
 class Endpoint:
     """The broker to connect to and the CONNECT sent to it."""
@@ -26,6 +29,7 @@ class Endpoint:
         will: Will | None = None,
         protocol: int = 5,
         connect_timeout: float = 10.0,
+        max_packet_size: int = wire.MAX_PACKET_SIZE,
     ) -> None:
         if not host:
             raise ValueError("host is required")
@@ -33,6 +37,11 @@ class Endpoint:
             raise ValueError(f"invalid port {port}")
         if protocol not in (4, 5):
             raise ValueError("protocol must be 4 (MQTT 3.1.1) or 5")
+        if not MIN_PACKET_SIZE <= max_packet_size <= wire.MAX_PACKET_SIZE:
+            raise ValueError(
+                f"max_packet_size must be {MIN_PACKET_SIZE}..{wire.MAX_PACKET_SIZE} bytes, "
+                f"not {max_packet_size}"
+            )
         self.host = host
         self.port = port
         self.client_id = client_id
@@ -46,6 +55,9 @@ class Endpoint:
         # that refuses a message says so); 3.1.1 stays available for old brokers.
         self.v5 = protocol == 5
         self.connect_timeout = connect_timeout
+        # The most one incoming packet may take, announced in CONNECT on MQTT 5 so that the
+        # broker drops a larger message for us instead of sending it; enforced on either.
+        self.max_packet_size = max_packet_size
 
     async def open(self, connection: Connection) -> None:
         """Open the TCP (or TLS) connection for `connection` and send CONNECT."""
@@ -81,4 +93,8 @@ class Endpoint:
             username=self.username,
             password=self._password,
             will=will,
+            # The protocol's own limit needs no announcement (and keeps CONNECT as it was).
+            max_packet_size=(
+                None if self.max_packet_size == wire.MAX_PACKET_SIZE else self.max_packet_size
+            ),
         )

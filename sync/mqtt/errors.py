@@ -18,6 +18,11 @@ class PublishRejected(ConnectionLost):
     """Set on the PUBACK future when the broker refused the message (a failure reason code)."""
 
 
+class MessageTooLarge(PublishRejected):
+    """The message's PUBLISH packet is larger than the broker's Maximum Packet Size (CONNACK):
+    refused before sending, since the broker would disconnect the client for it."""
+
+
 def describe_error(exc: BaseException) -> str:
     """A short reason for the log and `last_error`: what failed, not the exception class."""
     if isinstance(exc, ssl.SSLCertVerificationError):

@@ -59,7 +59,9 @@ class BrokerLink:
         self._keepalive_task: asyncio.Task[None] | None = None
         self._connack: asyncio.Future[Connack] | None = None
         self._active_keepalive = endpoint.keepalive  # the broker's Server Keep Alive may lower it
+        self.broker_max_packet_size: int | None = None  # CONNACK's Maximum Packet Size
         self._up_logged = False
+        self._refused = False  # the last connection was closed on what the broker sent
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -96,13 +98,15 @@ class BrokerLink:
     def on_connack(self, connack: Connack) -> None:
         """Apply the broker's limits at once (before anything is sent), then let the
         connecting coroutine judge the reason code."""
+        waiting = self._connack
+        if waiting is None or waiting.done():
+            raise wire.ProtocolError("a second CONNACK")
+        self.broker_max_packet_size = connack.maximum_packet_size
         if connack.server_keepalive is not None:
             self._active_keepalive = connack.server_keepalive
         if connack.receive_maximum is not None:
             self._window.limit(connack.receive_maximum)
-        waiting = self._connack
-        if waiting is not None and not waiting.done():
-            waiting.set_result(connack)
+        waiting.set_result(connack)
 
     def mark_lost(self, connection: Connection, reason: str) -> None:
         """The current connection died (or was found dead): tear it down, tell the listeners."""
@@ -123,12 +127,21 @@ class BrokerLink:
                 reason,
             )
             self._stats.lost += 1
+        if connection.refused is not None:
+            self._stats.refused_packets += 1
+            self._refused = True
         self.last_error = reason
         self._up_logged = False
         self._teardown(connection, reason=reason)
         if was_connected:
-            for listener in list(self._listeners):
-                listener(False)
+            self._notify(False)
+
+    def _notify(self, up: bool) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(up)
+            except Exception:  # one broken listener must not break the link or the others
+                log.exception("%s: connection listener failed", self._name)
 
     # -- connecting ------------------------------------------------------------------------
 
@@ -154,8 +167,11 @@ class BrokerLink:
                 self._up_logged = False
                 self._teardown(self.connection, reason=reason)
             else:
-                attempt = 0
                 await self._lost.wait()
+                if not self._refused:
+                    attempt = 0
+                # Else the backoff keeps growing: a broker that sends the same bad packet on
+                # every connection (e.g. an oversized retained message) is not hammered.
             # Full jitter: many gateways reconnecting after a broker restart spread out.
             delay = min(self._reconnect_max, self._reconnect_min * 2**attempt)
             attempt = min(attempt + 1, 16)
@@ -164,9 +180,13 @@ class BrokerLink:
     async def _connect_once(self) -> None:
         endpoint = self._endpoint
         loop = asyncio.get_running_loop()
-        connection = Connection(self._owner, loop, v5=endpoint.v5)
+        connection = Connection(
+            self._owner, loop, v5=endpoint.v5, max_packet_size=endpoint.max_packet_size
+        )
         self.connection = connection
         self._lost.clear()
+        self._refused = False
+        self.broker_max_packet_size = None
         self._active_keepalive = endpoint.keepalive
         self._window.attach(connection)
         waiting: asyncio.Future[Connack] = loop.create_future()
@@ -204,8 +224,7 @@ class BrokerLink:
         self.last_error = None
         self.connected.set()
         self._on_up(connection)
-        for listener in list(self._listeners):
-            listener(True)
+        self._notify(True)
 
     async def _keep_alive(self, connection: Connection) -> None:
         # PINGREQ when either direction was quiet for a keep-alive period (a broker that is

@@ -21,6 +21,7 @@ class Subscription:
     qos: int
     handler: MessageHandler
     no_local: bool = False
+    retain_as_published: bool = False
 
 
 class Subscriptions:
@@ -51,6 +52,7 @@ class Subscriptions:
                 subscription.qos,
                 no_local=subscription.no_local,
                 v5=connection.v5,
+                retain_as_published=subscription.retain_as_published,
             )
         )
 

@@ -12,12 +12,18 @@ ConnectionListener = Callable[[bool], None]
 
 @dataclass(frozen=True, slots=True)
 class Message:
-    """An incoming message."""
+    """An incoming message.
+
+    `retain`: the RETAIN flag as delivered; see `MqttClient.subscribe` for when a broker sets
+    it. `user_properties`: the MQTT 5 User Property pairs of the PUBLISH, in order; whoever
+    published the message chose them, the broker does not vouch for them.
+    """
 
     topic: str
     payload: bytes
     qos: int
     retain: bool
+    user_properties: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,3 +63,4 @@ class MqttStats:
     connects: int = 0
     connect_failures: int = 0
     lost: int = 0
+    refused_packets: int = 0  # connections closed on a malformed or oversized incoming packet

@@ -30,6 +30,14 @@ PINGREQ_PACKET = b"\xc0\x00"
 DISCONNECT_PACKET = b"\xe0\x00"  # MQTT 5: reason 0 "normal disconnection" may be left out
 
 MAX_REMAINING_LENGTH = 268_435_455  # four bytes of variable-length integer
+# The largest packet the protocol can frame: fixed header byte, four length bytes, the rest.
+MAX_PACKET_SIZE = 1 + 4 + MAX_REMAINING_LENGTH
+
+# The reason codes this client sends in DISCONNECT when it closes on what the broker sent.
+MALFORMED_PACKET = 0x81
+PROTOCOL_ERROR = 0x82
+IMPLEMENTATION_ERROR = 0x83
+PACKET_TOO_LARGE = 0x95
 
 # MQTT 5 reason codes (spec 2.4) as brokers name them in logs.
 REASONS_V5 = {
@@ -117,12 +125,23 @@ _PROPERTY_TYPES = {
 }
 SERVER_KEEP_ALIVE = 0x13
 RECEIVE_MAXIMUM = 0x21
+TOPIC_ALIAS = 0x23
+USER_PROPERTY = 0x26
+MAXIMUM_PACKET_SIZE = 0x27
 REASON_STRING = 0x1F
 ASSIGNED_CLIENT_ID = 0x12
 
 
 class MalformedPacket(ValueError):
     """The broker sent bytes that are not a valid MQTT packet: the connection must close."""
+
+    reason_code = MALFORMED_PACKET  # sent in the DISCONNECT that closes it (MQTT 5)
+
+
+class ProtocolError(MalformedPacket):
+    """A well-formed packet the broker may not send (spec 4.13): the connection must close."""
+
+    reason_code = PROTOCOL_ERROR
 
 
 def reason_name(code: int, *, v5: bool = True) -> str:
@@ -172,6 +191,18 @@ def _string(text: str) -> bytes:
     return len(raw).to_bytes(2, "big") + raw
 
 
+def decode_utf8(raw: bytes, what: str) -> str:
+    """A UTF-8 Encoded String field; ill-formed UTF-8 or a U+0000 is a Malformed Packet
+    (spec 1.5.4)."""
+    try:
+        text = raw.decode()
+    except UnicodeDecodeError:
+        raise MalformedPacket(f"{what} is not valid UTF-8") from None
+    if "\x00" in text:
+        raise MalformedPacket(f"{what} contains U+0000")
+    return text
+
+
 def _binary(data: bytes) -> bytes:
     if len(data) > 0xFFFF:
         raise ValueError("binary field longer than 65,535 bytes")
@@ -201,8 +232,10 @@ def encode_connect(
     username: str | None = None,
     password: str | None = None,
     will: WillMessage | None = None,
+    max_packet_size: int | None = None,
 ) -> bytes:
-    """CONNECT with a clean start (MQTT 5: session expiry 0, the default, so no property)."""
+    """CONNECT with a clean start (MQTT 5: session expiry 0, the default, so no property), and
+    on MQTT 5 the Maximum Packet Size the client accepts (None: the protocol's own limit)."""
     flags = 0x02  # clean session / clean start: the SQLite outbox is the only queue
     payload = _string(client_id)
     if will is not None:
@@ -217,7 +250,11 @@ def encode_connect(
         flags |= 0x40
         payload += _binary(password.encode())
     header = b"\x00\x04MQTT" + bytes((5 if v5 else 4, flags)) + keepalive.to_bytes(2, "big")
-    if v5:
+    if v5 and max_packet_size is not None:
+        if not 1 <= max_packet_size <= MAX_PACKET_SIZE:
+            raise ValueError(f"invalid Maximum Packet Size {max_packet_size}")
+        header += b"\x05" + bytes((MAXIMUM_PACKET_SIZE,)) + max_packet_size.to_bytes(4, "big")
+    elif v5:
         header += b"\x00"  # properties: none
     return packet(CONNECT, header + payload)
 
@@ -238,12 +275,30 @@ def publish_header(
     return bytes((first,)) + encode_varint(remaining) + variable
 
 
-def encode_subscribe(mid: int, topic: str, qos: int, *, no_local: bool, v5: bool) -> bytes:
-    """SUBSCRIBE of one topic filter."""
+def publish_size(topic_length: int, payload_length: int, qos: int, v5: bool) -> int:
+    """The whole PUBLISH packet's size in bytes, as Maximum Packet Size counts it."""
+    remaining = 2 + topic_length + (2 if qos else 0) + (1 if v5 else 0) + payload_length
+    length_bytes = (
+        1 if remaining < 0x80 else 2 if remaining < 0x4000 else 3 if remaining < 0x200000 else 4
+    )
+    return 1 + length_bytes + remaining
+
+
+def encode_subscribe(
+    mid: int,
+    topic: str,
+    qos: int,
+    *,
+    no_local: bool,
+    v5: bool,
+    retain_as_published: bool = False,
+) -> bytes:
+    """SUBSCRIBE of one topic filter (no_local and retain_as_published exist on MQTT 5 only)."""
     body = mid.to_bytes(2, "big")
     if v5:
         body += b"\x00"
-        options = qos | (0x04 if no_local else 0)
+        # Subscription options (spec 3.8.3.1): bit 2 No Local, bit 3 Retain As Published.
+        options = qos | (0x04 if no_local else 0) | (0x08 if retain_as_published else 0)
     else:
         options = qos
     return packet(SUBSCRIBE | 0x02, body + _string(topic) + bytes((options,)))
@@ -255,6 +310,11 @@ def encode_unsubscribe(mid: int, topic: str, *, v5: bool) -> bytes:
     return packet(UNSUBSCRIBE | 0x02, body + _string(topic))
 
 
+def encode_disconnect(reason_code: int) -> bytes:
+    """MQTT 5 DISCONNECT with a reason code and no properties."""
+    return bytes((DISCONNECT, 2, reason_code, 0))
+
+
 def ack(first_byte: int, mid: int) -> bytes:
     """PUBACK / PUBREC / PUBREL / PUBCOMP with success (MQTT 5 allows leaving the reason out)."""
     return bytes((first_byte, 2, mid >> 8, mid & 0xFF))
@@ -263,7 +323,10 @@ def ack(first_byte: int, mid: int) -> bytes:
 def parse_properties(
     data: bytes | bytearray | memoryview, pos: int, end: int
 ) -> tuple[dict[int, object], int]:
-    """MQTT 5 properties at `pos`: ({identifier: value}, position after them)."""
+    """MQTT 5 properties at `pos`: ({identifier: value}, position after them).
+
+    User Properties (0x26) may repeat: their value is a tuple of (name, value) pairs, in order.
+    """
     decoded = decode_varint(data, pos)
     if decoded is None or decoded[1] + decoded[0] > end:
         raise MalformedPacket("properties run past the packet")
@@ -276,6 +339,7 @@ def parse_properties(
         return pos + size
 
     found: dict[int, object] = {}
+    pairs: list[tuple[str, str]] = []
     while pos < stop:
         identifier = data[pos]
         pos += 1
@@ -300,11 +364,16 @@ def parse_properties(
                 strings.append(bytes(data[pos:after]))
                 pos = after
             if kind == _PAIR:
-                continue  # user properties: not used
+                name, text = (decode_utf8(raw, "user property") for raw in strings)
+                pairs.append((name, text))
+                continue
+            # A reason string is only shown: a broken one is kept readable, not refused.
             value = strings[0].decode(errors="replace") if kind == _UTF8 else strings[0]
         else:
             raise MalformedPacket(f"unknown property 0x{identifier:02X}")
         found[identifier] = value
+    if pairs:
+        found[USER_PROPERTY] = tuple(pairs)
     return found, stop
 
 
@@ -325,6 +394,15 @@ def topic_matches(topic_filter: str, topic: str) -> bool:
         if level != "+" and level != topic_levels[index]:
             return False
     return len(filter_levels) == len(topic_levels)
+
+
+def check_incoming_topic(topic: str) -> None:
+    """Raise ProtocolError for a topic a broker may not deliver (empty, wildcard; spec
+    3.3.2.1): this client allows no Topic Alias, so every PUBLISH names its topic."""
+    if not topic:
+        raise ProtocolError("PUBLISH with an empty topic and no topic alias allowed")
+    if "+" in topic or "#" in topic:
+        raise ProtocolError(f"PUBLISH topic {topic!r} contains a wildcard")
 
 
 def check_topic_name(topic: str) -> None:
