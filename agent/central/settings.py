@@ -18,6 +18,7 @@ from pydantic_settings import SettingsConfigDict
 from agent.settings.common import HttpConfig, SettingsFile, TlsClientConfig, check_topic
 from agent.settings.loader import load_settings
 from drivers.config import (
+    ByteSize,
     ConfigModel,
     Duration,
     Problem,
@@ -42,6 +43,18 @@ class IngestMqttConfig(TlsClientConfig):
         default=None,
         pattern=r"^[A-Za-z0-9_-]{1,64}$",
         description="MQTT 5 shared subscription group, so that several replicas split the load.",
+    )
+    # Must take the largest S/sync any gateway sends: its mqtt.sync_max_bytes (256 KiB by
+    # default) plus the topic and a few header bytes. An S/sync over it is dropped by the
+    # broker (MQTT 5), so that gateway's batch is never acknowledged; 16 MiB is 64 times the
+    # default, and still bounds what one packet costs (an 87 MB S/sync took the ingest to 803 MB).
+    max_packet_size: ByteSize = Field(
+        default=as_written("16MiB"),
+        ge=64 * 1024,
+        le=256 * 1024 * 1024,
+        description="Largest MQTT packet taken from the broker (the MQTT 5 Maximum Packet "
+        "Size announced in CONNECT); keep it above every gateway's mqtt.sync_max_bytes, since "
+        "a larger S/sync is never acknowledged.",
     )
 
     @field_validator("sync_prefix")

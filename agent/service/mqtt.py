@@ -58,6 +58,11 @@ class ConnectionKeys(Protocol):
         """Keep-alive interval, seconds."""
         ...
 
+    @property
+    def max_packet_size(self) -> int:
+        """Largest packet taken from the broker, bytes."""
+        ...
+
 
 def mqtt_client(
     keys: ConnectionKeys, *, client_id: str, name: str, will: Will, birth: Will | None = None
@@ -80,6 +85,7 @@ def mqtt_client(
         password=keys.password.get_secret_value() if keys.password else None,
         tls=tls,
         keepalive=keys.keepalive,
+        max_packet_size=keys.max_packet_size,
         will=will,
         birth=birth,
         name=name,

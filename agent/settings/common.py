@@ -17,6 +17,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from drivers.config import (
+    ByteSize,
     ConfigModel,
     Duration,
     Problem,
@@ -77,6 +78,18 @@ class TlsClientConfig(ConfigModel):
     )
     keepalive: Duration = Field(
         default=as_written("30s"), ge=5, description="MQTT keep-alive interval."
+    )
+    # The agent receives commands (at most 16 KiB, docs/workflows.md), S/ack and status
+    # messages: 1 MiB leaves room for a larger command to be refused with a reply, and bounds
+    # what one packet may cost (issue #18: a 200 MiB command took the agent to 743 MB).
+    max_packet_size: ByteSize = Field(
+        default=as_written("1MiB"),
+        ge=64 * 1024,
+        le=256 * 1024 * 1024,
+        description="Largest MQTT packet taken from the broker (announced in CONNECT as the "
+        "MQTT 5 Maximum Packet Size: the broker drops a larger message for this client; on "
+        "MQTT 3.1.1, or from a broker that sends it anyway, the connection is closed and "
+        "re-established).",
     )
 
     @field_validator("url")

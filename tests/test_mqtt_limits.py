@@ -1,0 +1,205 @@
+"""The MQTT client against mosquitto for issue #18: Maximum Packet Size both ways, the RETAIN
+flag of live deliveries (Retain-As-Published), User Properties of incoming messages, and the
+`[mqtt] max_packet_size` key of both programs."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from agent.central.settings import IngestMqttConfig
+from agent.service.mqtt import mqtt_client
+from agent.settings.gateway import MqttConfig
+from sync.mqtt import wire
+from sync.mqtt.client import Message, MessageTooLarge, MqttClient, PublishRejected, Will
+from tests.fixtures.mosquitto import MosquittoBroker
+from tests.fixtures.mqtt_client import MqttTestClient
+from tests.fixtures.pool import MosquittoFactory
+from tests.fixtures.ports import async_wait_until
+
+
+def client_for(broker: MosquittoBroker, **options: object) -> MqttClient:
+    settings: dict[str, object] = {
+        "host": broker.host,
+        "port": broker.port,
+        "client_id": "limits",
+        "reconnect_min": 0.05,
+        "reconnect_max": 0.5,
+        **options,
+    }
+    return MqttClient(**settings)  # type: ignore[arg-type]
+
+
+async def subscribed(client: MqttClient, prefix: str, received: list[Message]) -> None:
+    """Wait until the subscription to `prefix`/# is active: our own probe comes back."""
+
+    async def probe_back() -> bool:
+        client.publish(f"{prefix}/probe", b"?", qos=0)
+        await asyncio.sleep(0.02)
+        return any(message.topic == f"{prefix}/probe" for message in received)
+
+    await async_wait_until(probe_back, timeout=10, message=f"subscription to {prefix}/#")
+
+
+async def test_a_message_over_the_brokers_maximum_is_refused_before_sending(
+    mosquitto_factory: MosquittoFactory,
+) -> None:
+    broker = mosquitto_factory(extra_config=["max_packet_size 1024"])
+    async with client_for(broker) as client:
+        async with asyncio.timeout(10):
+            await client.wait_connected()
+        assert client.broker_max_packet_size == 1024
+        fits = max(n for n in range(1024) if wire.publish_size(len("big/x"), n, 1, True) <= 1024)
+        await asyncio.wait_for(client.publish_acked("big/x", b"f" * fits), 5)
+        with pytest.raises(MessageTooLarge, match=r"of 1025 bytes .* Maximum Packet Size \(1024"):
+            client.publish("big/x", b"f" * (fits + 1))
+        future = client.publish_acked("big/x", b"f" * (fits + 1))
+        with pytest.raises(PublishRejected, match="1025 bytes"):
+            await future  # reported like the broker's own refusal (the forwarder cuts batches)
+        assert isinstance(future.exception(), MessageTooLarge)
+        await asyncio.wait_for(client.publish_acked("big/y", b"small"), 5)
+        assert client.is_connected
+        assert client.stats.lost == 0  # mosquitto would have disconnected us for 1,025 bytes
+
+
+async def test_without_a_broker_maximum_there_is_none(mosquitto: MosquittoBroker) -> None:
+    async with client_for(mosquitto) as client:
+        async with asyncio.timeout(10):
+            await client.wait_connected()
+        assert client.broker_max_packet_size is None
+    async with client_for(mosquitto, protocol=4) as client:
+        async with asyncio.timeout(10):
+            await client.wait_connected()
+        assert client.broker_max_packet_size is None
+
+
+async def test_mosquitto_drops_what_is_over_our_announced_maximum(
+    mosquitto: MosquittoBroker,
+) -> None:
+    # MQTT 5: the broker knows our limit from CONNECT and never sends more (3.1.2.11.4).
+    received: list[Message] = []
+    async with client_for(mosquitto, max_packet_size=1024) as client:
+        client.subscribe("in/#", received.append)
+        async with asyncio.timeout(10):
+            await client.wait_connected()
+        await subscribed(client, "in", received)
+        with MqttTestClient.for_broker(mosquitto, protocol=mqtt.MQTTv5) as peer:
+            await asyncio.to_thread(peer.publish, "in/big", b"b" * 2000)
+            await asyncio.to_thread(peer.publish, "in/small", b"s")
+        await async_wait_until(lambda: any(m.topic == "in/small" for m in received), timeout=10)
+        assert not any(message.topic == "in/big" for message in received)
+        assert client.stats.lost == 0
+
+
+async def test_on_mqtt_311_an_oversized_message_closes_the_connection_and_we_reconnect(
+    mosquitto: MosquittoBroker, caplog: pytest.LogCaptureFixture
+) -> None:
+    # 3.1.1 cannot announce a maximum: mosquitto sends it, the client refuses it on its
+    # fixed header, closes, logs one line and reconnects.
+    caplog.set_level(logging.WARNING, logger="edge_agent.mqtt")
+    received: list[Message] = []
+    async with client_for(mosquitto, protocol=4, max_packet_size=1024) as client:
+        client.subscribe("in/#", received.append)
+        async with asyncio.timeout(10):
+            await client.wait_connected()
+        await subscribed(client, "in", received)
+        with MqttTestClient.for_broker(mosquitto) as peer:
+            await asyncio.to_thread(peer.publish, "in/big", b"b" * 2000)
+            await async_wait_until(lambda: client.stats.refused_packets == 1, timeout=10)
+            async with asyncio.timeout(10):
+                await client.wait_connected()
+            await subscribed(client, "in", received)
+            await asyncio.to_thread(peer.publish, "in/small", b"s")
+        await async_wait_until(lambda: any(m.topic == "in/small" for m in received), timeout=10)
+        assert not any(message.topic == "in/big" for message in received)
+    lines = [r.getMessage() for r in caplog.records if "lost:" in r.getMessage()]
+    size = wire.publish_size(len("in/big"), 2000, 1, False)
+    assert lines == [
+        f"mqtt: connection to {mosquitto.host}:{mosquitto.port} lost: packet of {size} bytes "
+        "from the broker is larger than max_packet_size (1024 bytes)"
+    ]
+
+
+@pytest.mark.parametrize("protocol", [5, 4])
+async def test_retain_as_published_keeps_the_flag_of_a_live_retained_message(
+    mosquitto: MosquittoBroker, protocol: int
+) -> None:
+    # Brokers clear RETAIN on live delivery (spec 3.3.1.3) unless the subscription asks for
+    # Retain-As-Published; MQTT 3.1.1 has no such option, so there it stays cleared.
+    kept: list[Message] = []
+    cleared: list[Message] = []
+    async with client_for(mosquitto, protocol=protocol) as client:
+        client.subscribe("kept/#", kept.append, retain_as_published=True)
+        client.subscribe("cleared/#", cleared.append)
+        async with asyncio.timeout(10):
+            await client.wait_connected()
+        await subscribed(client, "kept", kept)
+        await subscribed(client, "cleared", cleared)
+        with MqttTestClient.for_broker(mosquitto) as peer:
+            for topic in ("kept/cmd", "cleared/cmd"):
+                await asyncio.to_thread(peer.client.publish, topic, b"run", 1, True)
+        await async_wait_until(
+            lambda: (
+                any(m.topic == "kept/cmd" for m in kept)
+                and any(m.topic == "cleared/cmd" for m in cleared)
+            ),
+            timeout=10,
+        )
+        [live_kept] = [m for m in kept if m.topic == "kept/cmd"]
+        [live_cleared] = [m for m in cleared if m.topic == "cleared/cmd"]
+        assert live_kept.retain is (protocol == 5)
+        assert live_cleared.retain is False
+        # A new subscription gets the stored copy, with RETAIN set, on either version.
+        stored: list[Message] = []
+        client.subscribe("cleared/cmd", stored.append)
+        await async_wait_until(lambda: bool(stored), timeout=10, message="stored copy")
+        assert stored[0].retain is True
+
+
+async def test_user_properties_of_an_incoming_message(mosquitto: MosquittoBroker) -> None:
+    received: list[Message] = []
+    async with client_for(mosquitto) as client:
+        client.subscribe("cmd/#", received.append)
+        async with asyncio.timeout(10):
+            await client.wait_connected()
+        await subscribed(client, "cmd", received)
+        properties = Properties(PacketTypes.PUBLISH)
+        properties.UserProperty = [("sender", "operator-7"), ("role", "shift lead"), ("x", "é")]
+        with MqttTestClient.for_broker(mosquitto, protocol=mqtt.MQTTv5) as peer:
+            info = peer.client.publish("cmd/start", b"{}", qos=1, properties=properties)
+            await asyncio.to_thread(info.wait_for_publish, 5)
+        await async_wait_until(lambda: any(m.topic == "cmd/start" for m in received), timeout=10)
+        [message] = [m for m in received if m.topic == "cmd/start"]
+        assert message.user_properties == (
+            ("sender", "operator-7"),
+            ("role", "shift lead"),
+            ("x", "é"),
+        )
+        probe = next(m for m in received if m.topic == "cmd/probe")
+        assert probe.user_properties == ()
+
+
+def test_max_packet_size_is_validated() -> None:
+    for bad in (0, 255, wire.MAX_PACKET_SIZE + 1):
+        with pytest.raises(ValueError, match="max_packet_size"):
+            MqttClient(host="h", port=1883, client_id="x", max_packet_size=bad)
+    assert MqttClient(host="h", port=1883, client_id="x").max_packet_size == wire.MAX_PACKET_SIZE
+
+
+def test_the_programs_max_packet_size_key() -> None:
+    agent = MqttConfig.model_validate({"url": "mqtt://broker"})
+    ingest = IngestMqttConfig.model_validate({"url": "mqtt://broker"})
+    assert agent.max_packet_size == 1 << 20
+    assert ingest.max_packet_size == 16 << 20
+    will = Will("t/status", lambda: b"offline")
+    client = mqtt_client(agent, client_id="gw", name="mqtt", will=will)
+    assert client.max_packet_size == 1 << 20
+    set_small = MqttConfig.model_validate({"url": "mqtt://broker", "max_packet_size": "64KiB"})
+    assert mqtt_client(set_small, client_id="gw", name="mqtt", will=will).max_packet_size == 65536
+    with pytest.raises(ValueError, match="max_packet_size"):
+        MqttConfig.model_validate({"url": "mqtt://broker", "max_packet_size": "1KiB"})
