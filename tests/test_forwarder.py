@@ -515,3 +515,22 @@ async def test_batches_leave_an_eighth_of_the_brokers_window_to_live_values(
                 await asyncio.to_thread(broker.resume)
             await all_acked(outbox, central)
     assert_complete(outbox, central)
+
+
+async def test_batches_fit_the_maximum_packet_size_the_broker_announces(
+    tmp_path: Path, mosquitto_factory: MosquittoFactory
+) -> None:
+    # mosquitto announces max_packet_size in its MQTT 5 CONNACK: batches are cut to it from
+    # the start, instead of being refused (or the connection dropped) and then halved.
+    limit = 4096
+    broker = mosquitto_factory(extra_config=[f"max_packet_size {limit}"])
+    async with Outbox(tmp_path / "outbox.db", max_size=1 << 24, commit_interval=0.01) as box:
+        await box.append(events(0, 600, size=60))
+        with FakeCentral(broker) as central:
+            async with forwarding(box, broker, batch_events=1000) as (forwarder, _):
+                await all_acked(box, central, within=30)
+        assert_complete(box, central)
+        assert forwarder.stalls_total == 0
+        assert forwarder.batches_resent == 0
+        topic = len(f"{PREFIX}/{GATEWAY}/sync")
+        assert max(size for _, _, size in central.batches) + topic + 8 <= limit

@@ -4,10 +4,17 @@ a connection lost mid-flush, and a real broker seeing every topic once and in or
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import pytest
 
-from sync.mqtt.client import ConnectionListener, MqttClient, NotConnected, bulk_reserve
+from sync.mqtt.client import (
+    ConnectionListener,
+    MessageTooLarge,
+    MqttClient,
+    NotConnected,
+    bulk_reserve,
+)
 from sync.uplink.live import LivePublisher
 from tests.fixtures.mosquitto import MosquittoBroker
 from tests.fixtures.mqtt_client import MqttTestClient
@@ -18,9 +25,15 @@ class WindowedLink:
     link that can drop before the `fail_at`-th publish, and a record of what was sent."""
 
     def __init__(
-        self, *, space: int = 1000, fail_at: int | None = None, window: int | None = None
+        self,
+        *,
+        space: int = 1000,
+        fail_at: int | None = None,
+        window: int | None = None,
+        max_payload: int | None = None,
     ) -> None:
         self.sent: list[tuple[str, bytes]] = []
+        self.max_payload = max_payload  # the broker's Maximum Packet Size, as payload bytes
         self.space = space
         self.window = space if window is None else window
         self.fail_at = fail_at
@@ -56,6 +69,8 @@ class WindowedLink:
         if self.fail_at is not None and len(self.sent) == self.fail_at:
             self.is_connected = False
             raise NotConnected("connection lost")
+        if self.max_payload is not None and len(payload) > self.max_payload:
+            raise MessageTooLarge(f"{len(payload)} bytes, more than the broker's maximum")
         self.space -= 1
         self.sent.append((topic, payload))
 
@@ -185,3 +200,24 @@ async def test_every_topic_reaches_a_real_broker_once_and_in_order(
         b"new" if index % 3 == 0 else b"old" for index in range(len(topics))
     ]
     assert subscriber.messages.empty()
+
+
+async def test_a_value_too_large_for_the_broker_is_dropped_once_and_counted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="edge_agent.live")
+    link = WindowedLink(max_payload=100)
+    live = publisher(link)
+    live.offer("a", b"1")
+    live.offer("big", b"x" * 500)
+    live.offer("c", b"3")
+    await live.drain()
+    assert link.sent == [("a", b"1"), ("c", b"3")]  # the others go on
+    live.offer("big", b"y" * 500)
+    await live.drain()
+    assert live.dropped_too_large == 2
+    assert live.pending == 0
+    figures = {figure.name: figure.value for figure in live.figures()}
+    assert figures["live_dropped_too_large"] == 2
+    assert len(caplog.records) == 1  # logged once per topic
+    assert "big not published" in caplog.records[0].getMessage()

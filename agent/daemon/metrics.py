@@ -148,6 +148,13 @@ class _RuntimeCollector(Collector):
         )
         yield _simple(_counter("mqtt_connects", "Successful connections."), mqtt.stats.connects)
         yield _simple(_counter("mqtt_connection_lost", "Connections lost."), mqtt.stats.lost)
+        yield _simple(
+            _counter(
+                "mqtt_refused_packets",
+                "Incoming packets refused: malformed, forbidden or too large (connection closed).",
+            ),
+            mqtt.stats.refused_packets,
+        )
         for sink in gateway.sinks:
             for figure in sink.figures():
                 make = _counter if figure.kind == "counter" else _gauge

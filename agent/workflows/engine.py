@@ -133,7 +133,9 @@ class WorkflowEngine:
 
     async def run(self) -> None:
         """Open the saga log, resolve unfinished sagas, then serve commands until cancelled."""
-        self._mqtt.subscribe(self._topic, self._on_message, qos=1)
+        # Retain-As-Published: the broker keeps RETAIN on a retained command delivered live, so
+        # that intake can refuse it (MQTT 5; on 3.1.1 only the stored copy is marked).
+        self._mqtt.subscribe(self._topic, self._on_message, qos=1, retain_as_published=True)
         self._mqtt.add_listener(self._on_connection)
         self._on_connection(self._mqtt.is_connected)
         try:

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from functools import partial
 
 from sync.events import Event
+from sync.mqtt import wire
 from sync.mqtt.client import Message, MqttClient, NotConnected, PublishRejected
 from sync.outbox.store import Batch, Outbox, OutboxUnavailable
 from sync.uplink.acks import AckCheck
@@ -352,7 +353,7 @@ class Forwarder:
                 return self._send_at
             epoch = self._epoch
             batch = await self._outbox.read_batch(
-                self._next_after, self._batch_events, max(1, self._budget.bytes - self._envelope())
+                self._next_after, self._batch_events, self._events_budget()
             )
             self._outbox_error = None
             if epoch != self._epoch or self._reconnected or self._rejected is not None:
@@ -392,6 +393,16 @@ class Forwarder:
             f'"first_seq":{batch.first_seq},"last_seq":{batch.last_seq},"events":['
         )
         return b"".join((head.encode(), b",".join(batch.wire_events), b"]}"))
+
+    def _events_budget(self) -> int:
+        """Bytes the events of the next batch may take: the adaptive budget, and never more
+        than the broker's Maximum Packet Size (MQTT 5 CONNACK) allows for the whole packet."""
+        budget = self._budget.bytes
+        limit = self._client.broker_max_packet_size
+        if limit is not None:
+            headers = wire.publish_size(len(self.sync_topic.encode()), limit, 1, True) - limit
+            budget = min(budget, limit - headers)
+        return max(1, budget - self._envelope())
 
     def _envelope(self) -> int:
         # Everything but the events, with the longest possible seqs (the stream never changes).

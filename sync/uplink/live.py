@@ -13,7 +13,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 
 from sync.events import Event
-from sync.mqtt.client import MqttClient, NotConnected
+from sync.mqtt.client import MessageTooLarge, MqttClient, NotConnected
 from sync.uplink.sink import SinkFigure
 from sync.uplink.topics import live_topic, sample_payload
 
@@ -34,6 +34,8 @@ class LivePublisher:
         self._dirty: OrderedDict[str, None] = OrderedDict()
         self._wakeup = asyncio.Event()
         self.published = 0
+        self.dropped_too_large = 0
+        self._too_large_logged: set[str] = set()  # topics logged (bounded)
         client.add_listener(self._on_connection)
 
     def _on_connection(self, connected: bool) -> None:
@@ -70,9 +72,22 @@ class LivePublisher:
         for tag in tags:
             self.clear(live_topic(self._root, device, tag))
 
+    def _too_large(self, topic: str, exc: MessageTooLarge) -> None:
+        self.dropped_too_large += 1
+        if topic not in self._too_large_logged and len(self._too_large_logged) < 256:
+            self._too_large_logged.add(topic)
+            log.warning("live: %s not published: %s", topic, exc)
+
     def figures(self) -> Sequence[SinkFigure]:
-        """Live values published."""
-        return (SinkFigure("live_published", "Live values published.", self.published),)
+        """Live values published, and those too large for the broker."""
+        return (
+            SinkFigure("live_published", "Live values published.", self.published),
+            SinkFigure(
+                "live_dropped_too_large",
+                "Live values larger than the broker's Maximum Packet Size (not published live).",
+                self.dropped_too_large,
+            ),
+        )
 
     @property
     def pending(self) -> int:
@@ -107,6 +122,11 @@ class LivePublisher:
                 self._dirty[topic] = None
                 self._dirty.move_to_end(topic, last=False)  # keep its place for the resend
                 return
+            except MessageTooLarge as exc:
+                # Larger than the broker takes (its Maximum Packet Size): this value cannot be
+                # published live (the outbox still carries it); the topic's next value may fit.
+                self._too_large(topic, exc)
+                continue
             self.published += 1
             if self.published % 256 == 0:
                 await asyncio.sleep(0)  # let pollers run during a large burst
