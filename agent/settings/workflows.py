@@ -149,6 +149,12 @@ class WorkflowConfig(ConfigModel):
         description="Most commands accepted per period, 'COUNT/DURATION'.",
         examples=["10/1m", "1/5s"],
     )
+    require_sender: bool = Field(
+        default=False,
+        description="Refuse commands that name no sender (the MQTT 5 user property 'sender'). "
+        "The sender is a claim of the command's client, recorded unverified in the audit trail "
+        "and the replies; only the broker's ACL decides who may publish commands.",
+    )
     steps: tuple[WorkflowStep, ...] = Field(min_length=1, description="The steps, in order.")
 
     @field_validator("params")

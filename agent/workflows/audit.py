@@ -29,10 +29,13 @@ def audit_event(
     before: Any = None,
     after: Any = None,
     extra: dict[str, Any] | None = None,
+    sender: str | None = None,
 ) -> Event:
     """One ``workflow`` event: who asked, which saga and step, what was done, with what result."""
     value: dict[str, Any] = {
         "command_id": command_id,
+        "sender": sender,
+        "sender_verified": False,  # a claim of the command's client, not checked by anyone
         "workflow": workflow,
         "saga": saga,
         "step": step,

@@ -37,6 +37,9 @@ class Command:
 
     id: str
     params: Any
+    # Who says they sent it: the MQTT 5 user property "sender". Unverified: any client may set
+    # it; only a broker that sets or checks it per login makes it trustworthy (docs/workflows.md).
+    sender: str | None = None
 
 
 def _reject_constant(name: str) -> Any:
@@ -109,6 +112,26 @@ def decode_command(payload: bytes) -> Command:
     if "params" not in document:
         raise CommandRejected('missing "params" (use {} for none)', command_id)
     return Command(command_id, document["params"])
+
+
+SENDER_PROPERTY = "sender"
+
+
+def sender_of(user_properties: tuple[tuple[str, str], ...]) -> str | None:
+    """The command's claimed sender (the user property "sender"), None if it names none;
+    CommandRejected when it is ambiguous or not a name (the same characters as an id)."""
+    senders = [value for key, value in user_properties if key == SENDER_PROPERTY]
+    if not senders:
+        return None
+    if len(senders) > 1:
+        raise CommandRejected(f'more than one "{SENDER_PROPERTY}" user property')
+    sender = valid_command_id(senders[0])
+    if sender is None:
+        raise CommandRejected(
+            f'the "{SENDER_PROPERTY}" user property must be 1..{MAX_ID_LENGTH} characters '
+            "A-Z a-z 0-9 _ . : @ -"
+        )
+    return sender
 
 
 def peek_command_id(payload: bytes) -> str | None:

@@ -27,7 +27,14 @@ from typing import Any
 
 from agent.settings.config_file import AgentSettings
 from agent.workflows.audit import Audit, audit_event
-from agent.workflows.commands import Command, CommandRejected, TokenBucket, clip, validate_params
+from agent.workflows.commands import (
+    SENDER_PROPERTY,
+    Command,
+    CommandRejected,
+    TokenBucket,
+    clip,
+    validate_params,
+)
 from agent.workflows.compensation import Compensation
 from agent.workflows.confirmations import Confirmations
 from agent.workflows.failpoints import Failpoints
@@ -252,10 +259,13 @@ class WorkflowEngine:
         exclusive: str,
         *,
         recover: bool,
+        sender: str | None = None,
     ) -> None:
         assert self._group is not None
         self._running[saga.id] = _Active(saga, saga.workflow, devices, exclusive)
-        self._group.create_task(self._saga_task(saga, plan, recover), name=f"saga:{saga.id}")
+        self._group.create_task(
+            self._saga_task(saga, plan, recover, sender), name=f"saga:{saga.id}"
+        )
 
     # -- admission ---------------------------------------------------------------------------
 
@@ -264,17 +274,26 @@ class WorkflowEngine:
         plan = self.plans.get(workflow)
         if plan is None:
             known = ", ".join(sorted(self.plans)) or "none"
-            current.reject(workflow, command.id, f"unknown workflow {workflow!r} (known: {known})")
+            current.reject(
+                workflow,
+                command.id,
+                f"unknown workflow {workflow!r} (known: {known})",
+                sender=command.sender,
+            )
             return
         execution = self._execution
         if self._unavailable is not None or execution is None:
-            current.reject(workflow, command.id, self._unavailable or "unavailable")
+            current.reject(
+                workflow, command.id, self._unavailable or "unavailable", sender=command.sender
+            )
             return
         saga_log = execution.saga_log
         try:
             existing = await saga_log.find(plan.name, command.id)
         except SagaLogError as exc:
-            current.reject(workflow, command.id, f"unavailable: saga log: {exc}")
+            current.reject(
+                workflow, command.id, f"unavailable: saga log: {exc}", sender=command.sender
+            )
             return
         if existing is not None:
             self._duplicate(current, plan, command.id, existing)
@@ -282,7 +301,7 @@ class WorkflowEngine:
         try:
             params = self._validated(plan, command)
         except CommandRejected as rejection:
-            current.reject(workflow, command.id, rejection.reason)
+            current.reject(workflow, command.id, rejection.reason, sender=command.sender)
             return
         saga = SagaRecord(
             id=str(uuid.uuid4()),
@@ -299,16 +318,23 @@ class WorkflowEngine:
                 self._duplicate(current, plan, command.id, found)
             return
         except SagaLogError as exc:
-            current.reject(workflow, command.id, f"unavailable: saga log: {exc}")
+            current.reject(
+                workflow, command.id, f"unavailable: saga log: {exc}", sender=command.sender
+            )
             return
         self.stats.accepted += 1
-        self.replies.send(
-            plan.name, command.id, "accepted", f"saga {saga.id}: {len(plan.config.steps)} steps"
+        detail = f"saga {saga.id}: {len(plan.config.steps)} steps"
+        self.replies.send(plan.name, command.id, "accepted", detail, sender=command.sender)
+        self._start_task(
+            saga, plan, plan.devices, plan.config.exclusive, recover=False, sender=command.sender
         )
-        self._start_task(saga, plan, plan.devices, plan.config.exclusive, recover=False)
 
     def _validated(self, plan: Plan, command: Command) -> dict[str, Any]:
         """The command's parameters, checked; CommandRejected when it cannot start now."""
+        if plan.config.require_sender and command.sender is None:
+            raise CommandRejected(
+                f'workflow {plan.name} requires a "{SENDER_PROPERTY}" (MQTT 5 user property)'
+            )
         params = validate_params(command.params, plan.specs)
         plan.prepare_values(params)
         conflict = self._conflict(plan)
@@ -350,7 +376,9 @@ class WorkflowEngine:
 
     # -- saga tasks --------------------------------------------------------------------------
 
-    async def _saga_task(self, saga: SagaRecord, plan: Plan | None, recover: bool) -> None:
+    async def _saga_task(
+        self, saga: SagaRecord, plan: Plan | None, recover: bool, sender: str | None
+    ) -> None:
         execution = self._execution
         assert execution is not None
         try:
@@ -358,7 +386,7 @@ class WorkflowEngine:
                 await execution.recovery.recover(saga, plan)
             else:
                 assert plan is not None
-                await execution.journal.ensure_started(saga)
+                await execution.journal.ensure_started(saga, sender=sender)
                 await execution.steps.forward(saga, plan, 1)
         except Exception as exc:
             # The saga log or the outbox failed, or a bug: stop acting on the line. The saga

@@ -10,6 +10,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 
 from agent.workflows.audit import Audit, audit_event
 from agent.workflows.commands import (
@@ -19,6 +20,7 @@ from agent.workflows.commands import (
     clip,
     decode_command,
     peek_command_id,
+    sender_of,
 )
 from agent.workflows.replies import Replies
 from agent.workflows.stats import EngineStats
@@ -43,9 +45,11 @@ class Round:
         self._intake = intake
         self.audits: list[Event] = []
 
-    def reject(self, workflow: str, command_id: str | None, reason: str) -> None:
+    def reject(
+        self, workflow: str, command_id: str | None, reason: str, *, sender: str | None = None
+    ) -> None:
         """Reply ``rejected`` and audit it (within the audit budget)."""
-        self._intake.reject(self.audits, workflow, command_id, reason)
+        self._intake.reject(self.audits, workflow, command_id, reason, sender=sender)
 
 
 Admit = Callable[[str, Command, Round], Awaitable[None]]
@@ -113,22 +117,40 @@ class CommandIntake:
         except CommandRejected as rejection:
             current.reject(workflow, rejection.command_id, rejection.reason)
             return
+        try:
+            command = replace(command, sender=sender_of(message.user_properties))
+        except CommandRejected as rejection:
+            current.reject(workflow, command.id, rejection.reason)
+            return
         if message.retain:
             # A retained command would run again for every new subscriber.
-            current.reject(workflow, command.id, "retained commands are not accepted")
+            current.reject(
+                workflow, command.id, "retained commands are not accepted", sender=command.sender
+            )
             return
         await self._admit(workflow, command, current)
 
     def reject(
-        self, audits: list[Event], workflow: str, command_id: str | None, reason: str
+        self,
+        audits: list[Event],
+        workflow: str,
+        command_id: str | None,
+        reason: str,
+        *,
+        sender: str | None = None,
     ) -> None:
         """Reply ``rejected`` and audit it into `audits` (within the audit budget)."""
         self._stats.rejected += 1
-        self._replies.send(workflow, command_id, "rejected", reason)
-        self._audit_rejection(audits, workflow, command_id, reason)
+        self._replies.send(workflow, command_id, "rejected", reason, sender=sender)
+        self._audit_rejection(audits, workflow, command_id, reason, sender)
 
     def _audit_rejection(
-        self, audits: list[Event], workflow: str, command_id: str | None, reason: str
+        self,
+        audits: list[Event],
+        workflow: str,
+        command_id: str | None,
+        reason: str,
+        sender: str | None = None,
     ) -> None:
         if self._budget.take(time.monotonic()):
             audits.append(
@@ -140,6 +162,7 @@ class CommandIntake:
                     action="reject",
                     result="rejected",
                     detail=reason,
+                    sender=sender,
                 )
             )
         else:

@@ -107,8 +107,9 @@ class SagaJournal:
         saga.state = "compensating"
         saga.detail = clip(reason)
 
-    async def ensure_started(self, saga: SagaRecord) -> None:
-        """Commit the saga's 'started' event (again if the outbox has a new stream)."""
+    async def ensure_started(self, saga: SagaRecord, *, sender: str | None = None) -> None:
+        """Commit the saga's 'started' event (again if the outbox has a new stream); the first
+        one names the command's claimed sender."""
         if saga.started_seq is not None and saga.started_stream == self.outbox.stream:
             return
         self.failpoints.hit("saga.after_accept")
@@ -121,6 +122,7 @@ class SagaJournal:
             result="ok",
             detail="saga started" if saga.started_seq is None else "started event re-sent",
             extra={"params": saga.params},
+            sender=sender,
         )
         first, _ = await self.outbox.append([event])
         saga.started_seq, saga.started_stream = first, self.outbox.stream

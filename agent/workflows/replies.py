@@ -31,9 +31,21 @@ class Replies:
         self.pending: deque[tuple[str, bytes]] = deque()
         self._wake = asyncio.Event()
 
-    def send(self, workflow: str, command_id: str | None, status: Status, detail: str) -> None:
-        """Queue a reply ``{"id","status","detail"}``."""
-        payload = dumps({"id": command_id, "status": status, "detail": detail})
+    def send(
+        self,
+        workflow: str,
+        command_id: str | None,
+        status: Status,
+        detail: str,
+        *,
+        sender: str | None = None,
+    ) -> None:
+        """Queue a reply ``{"id","status","detail"}`` (and ``"sender"`` when the command named
+        one)."""
+        reply: dict[str, str | None] = {"id": command_id, "status": status, "detail": detail}
+        if sender is not None:
+            reply["sender"] = sender
+        payload = dumps(reply)
         if len(self.pending) >= PENDING_REPLIES:
             # Bounded while the broker is away: the saga log keeps the truth.
             self.pending.popleft()
