@@ -34,6 +34,7 @@ import pytest
 from agent.daemon.runtime import Runtime
 from simulators.modbus.server import ModbusSimulator
 from sync.events import dumps, rfc3339
+from sync.uplink.forwarder import Forwarder
 from tests.fixtures import (
     ChildProcess,
     MosquittoBroker,
@@ -571,3 +572,40 @@ async def test_only_the_mes_user_can_run_a_workflow(
         await async_wait_until(mes_finished_in_central, timeout=30, message="mes-1's audit trail")
         assert await line.audited_command_ids() == {"mes-1"}
     assert_agent_and_ingest_never_denied(acl_broker)
+
+
+async def test_a_gateway_the_acl_refuses_says_so_and_does_not_spin(
+    acl_broker: MosquittoBroker,
+    postgres_database: str,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Gateway plant1-line3 logged in as plant1-line4: the ACL refuses its S/sync, with a
+    # PUBACK "Not authorized" (MQTT 5). That is no size problem, and resending at once spins.
+    caplog.set_level(logging.INFO)
+    async with plant(
+        acl_broker, postgres_database, tmp_path, request, agent_user=OTHER_GATEWAY
+    ) as line:
+        assert line.runtime.gateway is not None
+        (forwarder,) = (s for s in line.runtime.gateway.sinks if isinstance(s, Forwarder))
+
+        def said(text: str) -> list[str]:
+            return [r.getMessage() for r in caplog.records if text in r.getMessage()]
+
+        # Either the batch goes again after ack_timeout (2 s), or it was resent at once.
+        await async_wait_until(
+            lambda: bool(said("(no ack for 2s)") or said("(broker rejected a batch)")),
+            timeout=30,
+            message="S/sync sent again",
+        )
+        assert said("(broker rejected a batch)") == [], "resent at once: a refusal loop"
+        assert said("S/sync batches cut") == []  # not taken for a size limit
+        assert forwarder.batch_bytes == 256 * 1024
+        refusals = said("refused S/sync")
+        assert refusals == [
+            f"forwarder: the broker refused S/sync on edge/{GATEWAY}/sync: Not authorized; its "
+            "ACL must let this gateway's MQTT user write that topic (the user name is the "
+            'gateway id, docs/install.md, "Broker ACL"); sending again every 2s'
+        ]
+        assert line.health()["acked_seq"] == 0  # nothing deleted, nothing lost

@@ -5,6 +5,8 @@ from __future__ import annotations
 import socket
 import ssl
 
+from sync.mqtt.wire import NOT_AUTHORIZED, PACKET_TOO_LARGE, reason_name
+
 
 class NotConnected(Exception):
     """Raised by `publish` while there is no connection; the caller keeps its data."""
@@ -17,10 +19,27 @@ class ConnectionLost(Exception):
 class PublishRejected(ConnectionLost):
     """Set on the PUBACK future when the broker refused the message (a failure reason code)."""
 
+    def __init__(self, *, reason: int) -> None:
+        """`reason`: the PUBACK's MQTT 5 reason code, a failure (0x80 and above)."""
+        if not 0x80 <= reason <= 0xFF:
+            raise ValueError(f"PUBACK reason code 0x{reason:02X} is not a failure")
+        super().__init__(f"broker rejected the message: {reason_name(reason)}")
+        self.reason = reason
+
+    @property
+    def not_authorized(self) -> bool:
+        """The broker's ACL refused the message (MQTT 5 reason code 0x87)."""
+        return self.reason == NOT_AUTHORIZED
+
 
 class MessageTooLarge(PublishRejected):
     """The message's PUBLISH packet is larger than the broker's Maximum Packet Size (CONNACK):
     refused before sending, since the broker would disconnect the client for it."""
+
+    def __init__(self, detail: str) -> None:
+        """`detail`: the sizes, for the log."""
+        super().__init__(reason=PACKET_TOO_LARGE)
+        self.args = (detail,)
 
 
 def describe_error(exc: BaseException) -> str:

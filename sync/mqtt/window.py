@@ -158,8 +158,6 @@ class InflightWindow:
             self._space.set()  # waiters for more than one slot check again
         if future is not None and not future.done():
             if reason >= 0x80:
-                future.set_exception(
-                    PublishRejected(f"broker rejected the message: {wire.reason_name(reason)}")
-                )
+                future.set_exception(PublishRejected(reason=reason))
             else:
                 future.set_result(None)

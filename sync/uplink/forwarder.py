@@ -20,11 +20,13 @@ disconnect the client (mosquitto 2.0 with an MQTT 5 client) or reject it in the 
 shows up here as a stall: no progress within ack_timeout, or a lost connection or a refused
 PUBACK with batches in flight. From the second stall in a row, when the stuck batch is clearly
 larger (by a quarter) than any batch acknowledged so far, the byte budget is cut to half of it
-(a refused PUBACK cuts at once). A stall of a batch no larger than those already acknowledged
-is the central store or the network, not the size: it is only resent, unless four stalls in a
-row make that knowledge stale. Every 32 acknowledged batches the budget doubles again; after a
-cut that followed successful batches only up to the size known to pass, for 10 minutes, so that
-a real limit is probed once per 10 minutes and not every few batches.
+(a PUBACK refusing it cuts at once; but "Not authorized" is the broker's ACL, not the size: it
+is logged once, and the batch is resent after ack_timeout). A stall of a batch no larger than
+those already acknowledged is the central store or the network, not the size: it is only
+resent, unless four stalls in a row make that knowledge stale. Every 32 acknowledged batches
+the budget doubles again; after a cut that followed successful batches only up to the size
+known to pass, for 10 minutes, so that a real limit is probed once per 10 minutes and not every
+few batches.
 """
 
 from __future__ import annotations
@@ -124,6 +126,7 @@ class Forwarder:
         self._lost_inflight = False
         self._central_back = False
         self._rejected: _Sent | None = None
+        self._refusal_logged = False
         self._send_at = 0.0
         self._started = False
         self._acks = AckCheck()
@@ -263,6 +266,7 @@ class Forwarder:
             self._next_after = max(self._next_after, target)
             self._last_progress = now
             self._stalls = 0
+            self._refusal_logged = False
             self._budget.maybe_grow(now)
 
     async def _delete_acked(self, now: float) -> None:
@@ -457,7 +461,26 @@ class Forwarder:
     def _on_puback(self, sent: _Sent, future: asyncio.Future[None]) -> None:
         if future.cancelled():
             return
-        if isinstance(future.exception(), PublishRejected):
+        exc = future.exception()
+        if isinstance(exc, PublishRejected):
             # The broker refused this message (a PUBACK with a failure reason code).
+            if exc.not_authorized:
+                # Its ACL, not the size: a resend at once would be refused at once, in a loop.
+                # The batch stays in flight and goes again after ack_timeout, as when a broker
+                # drops a denied PUBLISH silently (MQTT 3.1.1). docs/install.md, "Broker ACL".
+                self._report_not_authorized()
+                return
             self._rejected = sent
             self._wake.set()
+
+    def _report_not_authorized(self) -> None:
+        if self._refusal_logged:
+            return  # once until a batch gets through
+        self._refusal_logged = True
+        log.error(
+            "forwarder: the broker refused S/sync on %s: Not authorized; its ACL must let this "
+            "gateway's MQTT user write that topic (the user name is the gateway id, "
+            'docs/install.md, "Broker ACL"); sending again every %gs',
+            self.sync_topic,
+            self._ack_timeout,
+        )
