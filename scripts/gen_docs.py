@@ -55,6 +55,7 @@ CENTRAL_SECTIONS: list[tuple[str, str, str, str]] = [
     ("[mqtt]", "IngestMqttConfig", "mqtt", "The ingest's broker connection."),
     ("[postgres]", "PostgresConfig", "postgres", "The central PostgreSQL."),
     ("[partitions]", "PartitionsConfig", "partitions", "Monthly partitions of edge_events."),
+    ("[events]", "EventsConfig", "events", "Which event times the ingest accepts."),
     ("[http]", "IngestHttpConfig", "http", "Health and metrics of the ingest."),
 ]
 

@@ -9,214 +9,29 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
 import pytest
 
+from sync.central.batch import EventTimeWindow
 from sync.central.ingest import Ingest
 from sync.central.partitions import month_index, partition_name
 from sync.events import dumps, rfc3339
 from sync.mqtt.client import Message, MqttClient
 from tests.fixtures import MosquittoBroker, PostgresServer, async_wait_until
+from tests.fixtures.ingest import (
+    Ack,
+    FakeGateway,
+    batch_doc,
+    probe,
+    running_ingest,
+    stored_rows,
+    watermarks,
+)
 
 pytestmark = pytest.mark.slow
-
-NOW = time.time()
-
-
-def event_ts(seq: int) -> str:
-    """A distinct, recent event time per seq."""
-    return rfc3339(NOW + seq / 1000)
-
-
-def batch_doc(
-    gateway: str,
-    stream: str,
-    first: int,
-    last: int,
-    *,
-    absent: Iterable[int] = (),
-    ts: Any = event_ts,
-) -> dict[str, Any]:
-    """An S/sync document covering [first, last]; seqs in ``absent`` were dropped."""
-    skip = set(absent)
-    return {
-        "gateway": gateway,
-        "stream": stream,
-        "first_seq": first,
-        "last_seq": last,
-        "events": [
-            {
-                "seq": seq,
-                "ts": ts(seq),
-                "kind": "sample",
-                "device": "press1",
-                "tag": "temperature",
-                "value": {"v": seq},
-                "quality": "good",
-            }
-            for seq in range(first, last + 1)
-            if seq not in skip
-        ],
-    }
-
-
-@dataclass(frozen=True)
-class Ack:
-    """One S/ack as the gateway saw it."""
-
-    at: float
-    gateway: str
-    stream: str
-    acked_seq: int
-
-
-class FakeGateway:
-    """Publishes S/sync batches for any number of gateways and records every S/ack."""
-
-    def __init__(self, broker: MosquittoBroker, prefix: str = "edge") -> None:
-        """Prepare a client for ``broker``; use ``async with``."""
-        self.prefix = prefix
-        self.client = MqttClient(
-            host=broker.host,
-            port=broker.port,
-            client_id=f"fake-gateway-{uuid.uuid4().hex[:8]}",
-            reconnect_min=0.05,
-            reconnect_max=0.5,
-            name="fake-gateway",
-        )
-        self.acks: list[Ack] = []
-        self.watermark: dict[tuple[str, str], int] = {}
-        self.listeners: list[Callable[[Ack], None]] = []
-
-    async def __aenter__(self) -> FakeGateway:
-        """Connect and subscribe to every gateway's S/ack."""
-        self.client.subscribe(f"{self.prefix}/+/ack", self._on_ack, qos=1)
-        await self.client.__aenter__()
-        async with asyncio.timeout(10):
-            await self.client.wait_connected()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        """Disconnect."""
-        await self.client.close()
-
-    def _on_ack(self, message: Message) -> None:
-        gateway = message.topic.split("/")[-2]
-        doc = json.loads(message.payload)
-        ack = Ack(time.monotonic(), gateway, doc["stream"], doc["acked_seq"])
-        self.acks.append(ack)
-        key = (gateway, doc["stream"])
-        self.watermark[key] = max(self.watermark.get(key, 0), doc["acked_seq"])
-        for listener in self.listeners:
-            listener(ack)
-
-    def publish(self, doc: dict[str, Any]) -> None:
-        """Publish one S/sync document."""
-        self.publish_raw(doc["gateway"], dumps(doc))
-
-    def publish_raw(self, gateway: str, payload: bytes) -> None:
-        """Publish any payload on ``{prefix}/{gateway}/sync``."""
-        self.client.publish(f"{self.prefix}/{gateway}/sync", payload, qos=1)
-
-    def covered(self, doc: dict[str, Any]) -> bool:
-        """Whether an S/ack covers the whole batch."""
-        last: int = doc["last_seq"]
-        return self.watermark.get((doc["gateway"], doc["stream"]), 0) >= last
-
-    async def deliver(
-        self,
-        docs: list[dict[str, Any]],
-        *,
-        resend_after: float = 1.0,
-        timeout: float = 30.0,  # noqa: ASYNC109 - a deadline for the whole delivery
-    ) -> None:
-        """Publish all, then resend what no ack covers after ``resend_after`` (like the forwarder)."""
-        loop = asyncio.get_running_loop()
-        sent: dict[int, float] = {}
-        deadline = loop.time() + timeout
-        while True:
-            pending = [i for i, doc in enumerate(docs) if not self.covered(doc)]
-            if not pending:
-                return
-            if loop.time() > deadline:
-                raise TimeoutError(f"{len(pending)} of {len(docs)} batches never acked")
-            for i in pending:
-                if loop.time() - sent.get(i, -1e9) >= resend_after and self.client.is_connected:
-                    await self.client.wait_space()
-                    self.publish(docs[i])
-                    sent[i] = loop.time()
-            await asyncio.sleep(0.02)
-
-
-@contextlib.asynccontextmanager
-async def running_ingest(dsn: str, broker: MosquittoBroker, **kwargs: Any) -> AsyncIterator[Ingest]:
-    """Run an Ingest replica in a task; cancel it (and surface its errors) on exit."""
-    client = MqttClient(
-        host=broker.host,
-        port=broker.port,
-        client_id=f"ingest-{uuid.uuid4().hex[:8]}",
-        reconnect_min=0.05,
-        reconnect_max=0.5,
-        name="ingest-mqtt",
-    )
-    kwargs.setdefault("retry_max", 0.5)
-    ingest = Ingest(dsn=dsn, mqtt=client, **kwargs)
-    task = asyncio.create_task(ingest.run())
-    try:
-        async with asyncio.timeout(20):
-            ready = asyncio.create_task(ingest.wait_ready())
-            await asyncio.wait({task, ready}, return_when=asyncio.FIRST_COMPLETED)
-            ready.cancel()
-            if task.done():
-                task.result()  # raises what stopped it
-            await client.wait_connected()
-        yield ingest
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-
-async def probe(gateway: FakeGateway, *replicas: Ingest) -> None:
-    """Send small batches until every replica committed one: their subscriptions are live."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 15
-    while not all(r.stats.batches_committed for r in replicas):
-        if loop.time() > deadline:
-            raise TimeoutError("replicas never received a probe batch")
-        await gateway.deliver([batch_doc("probe", str(uuid.uuid4()), 1, 1)], resend_after=0.3)
-
-
-async def stored_rows(dsn: str) -> list[tuple[Any, ...]]:
-    """Every stored event (without received_at), sorted."""
-    conn = await asyncpg.connect(dsn)
-    try:
-        rows = await conn.fetch(
-            "SELECT gateway_id, stream_id::text, seq, ts, kind, device, tag, value::text, "
-            "quality FROM edge_events WHERE gateway_id <> 'probe' ORDER BY 1, 2, 3"
-        )
-        return [tuple(row) for row in rows]
-    finally:
-        await conn.close()
-
-
-async def watermarks(dsn: str) -> dict[tuple[str, str], int]:
-    """(gateway, stream) -> acked_seq."""
-    conn = await asyncpg.connect(dsn)
-    try:
-        rows = await conn.fetch(
-            "SELECT gateway_id, stream_id::text AS s, acked_seq FROM edge_streams "
-            "WHERE gateway_id <> 'probe'"
-        )
-        return {(row["gateway_id"], row["s"]): row["acked_seq"] for row in rows}
-    finally:
-        await conn.close()
-
 
 # -- tests --------------------------------------------------------------------------------------
 
@@ -241,9 +56,13 @@ async def test_batches_land_in_month_partitions_and_default_rows_are_adopted(
         6: old + 0.5,
     }
     doc = batch_doc("gw1", stream, 1, 6, ts=lambda seq: rfc3339(times[seq]))
+    # Next month's events are weeks ahead: accepted with a wider window.
+    weeks_ahead = EventTimeWindow(max_future=timedelta(days=62))
     # A debounce longer than the test: rows stay in the default until we ask.
     async with (
-        running_ingest(postgres_database, mosquitto, maintenance_debounce=None) as ingest,
+        running_ingest(
+            postgres_database, mosquitto, maintenance_debounce=None, event_window=weeks_ahead
+        ) as ingest,
         FakeGateway(mosquitto) as gateway,
     ):
         await gateway.deliver([doc])
@@ -319,10 +138,10 @@ async def test_watermark_over_mqtt_with_out_of_order_dropped_and_duplicate_batch
         async def acks(n: int) -> None:
             await async_wait_until(lambda: len(mine()) >= n, message=f"{n} acks")
 
-        gateway.publish(batch_doc("gw1", stream, 11, 20))  # early: nothing contiguous yet
+        # 4 and 5 were dropped at the gateway, 6 is the gap event declaring them.
+        gateway.publish(batch_doc("gw1", stream, 11, 20, absent=[4, 5]))  # early
         await acks(1)
         assert mine() == [0]
-        # 4 and 5 were dropped at the gateway; a gap event (seq 21) would declare them.
         gateway.publish(batch_doc("gw1", stream, 1, 10, absent=[4, 5]))
         await acks(2)
         assert mine() == [0, 20]
@@ -450,12 +269,14 @@ async def test_two_replicas_on_a_shared_subscription_equal_one(
     for gw in ("gw-a", "gw-b", "gw-c"):
         for _ in range(2):
             stream = str(uuid.uuid4())
+            # Dropped at the gateway, each run declared by the gap event right after it.
+            dropped = rng.sample(range(1, 600), k=30)
             seq = 1
             while seq <= 600:
                 size = rng.randint(10, 60)
                 last = min(600, seq + size - 1)
-                absent = rng.sample(range(seq, last + 1), k=min(2, last - seq + 1))
-                docs.append(batch_doc(gw, stream, seq, last, absent=absent))
+                if any(s not in dropped for s in range(seq, last + 1)):
+                    docs.append(batch_doc(gw, stream, seq, last, absent=dropped))
                 seq = last + 1
     rng.shuffle(docs)
 

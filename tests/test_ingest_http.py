@@ -28,6 +28,8 @@ COUNTERS = (
     "rows_inserted",
     "rows_duplicate",
     "malformed",
+    "uncovered",
+    "out_of_window",
     "commit_errors",
     "db_failures",
     "acks_published",
@@ -65,7 +67,8 @@ def central_config(path: Path, broker: MosquittoBroker, dsn: str, http_port: int
     """An ingest config file on ``broker`` and ``dsn``, serving HTTP on ``http_port``."""
     path.write_text(
         f'[mqtt]\nurl = "{broker.url}"\n\n[postgres]\ndsn = "{dsn}"\n\n'
-        f'[http]\nlisten = "127.0.0.1:{http_port}"\n'
+        f'[http]\nlisten = "127.0.0.1:{http_port}"\n\n'
+        '[events]\noldest = "2000-01-01"\nmax_future = "1h"\n'
     )
     return path
 
@@ -133,15 +136,26 @@ def test_ingest_serves_health_readiness_and_metrics(
         deliver_until_acked(client, good)
         client.publish("edge/gw-bad/sync", b'{"gateway": "gw-bad", "stream": "not a uuid"}')
         client.publish("edge/gw-bad/sync", b"not json")
+        # A range claimed without its events (a forged ack), an event dated before [events]
+        # oldest, one dated more than max_future ahead.
+        forged = {**batch_doc(1, 5, stream=str(uuid.uuid4()), gateway="gw-bad"), "events": []}
+        client.publish("edge/gw-bad/sync", dumps(forged))
+        for moment in ("1999-12-31T23:59:59Z", "2999-01-01T00:00:00Z"):
+            dated = batch_doc(1, 1, stream=str(uuid.uuid4()), gateway="gw-bad")
+            dated["events"][0]["ts"] = moment
+            client.publish("edge/gw-bad/sync", dumps(dated))
         wait_until(
             lambda: (
-                metrics(port).get(f'{PREFIX}_malformed_by_sender_total{{sender="gw-bad"}}') == 2.0
+                metrics(port).get(f'{PREFIX}_malformed_by_sender_total{{sender="gw-bad"}}') == 5.0
             ),
             timeout=15,
-            message="two malformed batches counted for gw-bad",
+            message="five malformed batches counted for gw-bad",
         )
     samples = metrics(port)
-    assert samples[f"{PREFIX}_malformed_total"] == 2.0
+    assert samples[f"{PREFIX}_malformed_total"] == 5.0
+    assert samples[f"{PREFIX}_uncovered_total"] == 1.0
+    assert samples[f"{PREFIX}_out_of_window_total"] == 2.0
+    assert samples[f"{PREFIX}_absurd_rows"] == 0.0
     assert f'{PREFIX}_malformed_by_sender_total{{sender="gw-good"}}' not in samples
     assert samples[f"{PREFIX}_batches_committed_total"] >= 1
     assert samples[f"{PREFIX}_rows_inserted_total"] == 5.0  # resends are counted as duplicates
@@ -149,7 +163,7 @@ def test_ingest_serves_health_readiness_and_metrics(
     assert samples[f"{PREFIX}_maintenance_runs_total"] >= 1
     status, body = get(port, "/status")
     assert status == 200
-    assert json.loads(body)["stats"]["malformed_by_sender"] == {"gw-bad": 2}
+    assert json.loads(body)["stats"]["malformed_by_sender"] == {"gw-bad": 5}
 
     assert ingest.stop() == 0
     log = read_text_lossy(tmp_path / "ingest.log")

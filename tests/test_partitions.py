@@ -6,17 +6,19 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from unittest import mock
 
 import asyncpg
 import pytest
 
 from sync.central.partitions import (
+    AbsurdRows,
     list_partitions,
     maintain_partitions,
     month_index,
     partition_name,
 )
-from sync.central.schema import SCHEMA_VERSION, migrate
+from sync.central.schema import MIGRATIONS, SCHEMA_VERSION, migrate
 
 NOV_2026 = datetime(2026, 11, 15, 12, 0, tzinfo=UTC)
 
@@ -59,7 +61,7 @@ async def test_migrate_is_idempotent_and_safe_for_concurrent_replicas(
         assert versions == [SCHEMA_VERSION] * 4
         assert await migrate(conns[0]) == SCHEMA_VERSION  # and once more, later
         applied = await conns[0].fetch("SELECT version FROM edge_schema_version")
-        assert [row["version"] for row in applied] == [1]
+        assert [row["version"] for row in applied] == [1, 2]
 
         # The contract's columns, exactly (docs/central.md, "Schema").
         columns = await conns[0].fetch(
@@ -102,6 +104,31 @@ async def test_migrate_is_idempotent_and_safe_for_concurrent_replicas(
     finally:
         for c in conns:
             await c.close()
+
+
+async def test_a_version_1_database_upgrades_and_keeps_its_watermarks(
+    postgres_database: str,
+) -> None:
+    conn = await asyncpg.connect(postgres_database)
+    try:
+        # What a replica of the previous release left behind: version 1 and a stream.
+        with mock.patch("sync.central.schema.MIGRATIONS", MIGRATIONS[:1]):
+            await migrate(conn)
+        assert await conn.fetchval("SELECT max(version) FROM edge_schema_version") == 1
+        stream = uuid.uuid4()
+        assert await conn.fetchval("SELECT edge_commit_range('gw', $1, 1, 10)", stream) == 10
+        assert await conn.fetchval("SELECT to_regproc('edge_commit_ranges')") is None
+
+        assert await migrate(conn) == SCHEMA_VERSION == 2
+        assert (
+            await conn.fetchval("SELECT edge_commit_ranges('gw', $1, '{21,11}', '{30,20}')", stream)
+            == 30
+        )
+        assert await conn.fetchval("SELECT count(*) FROM edge_stream_ranges") == 0
+        applied = await conn.fetch("SELECT version FROM edge_schema_version ORDER BY 1")
+        assert [row["version"] for row in applied] == [1, 2]
+    finally:
+        await conn.close()
 
 
 async def test_maintenance_keeps_current_and_months_ahead_ready(conn: asyncpg.Connection) -> None:
@@ -152,7 +179,7 @@ async def test_maintenance_moves_default_rows_into_new_partitions(
         "2026-08-31T23:59:59.999Z",
         "2025-01-01T00:00:00.000Z",  # still within 24 months
         "2023-01-01T00:00:00.000Z",  # older than the retention: never gets a partition
-        "2027-06-01T00:00:00.000Z",  # beyond months_ahead: waits in the default
+        "2027-06-01T00:00:00.000Z",  # months ahead (the ingest refuses it now): waits there
     )
     before = await placement(conn)
     assert set(before.values()) == {"edge_events_default"}
@@ -160,7 +187,8 @@ async def test_maintenance_moves_default_rows_into_new_partitions(
     report = await maintain_partitions(conn, months_ahead=1, retention_months=24, now=NOV_2026)
     assert report.created == ("edge_events_p202501", "edge_events_p202608")
     assert report.moved_rows == 3
-    assert report.stray_rows == 2
+    assert report.stray_rows == 1
+    assert report.absurd == AbsurdRows(1, 0, "2027-06-01 00:00:00", "2027-06-01 00:00:00")
     assert await placement(conn) == {
         "2023-01-01T00:00:00+00:00": "edge_events_default",
         "2025-01-01T00:00:00+00:00": "edge_events_p202501",

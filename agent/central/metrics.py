@@ -29,6 +29,16 @@ _COUNTERS: tuple[tuple[str, str, Callable[[IngestStats], int]], ...] = (
     ),
     ("malformed", "Malformed S/sync messages skipped unacked.", lambda s: s.malformed),
     (
+        "uncovered",
+        "Malformed batches claiming a seq neither sent nor declared dropped.",
+        lambda s: s.uncovered,
+    ),
+    (
+        "out_of_window",
+        "Malformed batches with an event dated outside the accepted event times.",
+        lambda s: s.out_of_window,
+    ),
+    (
         "commit_errors",
         "Commits that failed for neither the data nor an outage; skipped unacked.",
         lambda s: s.commit_errors,
@@ -96,6 +106,12 @@ class _IngestCollector(Collector):
         )
         yield _gauge(
             "queue_depth", "Messages received and not yet taken by a worker.", ingest.queued
+        )
+        yield _gauge(
+            "absurd_rows",
+            "Rows of edge_events_default dated outside the accepted event times (infinite "
+            "included), as of the last partition maintenance.",
+            stats.absurd_rows,
         )
 
 

@@ -61,6 +61,7 @@ def ingest_for(settings: CentralSettings) -> Ingest:
         retention_months=settings.partitions.retention_months,
         maintenance_interval=settings.partitions.maintenance_interval,
         pool_size=settings.postgres.pool_size,
+        event_window=settings.events.window,
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterator, Mapping
+from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from drivers.config import (
     Problem,
     as_written,
 )
+from sync.central.batch import MAX_FUTURE_LIMIT, EventTimeWindow
 
 
 def parse_months(text: str) -> int:
@@ -106,6 +108,38 @@ class PartitionsConfig(ConfigModel):
         return parse_months(self.retention)
 
 
+class EventsConfig(ConfigModel):
+    """Which event times the ingest accepts (docs/central.md, "Validation")."""
+
+    oldest: date = Field(
+        default=date(1970, 1, 1),
+        gt=date(1, 1, 1),
+        description="A batch with an event dated before this day (00:00 UTC) is malformed: "
+        "never stored nor acked.",
+        examples=["1970-01-01", "2020-01-01"],
+    )
+    max_future: Duration = Field(
+        default=as_written("1d"),
+        ge=0,
+        le=MAX_FUTURE_LIMIT.total_seconds(),
+        description="A batch with an event dated more than this after the ingest's clock is "
+        "malformed; its gateway resends it, and it is accepted once within (at most 366d).",
+    )
+
+    def problems(self) -> Iterator[Problem]:
+        """An ``oldest`` in the future would refuse every event."""
+        if self.oldest > datetime.now(UTC).date():
+            yield (("oldest",), "is in the future: every event would be refused")
+
+    @property
+    def window(self) -> EventTimeWindow:
+        """The accepted event times."""
+        return EventTimeWindow(
+            oldest=datetime.combine(self.oldest, time(), UTC),
+            max_future=timedelta(seconds=self.max_future),
+        )
+
+
 class IngestHttpConfig(HttpConfig):
     """Health and metrics of the ingest."""
 
@@ -120,6 +154,7 @@ class CentralSettings(SettingsFile):
     mqtt: IngestMqttConfig
     postgres: PostgresConfig
     partitions: PartitionsConfig = Field(default_factory=PartitionsConfig)
+    events: EventsConfig = Field(default_factory=EventsConfig)
     http: IngestHttpConfig = Field(default_factory=IngestHttpConfig)
 
     def problems(self) -> Iterator[Problem]:
@@ -128,6 +163,8 @@ class CentralSettings(SettingsFile):
             yield (("mqtt", *loc), reason)
         for loc, reason in self.postgres.problems():
             yield (("postgres", *loc), reason)
+        for loc, reason in self.events.problems():
+            yield (("events", *loc), reason)
 
 
 def load_central_settings(

@@ -3,8 +3,9 @@ database's availability (retried with back-off, logged once per outage).
 
 The transaction (docs/central.md, "What one batch does"): COPY the rows into the connection's
 temporary staging table, ``INSERT INTO edge_events ... ON CONFLICT DO NOTHING``, then
-``edge_commit_range`` records the batch's seq range and advances the stream's watermark under
-the stream's row lock. Nothing is acked before COMMIT returned (docs/delivery.md).
+``edge_commit_ranges`` records the batch's seq range and the ranges its gap events declare
+dropped, and advances the stream's watermark under the stream's row lock. Nothing is acked
+before COMMIT returned (docs/delivery.md).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ _INSERT = (
     f"INSERT INTO edge_events ({_COLUMN_LIST}) "
     f"SELECT {_COLUMN_LIST} FROM {STAGING_TABLE} ON CONFLICT DO NOTHING"
 )
-_COMMIT_RANGE = "SELECT edge_commit_range($1, $2, $3, $4)"
+_COMMIT_RANGES = "SELECT edge_commit_ranges($1, $2, $3::bigint[], $4::bigint[])"
 
 # The server or the connection is away or overloaded: retry the same batch later.
 _TRANSIENT: tuple[type[BaseException], ...] = (
@@ -81,8 +82,8 @@ async def commit_batch(conn: Any, batch: Batch) -> tuple[int, int]:
     """Commit a batch in one transaction; return (stream watermark, rows newly inserted).
 
     ``conn`` must have been through ``prepare_connection``. Rows already stored (a resend,
-    another replica) are absorbed by ``ON CONFLICT DO NOTHING``; the batch's range is recorded
-    and the watermark advanced under the stream's row lock in the same transaction.
+    another replica) are absorbed by ``ON CONFLICT DO NOTHING``; the batch's covered ranges are
+    recorded and the watermark advanced under the stream's row lock in the same transaction.
     """
     inserted = 0
     async with conn.transaction():
@@ -91,7 +92,11 @@ async def commit_batch(conn: Any, batch: Batch) -> tuple[int, int]:
             status = await conn.execute(_INSERT)
             inserted = int(status.rsplit(" ", 1)[-1])
         acked = await conn.fetchval(
-            _COMMIT_RANGE, batch.gateway, batch.stream_id, batch.first_seq, batch.last_seq
+            _COMMIT_RANGES,
+            batch.gateway,
+            batch.stream_id,
+            [first for first, _ in batch.covered],
+            [last for _, last in batch.covered],
         )
     return int(acked), inserted
 

@@ -4,10 +4,12 @@ Flow per batch (docs/central.md, "What one batch does"): parse and validate (bat
 transaction (commit.py) -> COMMIT -> publish ``S/ack`` with the stream's watermark. Nothing is
 acked that is not committed (docs/delivery.md).
 
-The watermark is computed over committed batch *ranges*, not rows: a batch covers every seq in
-``[first_seq, last_seq]`` (seqs absent from ``events`` were dropped at the gateway and declared
-by a ``gap`` event). Out-of-order batches, resends and several replicas are all handled in the
-database under a row lock on the stream, so the watermark only ever moves up.
+The watermark is computed over committed *ranges*, not rows: a batch is accepted only when it
+is self-covering (every seq of ``[first_seq, last_seq]`` is one of its events or declared
+dropped by one of its ``gap`` events), and it records its range and the ranges its gap events
+declare. So the watermark never passes a seq that was neither stored nor declared dropped.
+Out-of-order batches, resends and several replicas are all handled in the database under a
+row lock on the stream, so the watermark only ever moves up.
 
 PostgreSQL down: the batch in hand is retried with jittered back-off until it commits (asyncpg's
 pool reconnects), no ack goes out meanwhile, and new messages wait in a bounded queue; when that
@@ -26,7 +28,16 @@ from typing import Any
 
 import asyncpg  # type: ignore[import-untyped, unused-ignore]
 
-from sync.central.batch import GATEWAY_ID, Batch, MalformedBatch, parse_batch
+from sync.central.batch import (
+    DEFAULT_EVENT_WINDOW,
+    GATEWAY_ID,
+    Batch,
+    EventTimeOutOfWindow,
+    EventTimeWindow,
+    MalformedBatch,
+    UncoveredSeqs,
+    parse_batch,
+)
 from sync.central.commit import (
     DatabaseAvailability,
     commit_pooled,
@@ -78,8 +89,12 @@ class Ingest:
         retry_min: float = 0.2,
         retry_max: float = 5.0,
         maintenance_debounce: float | None = 10.0,
+        event_window: EventTimeWindow = DEFAULT_EVENT_WINDOW,
     ) -> None:
-        """``mqtt`` must not be started yet: ``run`` subscribes, starts and closes it."""
+        """``mqtt`` must not be started yet: ``run`` subscribes, starts and closes it.
+
+        Batches with an event dated outside ``event_window`` are malformed.
+        """
         if not sync_prefix or "+" in sync_prefix or "#" in sync_prefix:
             raise ValueError(f"invalid sync_prefix {sync_prefix!r}")
         if shared_group is not None and not GATEWAY_ID.fullmatch(shared_group):
@@ -99,7 +114,9 @@ class Ingest:
             retention_months=retention_months,
             interval=maintenance_interval,
             debounce=maintenance_debounce,
+            event_window=event_window,
         )
+        self._event_window = event_window
         self._dsn = dsn
         self._mqtt = mqtt
         self._prefix = sync_prefix
@@ -264,8 +281,12 @@ class Ingest:
             if self._queue.empty():
                 self._overflow_logged = False
             try:
-                batch = parse_batch(sender, payload)
+                batch = parse_batch(sender, payload, window=self._event_window)
             except MalformedBatch as exc:
+                if isinstance(exc, UncoveredSeqs):
+                    self.stats.uncovered += 1
+                elif isinstance(exc, EventTimeOutOfWindow):
+                    self.stats.out_of_window += 1
                 self._count_malformed(sender, str(exc))
                 continue
             self._maintenance.note_months(batch.months)

@@ -12,6 +12,7 @@ from typing import Any
 
 import asyncpg  # type: ignore[import-untyped, unused-ignore]
 
+from sync.central.batch import EventTimeWindow
 from sync.central.commit import DatabaseAvailability, describe, is_transient
 from sync.central.partitions import kept_window, maintain_partitions
 from sync.central.stats import IngestStats
@@ -56,6 +57,7 @@ class PartitionMaintenance:
         retention_months: int,
         interval: float,
         debounce: float | None,
+        event_window: EventTimeWindow,
     ) -> None:
         """``debounce`` None: never run early, only every ``interval`` seconds."""
         if months_ahead < 0 or retention_months < 1:
@@ -70,6 +72,7 @@ class PartitionMaintenance:
         self._retention_months = retention_months
         self._interval = interval
         self._debounce = debounce
+        self._event_window = event_window
         self._covered: frozenset[int] = frozenset()
         self._wake = asyncio.Event()
         self._last_ok = True
@@ -117,6 +120,7 @@ class PartitionMaintenance:
                     conn,
                     months_ahead=self._months_ahead,
                     retention_months=self._retention_months,
+                    event_window=self._event_window,
                 )
         except Exception as exc:
             self._last_ok = False
@@ -129,3 +133,4 @@ class PartitionMaintenance:
         self._last_ok = True
         self._covered = report.covered
         self._stats.maintenance_runs += 1
+        self._stats.absurd_rows = report.absurd.count

@@ -15,6 +15,11 @@ Months older than the retention are never created; their stray rows stay in the 
 partition (reported, never deleted silently: docs/central.md, "Partitions"). Whole partitions
 older than the retention are detached and dropped.
 
+Rows whose event time lies outside the ingest's event time window (``-infinity``/``infinity``,
+year 1, year 9999: stored before the ingest refused them, or by hand) are left alone and
+reported: their month is never computed (``extract`` of an infinite time cannot be cast to an
+integer), so they cannot stop the maintenance of every other month.
+
 Everything runs under one session advisory lock, so any number of replicas can maintain.
 """
 
@@ -27,6 +32,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from sync.central.batch import DEFAULT_EVENT_WINDOW, EventTimeWindow
 from sync.central.schema import MAINTENANCE_LOCK_KEY
 
 log = logging.getLogger("edge_agent.partitions")
@@ -45,6 +51,17 @@ class MaintenanceReport:
     moved_rows: int
     stray_rows: int
     covered: frozenset[int]
+    absurd: AbsurdRows
+
+
+@dataclass(frozen=True, slots=True)
+class AbsurdRows:
+    """Rows of the default partition dated outside the event time window (text: UTC)."""
+
+    count: int
+    infinite: int
+    earliest: str | None
+    latest: str | None
 
 
 def month_index(moment: datetime) -> int:
@@ -101,17 +118,38 @@ async def list_partitions(conn: Any) -> dict[int, str]:
     return found
 
 
-async def _default_months(conn: Any) -> dict[int, int]:
-    """Month index -> row count of the rows waiting in the default partition."""
+async def _default_months(
+    conn: Any, earliest: datetime, latest: datetime
+) -> tuple[dict[int, int], AbsurdRows]:
+    """Month index -> row count of the rows waiting in the default partition dated within
+    [earliest, latest], and the rows dated outside it."""
+    # One scan. Outside the window the month is NULL (CASE evaluates only its branch: no
+    # extract of an infinite time), and the bounds are text: asyncpg decodes neither years
+    # before 1 nor after 9999.
     rows = await conn.fetch(
         f"""
-        SELECT extract(year FROM ts AT TIME ZONE 'UTC')::int AS y,
-               extract(month FROM ts AT TIME ZONE 'UTC')::int AS m,
-               count(*) AS n
-        FROM {DEFAULT_PARTITION} GROUP BY 1, 2
-        """
+        WITH r AS (
+          SELECT ts, ts >= $1 AND ts <= $2 AS plausible FROM {DEFAULT_PARTITION}
+        )
+        SELECT CASE WHEN plausible THEN extract(year FROM ts AT TIME ZONE 'UTC')::int END AS y,
+               CASE WHEN plausible THEN extract(month FROM ts AT TIME ZONE 'UTC')::int END AS m,
+               count(*) AS n,
+               count(*) FILTER (WHERE NOT isfinite(ts)) AS infinite,
+               (min(ts) AT TIME ZONE 'UTC')::text AS earliest,
+               (max(ts) AT TIME ZONE 'UTC')::text AS latest
+        FROM r GROUP BY 1, 2
+        """,
+        earliest,
+        latest,
     )
-    return {int(row["y"]) * 12 + int(row["m"]) - 1: int(row["n"]) for row in rows}
+    months: dict[int, int] = {}
+    absurd = AbsurdRows(0, 0, None, None)
+    for row in rows:
+        if row["y"] is None:
+            absurd = AbsurdRows(int(row["n"]), int(row["infinite"]), row["earliest"], row["latest"])
+        else:
+            months[int(row["y"]) * 12 + int(row["m"]) - 1] = int(row["n"])
+    return months, absurd
 
 
 async def create_partition(conn: Any, index: int, *, lock_timeout: float = 10.0) -> int:
@@ -175,8 +213,12 @@ async def maintain_partitions(
     retention_months: int,
     now: datetime | None = None,
     lock_timeout: float = 10.0,
+    event_window: EventTimeWindow = DEFAULT_EVENT_WINDOW,
 ) -> MaintenanceReport:
-    """Create ahead, adopt default-partition rows, drop past retention (advisory-locked)."""
+    """Create ahead, adopt default-partition rows, drop past retention (advisory-locked).
+
+    Default-partition rows dated outside ``event_window`` are reported, never adopted.
+    """
     if months_ahead < 0 or retention_months < 1:
         raise ValueError("need months_ahead >= 0 and retention_months >= 1")
     moment = now if now is not None else datetime.now(UTC)
@@ -194,7 +236,7 @@ async def maintain_partitions(
             if index < oldest:
                 await drop_partition(conn, existing[index], lock_timeout=lock_timeout)
                 dropped.append(existing.pop(index))
-        waiting = await _default_months(conn)
+        waiting, absurd = await _default_months(conn, *event_window.bounds(moment))
         wanted = set(range(current, newest + 1))
         wanted.update(index for index in waiting if oldest <= index <= newest)
         created: list[str] = []
@@ -222,10 +264,23 @@ async def maintain_partitions(
             DEFAULT_PARTITION,
             months_ahead,
         )
+    if absurd.count:
+        log.warning(
+            "partitions: %d rows in %s are dated outside the accepted event times %s "
+            "(%d infinite; earliest %s, latest %s UTC): kept there, never deleted; a row "
+            'moves only if a partition of its month is made (docs/central.md, "Partitions")',
+            absurd.count,
+            DEFAULT_PARTITION,
+            event_window.describe(),
+            absurd.infinite,
+            absurd.earliest,
+            absurd.latest,
+        )
     return MaintenanceReport(
         created=tuple(created),
         dropped=tuple(dropped),
         moved_rows=moved,
         stray_rows=stray,
         covered=frozenset(existing),
+        absurd=absurd,
     )

@@ -127,9 +127,69 @@ LEFT JOIN LATERAL jsonb_array_elements(
 WHERE e.kind = 'gap';
 """
 
+# Version 2: a batch records several ranges at once: its own and each range its gap events
+# declare dropped (docs/central.md, "What the ingest acknowledges"). One call, one walk.
+# edge_commit_range (version 1) stays for replicas of the previous release during an upgrade.
+_V2 = r"""
+-- Record that the ranges [p_firsts[i], p_lasts[i]] of a stream are committed or declared
+-- dropped (in the caller's transaction) and return the stream's new watermark: the highest s
+-- such that [1..s] is covered by the union of recorded ranges. The stream row is locked first,
+-- so concurrent commits of one stream (several workers, several replicas) are serialised here
+-- and each sees the others' ranges.
+CREATE OR REPLACE FUNCTION edge_commit_ranges(
+  p_gateway text, p_stream uuid, p_firsts bigint[], p_lasts bigint[]
+) RETURNS bigint
+LANGUAGE plpgsql VOLATILE AS $fn$
+DECLARE
+  w bigint;
+  r record;
+BEGIN
+  IF cardinality(p_firsts) IS DISTINCT FROM cardinality(p_lasts) THEN
+    RAISE EXCEPTION 'edge_commit_ranges: % firsts for % lasts',
+      cardinality(p_firsts), cardinality(p_lasts)
+      USING ERRCODE = 'invalid_parameter_value';
+  END IF;
+
+  INSERT INTO edge_streams (gateway_id, stream_id, acked_seq, last_seen)
+  VALUES (p_gateway, p_stream, 0, now())
+  ON CONFLICT (gateway_id, stream_id) DO NOTHING;
+
+  SELECT acked_seq INTO w FROM edge_streams
+  WHERE gateway_id = p_gateway AND stream_id = p_stream
+  FOR UPDATE;
+
+  -- Ranges at or below the watermark add nothing.
+  INSERT INTO edge_stream_ranges (gateway_id, stream_id, first_seq, last_seq)
+  SELECT p_gateway, p_stream, u.f, u.l FROM unnest(p_firsts, p_lasts) AS u(f, l)
+  WHERE u.l > w
+  ON CONFLICT DO NOTHING;
+
+  IF EXISTS (SELECT 1 FROM unnest(p_lasts) AS u(l) WHERE u.l > w) THEN
+    -- Walk the pending ranges in order: each one touching [1..w] extends w. (first_seq - 1,
+    -- not w + 1: w may be 2^63 - 1.)
+    FOR r IN
+      SELECT first_seq, last_seq FROM edge_stream_ranges
+      WHERE gateway_id = p_gateway AND stream_id = p_stream
+      ORDER BY first_seq
+    LOOP
+      EXIT WHEN r.first_seq - 1 > w;
+      w := greatest(w, r.last_seq);
+    END LOOP;
+    DELETE FROM edge_stream_ranges
+    WHERE gateway_id = p_gateway AND stream_id = p_stream AND last_seq <= w;
+  END IF;
+
+  UPDATE edge_streams SET acked_seq = w, last_seen = now()
+  WHERE gateway_id = p_gateway AND stream_id = p_stream;
+  RETURN w;
+END
+$fn$;
+"""
+
 # (version, description, SQL). Append new versions; never edit an applied one.
 MIGRATIONS: tuple[tuple[int, str, str], ...] = (
     (1, "edge_events (monthly partitions), edge_streams, edge_stream_ranges, edge_gaps", _V1),
+    (2, "edge_commit_ranges: a batch's range and its gap events' declared ranges", _V2),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

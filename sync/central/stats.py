@@ -10,7 +10,7 @@ OTHER_SENDERS = "(other)"
 
 @dataclass(slots=True)
 class IngestStats:
-    """Counters for metrics and tests."""
+    """Counters (and one gauge) for metrics and tests."""
 
     messages: int = 0
     batches_committed: int = 0
@@ -18,6 +18,10 @@ class IngestStats:
     rows_duplicate: int = 0
     malformed: int = 0
     malformed_by_sender: dict[str, int] = field(default_factory=dict)
+    # Among the malformed: batches claiming seqs neither sent nor declared dropped, and batches
+    # with an event dated outside the accepted window (docs/central.md, "Validation").
+    uncovered: int = 0
+    out_of_window: int = 0
     commit_errors: int = 0
     db_failures: int = 0
     acks_published: int = 0
@@ -25,6 +29,8 @@ class IngestStats:
     overflow_dropped: int = 0
     maintenance_runs: int = 0
     maintenance_failures: int = 0
+    # A gauge: default-partition rows dated outside the window, as of the last maintenance run.
+    absurd_rows: int = 0
 
     def count_malformed(self, sender: str) -> bool:
         """Count one malformed message from ``sender``; True if it is the first of its key."""
