@@ -93,9 +93,11 @@ async def ingest_rate(
             await client.wait_connected()
         async with publisher:
             await publisher.wait_connected()
-            # Warm-up: one small batch proves the subscription and the sessions are ready.
+            # Warm-up: one small batch proves the subscription and the sessions are ready. It
+            # carries its one event: the ingest acks no seq it has not stored (docs/central.md).
             warm = {"gateway": "warmup", "stream": str(uuid.uuid4()), "first_seq": 1}
-            warm |= {"last_seq": 1, "events": []}
+            event = {"seq": 1, "ts": rfc3339(time.time()), "kind": "agent", "value": None}
+            warm |= {"last_seq": 1, "events": [event]}
             while "warmup" not in acked:
                 publisher.publish("edge/warmup/sync", dumps(warm), qos=1)
                 with contextlib.suppress(TimeoutError):
