@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from agent.central.settings import load_central_settings
 from agent.cli import main
 from agent.settings.loader import ConfigError, load_agent_settings
 from agent.settings.schema import agent_schema
+from sync.central.batch import EventTimeWindow
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO / "config"
@@ -715,6 +717,32 @@ def test_central_dsn_required(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_central_settings(path, environ={})
     assert info.value.problems == ["postgres.dsn: required (or dsn_file) (line 3)"]
+
+
+def test_central_events_window(tmp_path: Path) -> None:
+    head = '[mqtt]\nurl = "mqtt://x"\n[postgres]\ndsn = "postgresql://i@db/p"\n'
+    default = load_central_settings(_write(tmp_path, head, "c.toml"), environ={})
+    assert default.events.window == EventTimeWindow(
+        oldest=datetime(1970, 1, 1, tzinfo=UTC), max_future=timedelta(days=1)
+    )
+    # A TOML date or a string; a duration.
+    for oldest in ("2000-01-01", '"2000-01-01"'):
+        path = _write(tmp_path, f'{head}[events]\noldest = {oldest}\nmax_future = "2h"\n', "c.toml")
+        window = load_central_settings(path, environ={}).events.window
+        assert window == EventTimeWindow(
+            oldest=datetime(2000, 1, 1, tzinfo=UTC), max_future=timedelta(hours=2)
+        )
+    bad = {
+        'oldest = "0001-01-01"': "events.oldest: Input should be greater than 0001-01-01",
+        'oldest = "2999-01-01"': "events.oldest: is in the future: every event would be refused",
+        'max_future = "400d"': "events.max_future: Input should be less than or equal to",
+        'max_future = "1 day"': "events.max_future: invalid duration",
+    }
+    for line, problem in bad.items():
+        path = _write(tmp_path, f"{head}[events]\n{line}\n", "c.toml")
+        with pytest.raises(ConfigError) as info:
+            load_central_settings(path, environ={})
+        assert any(p.startswith(problem) for p in info.value.problems), info.value.problems
 
 
 def test_schema_file_is_current() -> None:
