@@ -68,8 +68,14 @@ class EventTimeWindow:
         return self.oldest, moment + self.max_future
 
     def describe(self) -> str:
-        """``[oldest, now + max_future]`` for messages."""
-        return f"[{self.oldest.isoformat()}, now + {self.max_future}]"
+        """``[oldest, now + max_future]`` for messages, as the config file writes them."""
+        seconds = self.max_future.total_seconds()
+        ahead = f"{seconds:g}s"
+        for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+            if seconds and seconds % size == 0:
+                ahead = f"{seconds // size:g}{unit}"
+                break
+        return f"[{self.oldest.isoformat()}, now + {ahead}]"
 
 
 DEFAULT_EVENT_WINDOW = EventTimeWindow()
