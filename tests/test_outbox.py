@@ -324,25 +324,29 @@ async def test_cap_drops_oldest_samples_only_and_records_exact_gaps(tmp_path: Pa
         assert outbox.dropped_total == dropped
 
 
-async def test_read_batch_tiles_the_seq_space_after_drops(tmp_path: Path) -> None:
+async def test_read_batch_never_claims_a_dropped_seq(tmp_path: Path) -> None:
     async with Outbox(tmp_path / "outbox.db", max_size=CAP, commit_interval=0.001) as outbox:
         i = 0
         while outbox.dropped_total == 0:
             await outbox.append([sample(i + k, size=200) for k in range(50)] + [state(i)])
             i += 51
-        # A lease that has already sent seq 1..5 continues at 6 although 6.. were dropped.
+        # A lease that has already sent seq 1..5 continues at the first seq still there: 6..
+        # were dropped, and a batch claims only seqs it carries (docs/topics.md).
         batch = await outbox.read_batch(5, 10, 1 << 20)
-        assert batch.first_seq == 6
-        assert batch.events[0].seq > 6
+        assert batch.first_seq == batch.events[0].seq > 6
         batches = await read_all(outbox, max_events=37)
-        assert batches[0][0] == 1
-        for (_, last, _), (first, _, _) in itertools.pairwise(batches):
-            assert first == last + 1
-        assert batches[-1][1] == outbox.committed_seq
+        claimed: set[int] = set()
+        declared: set[int] = set()
         for first, last, events in batches:
-            assert [e.seq for e in events] == sorted(e.seq for e in events)
-            assert first <= events[0].seq
-            assert events[-1].seq == last
+            assert [e.seq for e in events] == list(range(first, last + 1))  # a run, all there
+            claimed.update(range(first, last + 1))
+            for event in events:
+                if event.kind == "gap":
+                    for low, high in event.value["ranges"]:
+                        declared.update(range(low, high + 1))
+        # Every seq is carried by a batch or declared dropped by a gap event, never both.
+        assert claimed | declared == set(range(1, outbox.committed_seq + 1))
+        assert not claimed & declared
 
 
 async def test_read_batch_cuts_by_bytes_and_sends_a_large_event_alone(tmp_path: Path) -> None:

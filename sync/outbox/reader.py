@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sync.outbox.codec import KIND_NAMES, StoredEvent, StoredRow
+from sync.outbox.codec import KIND_CODES, KIND_NAMES, StoredEvent, StoredRow
 from sync.outbox.database import Database
 from sync.outbox.state import OutboxState
 
@@ -23,10 +23,10 @@ _MIN_WIRE_EVENT = 96
 class Batch:
     """A lease of the oldest unacknowledged events after some seq, obeying the coverage rule.
 
-    The batch covers every seq in ``[first_seq, last_seq]``; seqs in that range that are not in
-    ``events`` were dropped by the cap (a gap event declares them). ``first_seq`` is the seq
-    after the one the reader asked to continue from, so consecutive batches tile the seq space.
-    An empty batch (``last_seq == first_seq - 1``) means nothing is there to send.
+    A batch claims exactly the seqs of its events: ``[first_seq, last_seq]`` is a run of
+    consecutive seqs, all in ``events`` (docs/topics.md). Seqs the size cap dropped are never
+    claimed by a batch; the gap event that declares them does that, later in the stream. An
+    empty batch (``last_seq == first_seq - 1``) means nothing is there to send.
     """
 
     stream: str
@@ -51,10 +51,9 @@ class BatchReader:
         self._tail = tail
 
     async def read(self, after_seq: int, max_events: int, max_bytes: int) -> Batch:
-        """The oldest committed events after `after_seq`, cut by events or wire bytes.
-
-        The batch covers ``[after_seq + 1, last_seq]`` (``after_seq`` is raised to the acked
-        seq when lower). An event larger than `max_bytes` comes alone in its own batch.
+        """The oldest committed events after `after_seq` (raised to the acked seq when lower):
+        a run of consecutive seqs, cut by events, wire bytes or a hole. An event larger than
+        `max_bytes` comes alone in its own batch.
         """
         if max_events < 1 or max_bytes < 1:
             raise ValueError("max_events and max_bytes must be >= 1")
@@ -78,14 +77,29 @@ class BatchReader:
         wire: list[bytes] = []
         size = -1  # n items joined by n - 1 commas
         for row in rows:
-            event = StoredEvent(
-                int(row[0]), row[1], KIND_NAMES[row[2]], row[3], row[4], row[5], row[6]
-            )
+            seq = int(row[0])
+            if events and seq != events[-1].seq + 1:
+                break  # a hole the cap left: the next batch starts after it
+            event = StoredEvent(seq, row[1], KIND_NAMES[row[2]], row[3], row[4], row[5], row[6])
             encoded = event.wire().encode()
             if events and size + 1 + len(encoded) > max_bytes:
                 break
             size += 1 + len(encoded)
             events.append(event)
             wire.append(encoded)
-        last = events[-1].seq if events else start
-        return Batch(self._state.stream, start + 1, last, tuple(events), tuple(wire))
+        if not events:
+            return Batch(self._state.stream, start + 1, start, (), ())
+        return Batch(self._state.stream, events[0].seq, events[-1].seq, tuple(events), tuple(wire))
+
+    async def read_gaps(self, after_seq: int, limit: int) -> tuple[StoredEvent, ...]:
+        """The oldest gap events after `after_seq` (raised to the acked seq when lower)."""
+        start = max(after_seq, self._state.acked_seq)
+        async with self._database.lock:
+            rows = await self._database.conn().execute_fetchall(
+                f"{_SELECT} WHERE kind = {KIND_CODES['gap']} AND seq > ? ORDER BY seq LIMIT ?",
+                (start, limit),
+            )
+        return tuple(
+            StoredEvent(int(row[0]), row[1], KIND_NAMES[row[2]], row[3], row[4], row[5], row[6])
+            for row in rows
+        )

@@ -32,7 +32,7 @@ import aiosqlite
 from sync.events import Event
 from sync.outbox.acks import Acks
 from sync.outbox.cap import SizeCap
-from sync.outbox.codec import StoredRow, encode_event
+from sync.outbox.codec import StoredEvent, StoredRow, encode_event
 from sync.outbox.database import Database
 from sync.outbox.errors import OutboxFull, OutboxUnavailable
 from sync.outbox.reader import Batch, BatchReader
@@ -137,12 +137,15 @@ class Outbox:
         return await self._writer.append([encode_event(event) for event in events])
 
     async def read_batch(self, after_seq: int, max_events: int, max_bytes: int) -> Batch:
-        """The oldest committed events after `after_seq`, cut by events or wire bytes.
-
-        The batch covers ``[after_seq + 1, last_seq]`` (``after_seq`` is raised to the acked
-        seq when lower). An event larger than `max_bytes` comes alone in its own batch.
+        """The oldest committed events after `after_seq` (raised to the acked seq when lower):
+        a run of consecutive seqs, cut by events, wire bytes or a hole the cap left. An event
+        larger than `max_bytes` comes alone in its own batch.
         """
         return await self._reader.read(after_seq, max_events, max_bytes)
+
+    async def read_gaps(self, after_seq: int, limit: int = 64) -> tuple[StoredEvent, ...]:
+        """The oldest gap events after `after_seq` (the forwarder sends them early)."""
+        return await self._reader.read_gaps(after_seq, limit)
 
     async def ack(self, stream: str, acked_seq: int) -> bool:
         """Delete every event covered by the central store's ack; False if nothing changed.

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from sync.events import Event
 from sync.mqtt.client import Message
+from sync.uplink.sink import SinkFigure
 
 log = logging.getLogger("edge_agent.forwarder")
 
@@ -103,6 +104,22 @@ class AckCheck:
             time.time(),
             "alarm",
             value={"source": "uplink", "severity": "critical", "message": text},
+        )
+
+    def figures(self) -> tuple[SinkFigure, ...]:
+        """The acks that deleted nothing, for /metrics."""
+        counts = self.counts
+        return (
+            SinkFigure(
+                "sync_acks_refused",
+                "S/ack messages beyond the last seq sent: deleted nothing (forged or a bug).",
+                counts.refused,
+            ),
+            SinkFigure(
+                "sync_acks_ignored",
+                "S/ack messages malformed, for another stream, or for seqs sent before a restart.",
+                counts.malformed + counts.foreign + counts.stale,
+            ),
         )
 
     @property

@@ -1,9 +1,9 @@
 """The forwarder: sends the outbox as S/sync batches and deletes what S/ack covers.
 
 Contract (docs/topics.md, docs/delivery.md): ``{sync_prefix}/{gateway}/sync`` carries batches
-``{"gateway","stream","first_seq","last_seq","events":[...]}`` at QoS 1. Consecutive batches tile
-the seq space (each starts at the previous one's last_seq + 1; seqs missing inside were dropped
-by the cap and are declared by a gap event). The central store answers on
+``{"gateway","stream","first_seq","last_seq","events":[...]}`` at QoS 1. A batch claims exactly
+its events, a run of consecutive seqs; seqs the cap dropped are skipped and declared by the
+cap's gap event later in the stream. The central store answers on
 ``{sync_prefix}/{gateway}/ack`` with ``{"stream","acked_seq"}``, its contiguous watermark; only
 that deletes events here — a PUBACK only means the broker has the message.
 
@@ -41,11 +41,11 @@ from dataclasses import dataclass
 from functools import partial
 
 from sync.events import Event
-from sync.mqtt import wire
 from sync.mqtt.client import Message, MqttClient, NotConnected, PublishRejected
 from sync.outbox.store import Batch, Outbox, OutboxUnavailable
 from sync.uplink.acks import AckCheck
 from sync.uplink.budget import MIN_BATCH_BYTES, BatchBudget
+from sync.uplink.payloads import SyncPayloads
 from sync.uplink.sink import SinkFigure
 
 log = logging.getLogger("edge_agent.forwarder")
@@ -101,8 +101,8 @@ class Forwarder:
             raise ValueError("max_rate must be >= 0 (0: unlimited)")
         self._outbox = outbox
         self._client = client
-        self._gateway = gateway_id
         self.sync_topic = f"{sync_prefix}/{gateway_id}/sync"
+        self._payloads = SyncPayloads(gateway_id=gateway_id, topic=self.sync_topic, client=client)
         self.ack_topic = f"{sync_prefix}/{gateway_id}/ack"
         self.central_topic = f"{sync_prefix}/_central/status/+"
         # While pacing, keep each batch to about 200 ms worth of events so that the link sees
@@ -130,10 +130,11 @@ class Forwarder:
         self._send_at = 0.0
         self._started = False
         self._acks = AckCheck()
+        # (epoch, dropped_total) when the gap events were last sent ahead of the batches.
+        self._declared: tuple[int, int] | None = None
         self._committed_at_start = 0  # set in run(): what the process before a restart sent
         self._oversized_logged = 0
         self._outbox_error: str | None = None
-        self._envelope_size: int | None = None
         # Counters for metrics and health.
         self.batches_sent = 0
         self.batches_resent = 0
@@ -175,16 +176,7 @@ class Forwarder:
             SinkFigure("sync_batches_resent", "S/sync batches sent again.", self.batches_resent),
             SinkFigure("sync_events_sent", "Events sent on S/sync.", self.events_sent),
             SinkFigure("sync_acks_received", "S/ack messages applied.", self.acks_received),
-            SinkFigure(
-                "sync_acks_refused",
-                "S/ack messages beyond the last seq sent: deleted nothing (forged or a bug).",
-                self._acks.counts.refused,
-            ),
-            SinkFigure(
-                "sync_acks_ignored",
-                "S/ack messages malformed, for another stream, or for seqs sent before a restart.",
-                self._acks.counts.malformed + self._acks.counts.foreign + self._acks.counts.stale,
-            ),
+            *self._acks.figures(),
             SinkFigure(
                 "sync_stalls",
                 "Times no ack came within ack_timeout (or a batch was refused).",
@@ -344,6 +336,7 @@ class Forwarder:
     async def _send(self, now: float) -> float | None:
         """Send batches while the window has room; return a pacing/poll time if one applies."""
         client = self._client
+        await self._declare_drops()
         while len(self._inflight) < self._window and client.is_connected:
             if not client.has_bulk_room:  # a backlog drain must not hold up live values
                 try:
@@ -357,7 +350,9 @@ class Forwarder:
                 return self._send_at
             epoch = self._epoch
             batch = await self._outbox.read_batch(
-                self._next_after, self._batch_events, self._events_budget()
+                self._next_after,
+                self._batch_events,
+                self._payloads.events_budget(self._budget.bytes, self._outbox.stream),
             )
             self._outbox_error = None
             if epoch != self._epoch or self._reconnected or self._rejected is not None:
@@ -388,32 +383,21 @@ class Forwarder:
                 self._send_at = max(self._send_at, now) + len(batch.events) / self._max_rate
         return None
 
-    # -- encoding ------------------------------------------------------------------------------
+    async def _declare_drops(self) -> None:
+        """Send the gap events above the watermark ahead of the batches, once per epoch and
+        after every new drop: seqs the cap dropped are declared only by a gap event later in
+        the stream, and the central watermark cannot pass them before it has that event (a
+        window full of batches after the hole would otherwise wait for it forever)."""
+        key = (self._epoch, self._outbox.dropped_total)
+        if key == self._declared or not self._outbox.dropped_total:
+            return
+        gaps = await self._outbox.read_gaps(self._central_acked)
+        if self._payloads.send_alone(self._outbox.stream, gaps):
+            self._declared = key
 
     def encode(self, batch: Batch) -> bytes:
         """The S/sync payload of `batch` (compact UTF-8 JSON)."""
-        head = (
-            f'{{"gateway":{json.dumps(self._gateway)},"stream":{json.dumps(batch.stream)},'
-            f'"first_seq":{batch.first_seq},"last_seq":{batch.last_seq},"events":['
-        )
-        return b"".join((head.encode(), b",".join(batch.wire_events), b"]}"))
-
-    def _events_budget(self) -> int:
-        """Bytes the events of the next batch may take: the adaptive budget, and never more
-        than the broker's Maximum Packet Size (MQTT 5 CONNACK) allows for the whole packet."""
-        budget = self._budget.bytes
-        limit = self._client.broker_max_packet_size
-        if limit is not None:
-            headers = wire.publish_size(len(self.sync_topic.encode()), limit, 1, True) - limit
-            budget = min(budget, limit - headers)
-        return max(1, budget - self._envelope())
-
-    def _envelope(self) -> int:
-        # Everything but the events, with the longest possible seqs (the stream never changes).
-        if self._envelope_size is None:
-            empty = Batch(self._outbox.stream, 10**18, 10**18, (), ())
-            self._envelope_size = len(self.encode(empty))
-        return self._envelope_size
+        return self._payloads.encode(batch)
 
     def _report_outbox_error(self, exc: OutboxUnavailable) -> None:
         if self._outbox_error != str(exc):
