@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import struct
 
 import pytest
@@ -87,10 +88,54 @@ def test_strings(registers: list[int], length: int, byte_order: str, text: str) 
 def test_string_encoding_pads_and_refuses_long() -> None:
     assert encode_registers("AB", "string", length=4) == [0x4142, 0x0000]
     assert encode_registers("ABC", "string", length=3) == [0x4142, 0x4300]
+    assert encode_registers("café", "string", length=4) == [0x6361, 0x66E9]  # Latin-1
     with pytest.raises(ValueError, match="longer"):
         encode_registers("ABCDE", "string", length=4)
-    with pytest.raises(ValueError, match="cannot hold"):
-        encode_registers("€", "string", length=4)
+
+
+# (tag keys, command value, part of the reason): what the codec cannot encode, refused by the
+# tag's command_value at validation with the codec's own reason (docs/workflows.md).
+UNENCODABLE = [
+    ({"type": "string", "length": 8}, "€uro", "Latin-1 characters only, not '€'"),
+    ({"type": "string", "length": 8}, "日本", "Latin-1 characters only, not '日本'"),
+    ({"type": "string", "length": 8}, "ok 🙂", "Latin-1 characters only"),
+    ({"type": "string", "length": 8}, "A\x00B", "a NUL character would end the PLC string"),
+    ({"type": "string", "length": 4}, "ABCDE", "longer than"),
+    ({"type": "float32"}, 1e39, "does not fit float32"),
+    ({"type": "int16", "scale": 0.1}, 5000, "raw 50000 does not fit int16"),
+    ({"type": "uint16", "offset": 10.0}, 5, "raw -5 does not fit uint16"),
+    ({"type": "uint16"}, 70000, "does not fit"),
+]
+
+
+@pytest.mark.parametrize(("keys", "value", "reason"), UNENCODABLE)
+def test_what_the_codec_cannot_encode_is_refused_at_validation(
+    keys: dict[str, object], value: object, reason: str
+) -> None:
+    tag = ModbusTagConfig(name="t", address="hr:10", **keys)
+    raw = unscale_value(value, tag.type, tag.scale, tag.offset)  # type: ignore[arg-type]
+    with pytest.raises(ValueError):  # noqa: PT011 - the reason is the tag's, checked below
+        encode_registers(raw, tag.type, length=tag.length)
+    with pytest.raises(ValueError, match=re.escape(reason)):
+        tag.command_value(value)
+
+
+@pytest.mark.parametrize(
+    ("keys", "value"),
+    [
+        ({"type": "string", "length": 8}, "café"),
+        ({"type": "string", "length": 8}, "ORD-42"),
+        ({"type": "float32"}, 3.0e38),
+        ({"type": "int16", "scale": 0.1}, 3276.7),
+        ({"type": "uint16", "offset": 10.0}, 10),
+        ({"type": "uint64"}, 2**64 - 1),
+    ],
+)
+def test_what_the_codec_encodes_is_accepted(keys: dict[str, object], value: object) -> None:
+    tag = ModbusTagConfig(name="t", address="hr:10", **keys)
+    converted = tag.command_value(value)
+    raw = unscale_value(converted, tag.type, tag.scale, tag.offset)
+    assert encode_registers(raw, tag.type, length=tag.length)
 
 
 def test_bools_and_bits() -> None:

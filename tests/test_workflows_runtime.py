@@ -525,6 +525,12 @@ def hostile_commands() -> list[tuple[str, bytes, str | None, str]]:
             "ctl-1",
             "control characters",
         ),
+        (
+            "start_order",
+            doc("enc-1", good | {"order_id": "€uro"}),
+            "enc-1",
+            "step 1 (press1/order_id): '€uro': a PLC string holds Latin-1 characters only",
+        ),
         ("start_order", doc("key-1", good | {"sql": "drop"}), "key-1", "unknown parameter(s)"),
         ("start_order", doc("key-2", {"order_id": "A"}), "key-2", "missing parameter(s)"),
         ("start_order", doc("key-3", good, run_as="root"), "key-3", "unknown key(s)"),

@@ -3,8 +3,10 @@ overflow (pure functions and an engine that never connects)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +25,12 @@ from agent.workflows.commands import (
 )
 from agent.workflows.engine import WorkflowEngine
 from agent.workflows.intake import COMMAND_QUEUE
+from drivers.base import Reading
 from drivers.modbus.config import ModbusTagConfig
 from drivers.values import same_value
 from sync.mqtt.client import Message, MqttClient
 from sync.outbox.store import Outbox
+from tests.fixtures.ports import async_wait_until as wait_for
 from tests.fixtures.workflows import settings_for
 
 
@@ -309,3 +313,78 @@ async def test_reconfigure_takes_new_workflows(tmp_path: Path) -> None:
         await engine.reconfigure(reloaded)
     assert set(engine.plans) == {"w", "w2"}
     assert engine.plans["w2"].devices == frozenset({"press1"})
+
+
+STRING_WORKFLOW = """
+[gateway]
+id = "gw"
+site = "s"
+area = "a"
+line = "l"
+data_dir = "{data}"
+
+[mqtt]
+url = "mqtt://127.0.0.1:1"
+
+[[devices]]
+name = "press1"
+driver = "modbus"
+url = "tcp://127.0.0.1:1"
+  [[devices.tags]]
+  name = "order_id"
+  address = "hr:210"
+  type = "string"
+  length = 16
+  writable = true
+
+[[workflows]]
+name = "w"
+params = {{ order = "str:1..16" }}
+rate_limit = "1/1h"
+exclusive = "machine"
+steps = [{{ write = "press1/order_id", value = "{{order}}" }}]
+"""
+
+
+class RecordingDevices:
+    """Devices that answer every read and verified write, and remember the writes."""
+
+    def __init__(self) -> None:
+        self.writes: list[tuple[str, Any]] = []
+
+    async def read(self, ref: str) -> Reading:
+        return Reading(ref.partition("/")[2], "", "good", time.time())
+
+    async def write(self, ref: str, value: Any) -> Any:
+        self.writes.append((ref, value))
+        return value
+
+
+async def test_a_value_the_plc_cannot_hold_is_rejected_before_any_write(tmp_path: Path) -> None:
+    """'€uro' for a Latin-1 PLC string: rejected at validation with the codec's reason, no
+    write, and neither the rate-limit token nor the exclusive slot is taken (issue #18)."""
+    settings = settings_for(tmp_path, STRING_WORKFLOW.format(data=tmp_path / "data"))
+    devices = RecordingDevices()
+    async with Outbox(tmp_path / "outbox.db", max_size=1 << 24) as outbox:
+        mqtt = MqttClient(host="127.0.0.1", port=1, client_id="t")  # never connected
+        engine = WorkflowEngine(
+            settings, outbox=outbox, mqtt=mqtt, devices=devices, data_dir=tmp_path
+        )
+        task = asyncio.create_task(engine.run())
+        try:
+            await asyncio.wait_for(engine.ready.wait(), 10)
+            for command_id, order in (("euro-1", "€uro"), ("ok-1", "ORD-1")):
+                payload = json.dumps({"id": command_id, "params": {"order": order}}).encode()
+                engine._on_message(Message("s/a/l/_cmd/w", payload, 1, False))
+            await wait_for(lambda: engine.stats.completed == 1, message="the valid saga")
+        finally:
+            task.cancel()
+            await asyncio.wait([task])
+    replies = [json.loads(payload) for _, payload in engine.replies.pending]
+    by_id = {(reply["id"], reply["status"]): reply["detail"] for reply in replies}
+    assert by_id[("euro-1", "rejected")] == (
+        "step 1 (press1/order_id): '€uro': a PLC string holds Latin-1 characters only, not '€'"
+    )
+    assert [status for command_id, status in by_id if command_id == "euro-1"] == ["rejected"]
+    assert ("ok-1", "accepted") in by_id  # the rate limit of 1/1h still had its token
+    assert devices.writes == [("press1/order_id", "ORD-1")]

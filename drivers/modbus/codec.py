@@ -7,14 +7,25 @@ import math
 import struct
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from drivers.modbus.config import (
-    INTEGER_BITS,
-    INTEGER_RANGES,
-    Address,
-    ByteOrder,
-    ModbusTagConfig,
-)
+from drivers.values import short
+
+if TYPE_CHECKING:  # the config imports this module: its tags refuse what cannot be encoded
+    from drivers.modbus.config import Address, ByteOrder, ModbusTagConfig
+
+INTEGER_BITS: dict[str, int] = {
+    "int16": 16,
+    "uint16": 16,
+    "int32": 32,
+    "uint32": 32,
+    "int64": 64,
+    "uint64": 64,
+}
+INTEGER_RANGES: dict[str, tuple[int, int]] = {
+    name: (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if name.startswith("int") else (0, 2**bits - 1)
+    for name, bits in INTEGER_BITS.items()
+}
 
 _STRUCT = {
     "int16": ">h",
@@ -181,12 +192,19 @@ def _encode_string(value: Value, length: int | None, byte_order: ByteOrder) -> l
     """Latin-1 bytes, NUL-padded to the tag's length (strings have no word order)."""
     if not isinstance(value, str) or length is None:
         raise ValueError(f"expected a string, got {value!r}")
-    try:
-        data = value.encode("latin-1")
-    except UnicodeEncodeError as exc:
-        raise ValueError(f"{value!r} has characters a PLC string cannot hold") from exc
+    # One byte per character, read back as Latin-1 (decode_registers): anything else would
+    # be written as something the read-back cannot match.
+    unwritable = sorted({char for char in value if ord(char) > 0xFF})
+    if unwritable:
+        shown = "".join(unwritable[:8])
+        raise ValueError(
+            f"{short(value)}: a PLC string holds Latin-1 characters only, not {shown!r}"
+        )
+    if "\x00" in value:
+        raise ValueError(f"{short(value)}: a NUL character would end the PLC string")
+    data = value.encode("latin-1")
     if len(data) > length:
-        raise ValueError(f"{value!r} is longer than {length} characters")
+        raise ValueError(f"{short(value)} is longer than {length} characters")
     data = data.ljust(length + (length % 2), b"\x00")
     return _bytes_to_registers(data, byte_order, "big")
 

@@ -15,7 +15,8 @@ from urllib.parse import SplitResult, parse_qs, urlsplit
 from pydantic import Field, field_validator
 
 from drivers.config import DeviceConfigBase, Duration, Problem, TagConfigBase, as_written
-from drivers.values import default_tolerance, same_value, to_kind
+from drivers.modbus.codec import INTEGER_BITS, INTEGER_RANGES, encode_registers, unscale_value
+from drivers.values import default_tolerance, same_value, short, to_kind
 
 Area = Literal["co", "di", "ir", "hr"]
 ModbusType = Literal[
@@ -43,18 +44,6 @@ REGISTER_COUNT: dict[str, int] = {
     "int64": 4,
     "uint64": 4,
     "float64": 4,
-}
-INTEGER_BITS: dict[str, int] = {
-    "int16": 16,
-    "uint16": 16,
-    "int32": 32,
-    "uint32": 32,
-    "int64": 64,
-    "uint64": 64,
-}
-INTEGER_RANGES: dict[str, tuple[int, int]] = {
-    name: (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if name.startswith("int") else (0, 2**bits - 1)
-    for name, bits in INTEGER_BITS.items()
 }
 MAX_ADDRESS = 65535
 MAX_READ_REGISTERS = 125  # FC3/FC4 limit (Modbus spec: 125 registers per request)
@@ -261,14 +250,29 @@ class ModbusTagConfig(TagConfigBase):
         return "float"
 
     def command_value(self, value: Any) -> Any:
-        """A command parameter as this tag's kind, within its register width or length."""
+        """A command parameter as this tag's kind, refused unless the codec can encode it."""
         kind = self.value_kind()
-        return to_kind(
+        converted = to_kind(
             value,
             kind,
             int_range=INTEGER_RANGES[self.type] if kind == "int" else None,
             max_length=self.length if self.type == "string" else None,
         )
+        if self.type != "bool":
+            # What the driver's write would refuse (a '€' in a Latin-1 string, a scaled value
+            # past the register's range, float32 overflow) is refused here, at validation
+            # (docs/workflows.md, "Validation"). Byte and word order never change that.
+            raw = unscale_value(converted, self.type, self.scale, self.offset)
+            try:
+                encode_registers(raw, self.type, length=self.length)
+            except ValueError as exc:
+                if self.scale == 1.0 and self.offset == 0.0:
+                    raise
+                raise ValueError(
+                    f"{short(converted)} does not fit the tag (scale {self.scale:g}, offset "
+                    f"{self.offset:g}): raw {exc}"
+                ) from None
+        return converted
 
     def same_value(self, actual: Any, expected: Any) -> bool:
         """Equality within what the registers can hold: half a raw step of a scaled integer,
