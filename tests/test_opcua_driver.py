@@ -36,6 +36,7 @@ from drivers.opcua.values import (
 from simulators.opcua.nodes import CONST_BYTES
 from simulators.opcua.security import ALL_ENDPOINTS
 from simulators.opcua.server import OpcUaSimulator
+from tests.fixtures.modes import modes_under, umask, wider_than_private
 from tests.fixtures.ports import async_wait_until
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -487,6 +488,44 @@ async def test_client_certificate_is_created_once_with_the_application_uri(
     cert = x509.load_der_x509_certificate(der)
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert san.get_values_for_type(x509.UniformResourceIdentifier) == [APP_URI]
+
+
+async def test_the_pki_is_private_whatever_the_umask(
+    secure_sim: OpcUaSimulator, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The pki directory 0700 and the pair 0600 under umask 022; a pair found wider is
+    tightened, logged once."""
+    config = device(
+        secure_sim.url,
+        [{"name": "state", "node_id": "ns=2;s=Filler.State", "mode": "poll"}],
+        security_policy="Basic256Sha256",
+        security_mode="SignAndEncrypt",
+        server_certificate=str(secure_sim.certificate_path),
+    )
+    data = tmp_path / "data"
+    with umask(0o022):
+        async with driver(config, data) as opcua:
+            assert (await opcua.read())[0].quality == "good"
+        assert set(modes_under(tmp_path)) == {
+            "data/",
+            "data/pki/",
+            "data/pki/agent-cert.der",
+            "data/pki/agent-key.pem",
+        }
+        assert wider_than_private(modes_under(tmp_path)) == {}
+
+        for name in ("agent-cert.der", "agent-key.pem"):
+            (data / "pki" / name).chmod(0o644)
+        for _ in range(2):
+            with caplog.at_level(logging.WARNING, logger="edge_agent.opcua"):
+                async with driver(config, data) as opcua:
+                    assert (await opcua.read())[0].quality == "good"
+        assert wider_than_private(modes_under(tmp_path)) == {}
+    tightened = [r.getMessage() for r in caplog.records if "tightened" in r.getMessage()]
+    assert tightened == [
+        f"{data / 'pki' / name} had mode 0644; tightened to 0600"
+        for name in ("agent-key.pem", "agent-cert.der")
+    ]
 
 
 async def test_only_one_of_certificate_and_key_is_a_fault(

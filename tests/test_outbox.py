@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import logging
 import math
 import os
 import signal
@@ -23,6 +24,7 @@ from sync.events import Event, rfc3339
 from sync.outbox.codec import StoredEvent
 from sync.outbox.codec import ts_text as _ts_text
 from sync.outbox.store import Outbox, OutboxFull, OutboxUnavailable
+from tests.fixtures.modes import modes_under, umask, wider_than_private
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -580,3 +582,27 @@ async def test_batches_from_memory_equal_batches_from_sqlite(tmp_path: Path) -> 
         from_sqlite = [await outbox.read_batch(after, 50, 1 << 20) for after in (0, 120, 250, 299)]
     assert from_memory == from_sqlite
     assert [b.last_seq for b in from_memory] == [50, 170, 300, 301]
+
+
+async def test_outbox_files_are_private_whatever_the_umask(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Created 0600 (database, WAL) under umask 022; a wider one is tightened, logged once."""
+    path = tmp_path / "outbox.db"
+    with umask(0o022):
+        async with Outbox(path, max_size=1 << 24) as outbox:
+            await outbox.append([sample(1)])
+            during = modes_under(tmp_path)
+        after = modes_under(tmp_path)
+        assert "outbox.db-wal" in during
+        assert wider_than_private(during) == {}
+        assert wider_than_private(after) == {}
+
+        path.chmod(0o644)
+        for _ in range(2):
+            with caplog.at_level(logging.WARNING, logger="edge_agent.files"):
+                async with Outbox(path, max_size=1 << 24) as outbox:
+                    await outbox.append([sample(2)])
+        assert wider_than_private(modes_under(tmp_path)) == {}
+    tightened = [r.getMessage() for r in caplog.records if "tightened" in r.getMessage()]
+    assert tightened == [f"{path} had mode 0644; tightened to 0600"]

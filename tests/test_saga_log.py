@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from agent.workflows.failpoints import (
     parse_failpoints,
 )
 from agent.workflows.saga_log import DuplicateCommand, SagaLog, SagaRecord, StepRecord
+from tests.fixtures.modes import modes_under, umask, wider_than_private
 from tests.fixtures.workflows import REPO
 
 
@@ -158,3 +160,29 @@ def test_kill_is_sigkill_of_the_own_process() -> None:
     assert result.returncode == -9
     assert result.stdout == "first hit survived\n"
     assert time.monotonic() - started < 30
+
+
+async def test_saga_log_files_are_private_whatever_the_umask(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Its directory 0700, the database, WAL and -shm 0600 under umask 022; a wider database
+    is tightened and that is logged once."""
+    path = tmp_path / "state" / "sagas.db"
+    with umask(0o022):
+        async with SagaLog(path) as saga_log:
+            await saga_log.create(saga())
+            during = modes_under(tmp_path)
+        assert {"state/", "state/sagas.db", "state/sagas.db-wal", "state/sagas.db-shm"} <= set(
+            during
+        )
+        assert wider_than_private(during) == {}
+        assert wider_than_private(modes_under(tmp_path)) == {}
+
+        path.chmod(0o664)
+        for _ in range(2):
+            with caplog.at_level(logging.WARNING, logger="edge_agent.files"):
+                async with SagaLog(path) as saga_log:
+                    assert await saga_log.find("w", "c1") is not None
+        assert wider_than_private(modes_under(tmp_path)) == {}
+    tightened = [r.getMessage() for r in caplog.records if "tightened" in r.getMessage()]
+    assert tightened == [f"{path} had mode 0664; tightened to 0600"]

@@ -33,6 +33,7 @@ from agent.settings.config_file import AgentSettings
 from agent.settings.loader import ConfigError, load_agent_settings
 from drivers.base import JsonValue, Reading
 from sync.events import Event, dumps
+from sync.files import private_dir
 from sync.mqtt.client import MqttClient, NotConnected
 from sync.outbox.store import Outbox
 from sync.uplink.topics import health_topic, status_payload, status_topic
@@ -187,7 +188,8 @@ class Runtime:
         """Run until `stop` is set, then shut down in order: sources, then sinks."""
         settings = self.settings
         data_dir = settings.gateway.data_dir
-        await asyncio.to_thread(data_dir.mkdir, parents=True, exist_ok=True)
+        # Created 0700 whatever the umask; the files in it are 0600 (docs/install.md).
+        await asyncio.to_thread(private_dir, data_dir)
         buffer = settings.buffer
         async with Outbox(
             data_dir / "outbox.db",

@@ -27,6 +27,7 @@ from typing import Any, Literal, Self
 import aiosqlite
 
 from sync import sqlite
+from sync.files import private_database, private_dir
 
 log = logging.getLogger("edge_agent.saga_log")
 
@@ -208,7 +209,10 @@ class SagaLog:
             raise
 
     async def _open(self) -> None:
-        await asyncio.to_thread(self._path.parent.mkdir, parents=True, exist_ok=True)
+        try:
+            await asyncio.to_thread(private_dir, self._path.parent)
+        except OSError as exc:
+            raise SagaLogError(f"cannot open saga log {self._path}: {exc}") from exc
         try:
             await self._open_checked()
         except sqlite3.DatabaseError as exc:
@@ -225,6 +229,11 @@ class SagaLog:
             await self._open_checked()
 
     async def _open_checked(self) -> None:
+        try:
+            # 0600 before SQLite creates it: its WAL and -shm take the same mode.
+            await asyncio.to_thread(private_database, self._path)
+        except OSError as exc:
+            raise SagaLogError(f"cannot open saga log {self._path}: {exc}") from exc
         db = await sqlite.connect(self._path, isolation_level=None)
         self._db = db
         await db.execute("PRAGMA journal_mode=WAL")

@@ -17,6 +17,7 @@ import hashlib
 import logging
 import os
 import socket
+import stat
 from pathlib import Path
 from typing import Final
 
@@ -47,6 +48,10 @@ _MODES: Final[dict[str, ua.MessageSecurityMode]] = {
 }
 _CERT_LOCK_KEY: Final = "opcua:pki-lock"
 _CERT_DAYS: Final = 3650
+# The pki directory and the pair in it are the agent's alone, whatever the umask (as the data
+# directory's files, docs/install.md "File modes"; drivers cannot import sync/files.py).
+_PRIVATE_DIR: Final = 0o700
+_PRIVATE_FILE: Final = 0o600
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -177,20 +182,53 @@ def create_client_certificate(cert_path: Path, key_path: Path, application_uri: 
         serialization.NoEncryption(),
     )
     for path in (cert_path, key_path):
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    _write_new(key_path, key_pem, 0o600)
-    _write_new(cert_path, cert_der, 0o644)
+        _private_dir(path.parent)
+    _write_new(key_path, key_pem)
+    _write_new(cert_path, cert_der)
     return fingerprint(cert_der)
 
 
-def _write_new(path: Path, data: bytes, mode: int) -> None:
-    """Write a file that must not exist yet (O_EXCL: never overwrite an existing one)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+def _private_dir(path: Path) -> None:
+    """Create `path` (and missing parents) 0700 whatever the umask; an existing one is kept."""
+    missing = []
+    while not path.is_dir() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    for directory in reversed(missing):
+        try:
+            os.mkdir(directory, _PRIVATE_DIR)
+        except FileExistsError:
+            if not directory.is_dir():
+                raise
+            continue
+        os.chmod(directory, _PRIVATE_DIR)  # the umask only removes bits; make it exact
+
+
+def _write_new(path: Path, data: bytes) -> None:
+    """Write a 0600 file that must not exist yet (O_EXCL: never overwrite an existing one)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, _PRIVATE_FILE)
     try:
+        os.fchmod(fd, _PRIVATE_FILE)
         os.write(fd, data)
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _tighten(path: Path) -> None:
+    """Take the group's and others' bits off `path`'s mode when it has any; log when it did."""
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        return  # loading the pair reports it
+    if not mode & 0o077:
+        return
+    try:
+        os.chmod(path, mode & 0o700)
+    except OSError as exc:
+        log.warning("%s has mode %04o and cannot be tightened: %s", path, mode, exc)
+        return
+    log.warning("%s had mode %04o; tightened to %04o", path, mode, mode & 0o700)
 
 
 # ---------------------------------------------------------------------- before connecting
@@ -211,6 +249,11 @@ async def prepare_security(
     lock = context.shared.get_or_create(asyncio.Lock, _CERT_LOCK_KEY, asyncio.Lock)
     async with lock:  # devices sharing a data_dir must not race to create one pair
         await _ensure_client_certificate(cert_path, key_path, application_uri)
+        if config.certificate is None:
+            # The default pair is ours alone; a configured one may be shared on purpose
+            # (docs/install.md: a key 0640 root:edge-agent), so it is left as it is.
+            for path in (key_path, cert_path):
+                await asyncio.to_thread(_tighten, path)
     try:
         cert_der = _load_certificate_der(await asyncio.to_thread(cert_path.read_bytes))
         key_der = _load_key_der(await asyncio.to_thread(key_path.read_bytes))

@@ -20,6 +20,7 @@ from typing import Any
 import aiosqlite
 
 from sync import sqlite
+from sync.files import private_database
 from sync.outbox.codec import KIND_CODES
 from sync.outbox.errors import OutboxUnavailable
 from sync.outbox.state import OutboxState
@@ -77,6 +78,11 @@ class Database:
 
     async def open(self, state: OutboxState) -> None:
         """Connect, configure, create the schema of a new file and load `state` from it."""
+        try:
+            # 0600 before SQLite creates it: its WAL takes the same mode (docs/install.md).
+            await asyncio.to_thread(private_database, self.path)
+        except OSError as exc:
+            raise OutboxUnavailable(f"cannot open outbox {self.path}: {exc}") from exc
         self.connection = await sqlite.connect(self.path, isolation_level=None, timeout=1.0)
         await self._configure()
         await self._create_schema()
