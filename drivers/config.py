@@ -18,6 +18,13 @@ from drivers.values import ValueKind, same_value, to_kind
 # A problem found by a cross-field check: (location relative to the checked model, reason).
 Problem = tuple[tuple[str | int, ...], str]
 
+# The userinfo of a URL, "user:password@", with or without a scheme in front: the password is
+# everything up to the last "@" of the token (quotes and spaces end a token in a message);
+# "scheme://" is never taken for "user:password".
+_URL_PASSWORD = re.compile(
+    r"(?P<head>(?:\b[A-Za-z][A-Za-z0-9+.-]*://)?[^\s'\"/@:]*):(?!//)[^\s'\"]*@"
+)
+
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")
 DURATION_PATTERN = r"^(\d+(\.\d+)?(ms|s|m|h|d|w))+$"
@@ -35,6 +42,11 @@ _SIZE_UNITS = {
 }
 SIZE_PATTERN = r"^\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)$"
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)")
+
+
+def redact_url(text: str) -> str:
+    """`text` with the password of every URL's userinfo replaced by ``***``."""
+    return _URL_PASSWORD.sub(r"\g<head>:***@", text)
 
 
 def parse_duration(text: str) -> float:

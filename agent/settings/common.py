@@ -22,6 +22,7 @@ from drivers.config import (
     Duration,
     Problem,
     as_written,
+    redact_url,
 )
 
 ENV_PREFIX = "EDGE_AGENT__"
@@ -54,7 +55,8 @@ class TlsClientConfig(ConfigModel):
     """MQTT connection keys shared by the agent and the ingest."""
 
     url: str = Field(
-        description="Broker URL, mqtt://HOST[:1883] or mqtts://HOST[:8883] (TLS).",
+        description="Broker URL, mqtt://HOST[:1883] or mqtts://HOST[:8883] (TLS); no "
+        "user:password@ (set username and password_file).",
         examples=["mqtts://broker.plant.local:8883"],
     )
     username: str | None = Field(default=None, description="User name; unset: anonymous.")
@@ -95,17 +97,23 @@ class TlsClientConfig(ConfigModel):
     @field_validator("url")
     @classmethod
     def _check_url(cls, value: str) -> str:
+        shown = redact_url(value)  # never echo a password (docs/install.md, "Secrets")
         parts = urlsplit(value)
         if parts.scheme not in ("mqtt", "mqtts"):
-            raise ValueError(f"{value!r}: scheme must be mqtt:// or mqtts://")
+            raise ValueError(f"{shown!r}: scheme must be mqtt:// or mqtts://")
+        if "@" in parts.netloc:
+            # The URL is printed in logs and by `edge-agent check`; the password must not be.
+            raise ValueError(
+                f"{shown!r}: credentials do not belong in the URL; set username and password_file"
+            )
         if not parts.hostname:
-            raise ValueError(f"{value!r}: missing broker host")
+            raise ValueError(f"{shown!r}: missing broker host")
         try:
             _ = parts.port
         except ValueError as exc:
-            raise ValueError(f"{value!r}: invalid port") from exc
+            raise ValueError(f"{shown!r}: invalid port") from exc
         if parts.path not in ("", "/") or parts.query:
-            raise ValueError(f"{value!r}: a broker URL takes only host and port")
+            raise ValueError(f"{shown!r}: a broker URL takes only host and port")
         return value
 
     @property

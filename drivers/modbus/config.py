@@ -14,7 +14,14 @@ from urllib.parse import SplitResult, parse_qs, urlsplit
 
 from pydantic import Field, field_validator
 
-from drivers.config import DeviceConfigBase, Duration, Problem, TagConfigBase, as_written
+from drivers.config import (
+    DeviceConfigBase,
+    Duration,
+    Problem,
+    TagConfigBase,
+    as_written,
+    redact_url,
+)
 from drivers.modbus.codec import INTEGER_BITS, INTEGER_RANGES, encode_registers, unscale_value
 from drivers.values import default_tolerance, same_value, short, to_kind
 
@@ -122,16 +129,20 @@ class TcpLink:
 def parse_modbus_url(url: str) -> TcpLink | SerialLink:
     """Parse a device URL: ``tcp://host[:port]`` or ``rtu:///dev/tty...?baudrate=..``."""
     parts = urlsplit(url)
+    shown = redact_url(url)  # for messages: never echo a password (docs/install.md, "Secrets")
+    if "@" in parts.netloc:
+        raise ValueError(f"{shown!r}: Modbus has no login; remove the user:password@")
     if parts.scheme == "tcp":
-        return _tcp_link(url, parts)
+        return _tcp_link(shown, parts)
     if parts.scheme == "rtu":
-        return _serial_link(url, parts)
+        return _serial_link(shown, parts)
     raise ValueError(
-        f"{url!r}: scheme must be 'tcp' (tcp://host:502) or 'rtu' (rtu:///dev/ttyUSB0?baudrate=19200)"
+        f"{shown!r}: scheme must be 'tcp' (tcp://host:502) or 'rtu' (rtu:///dev/ttyUSB0?baudrate=19200)"
     )
 
 
 def _tcp_link(url: str, parts: SplitResult) -> TcpLink:
+    """The TCP link of `parts`; `url` (redacted) is for messages only."""
     if not parts.hostname:
         raise ValueError(f"{url!r}: missing host, write e.g. 'tcp://192.168.10.11:502'")
     if parts.path not in ("", "/") or parts.query:
@@ -147,6 +158,7 @@ _SERIAL_PARAMETERS = ("baudrate", "parity", "stopbits", "bytesize")
 
 
 def _serial_link(url: str, parts: SplitResult) -> SerialLink:
+    """The serial link of `parts`; `url` (redacted) is for messages only."""
     if parts.netloc:
         raise ValueError(
             f"{url!r}: write the serial device as a path with three slashes, "

@@ -10,7 +10,14 @@ from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator
 
-from drivers.config import DeviceConfigBase, Duration, Problem, TagConfigBase, as_written
+from drivers.config import (
+    DeviceConfigBase,
+    Duration,
+    Problem,
+    TagConfigBase,
+    as_written,
+    redact_url,
+)
 
 SecurityPolicy = Literal["None", "Basic256Sha256", "Aes128_Sha256_RsaOaep", "Aes256_Sha256_RsaPss"]
 SecurityMode = Literal["None", "Sign", "SignAndEncrypt"]
@@ -68,7 +75,8 @@ class OpcUaDeviceConfig(DeviceConfigBase):
 
     driver: Literal["opcua"] = Field(description="Protocol driver.")
     url: str = Field(
-        description="Endpoint URL, opc.tcp://HOST:PORT[/PATH].",
+        description="Endpoint URL, opc.tcp://HOST:PORT[/PATH]; no user:password@ (set "
+        "username and password_file).",
         examples=["opc.tcp://192.168.10.12:4840"],
     )
     security_policy: SecurityPolicy = Field(
@@ -112,13 +120,19 @@ class OpcUaDeviceConfig(DeviceConfigBase):
     @field_validator("url")
     @classmethod
     def _check_url(cls, value: str) -> str:
+        shown = redact_url(value)  # never echo a password (docs/install.md, "Secrets")
         parts = urlsplit(value)
         if parts.scheme != "opc.tcp" or not parts.hostname:
-            raise ValueError(f"{value!r}: write an endpoint as 'opc.tcp://HOST:PORT'")
+            raise ValueError(f"{shown!r}: write an endpoint as 'opc.tcp://HOST:PORT'")
+        if "@" in parts.netloc:
+            # asyncua would log in with them, bypassing username/password_file.
+            raise ValueError(
+                f"{shown!r}: credentials do not belong in the URL; set username and password_file"
+            )
         try:
             _ = parts.port
         except ValueError as exc:
-            raise ValueError(f"{value!r}: invalid port") from exc
+            raise ValueError(f"{shown!r}: invalid port") from exc
         return value
 
     def tag_list(self) -> tuple[TagConfigBase, ...]:

@@ -1,0 +1,108 @@
+"""Secrets in the config (issue #18, item 7): credentials in a URL are refused and never echoed,
+whatever the URL and the message."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from agent.cli import main
+from drivers.config import redact_url
+from tests.test_config import BASE
+
+SECRET = "s3cret"
+
+CENTRAL = """\
+[mqtt]
+url = "mqtt://broker.plant.local:1883"
+username = "ingest"
+password_file = "ingest.password"
+
+[postgres]
+dsn = "postgresql://ingest@db.plant.local:5432/plant"
+"""
+
+
+def check(tmp_path: Path, text: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    (tmp_path / "mqtt.password").write_text(SECRET)
+    (tmp_path / "ingest.password").write_text(SECRET)
+    path = tmp_path / "agent.toml"
+    path.write_text(text)
+    code = main(["check", "-c", str(path)])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+# (where the URL goes, the URL, part of the one problem line) for URLs that carry credentials.
+AGENT_MQTT = 'url = "mqtt://127.0.0.1:1883"'
+MODBUS = 'url = "tcp://127.0.0.1:5020"'
+OPCUA = 'url = "opc.tcp://127.0.0.1:4840"'
+CREDENTIAL_URLS = [
+    (AGENT_MQTT, f"mqtt://line3:{SECRET}@broker:1883", "mqtt.url: 'mqtt://line3:***@broker:1883'"),
+    (AGENT_MQTT, f"mqtts://line3:{SECRET}@broker", "credentials do not belong in the URL"),
+    (AGENT_MQTT, f"mqtt://line3:{SECRET}@broker:port", "mqtt.url: 'mqtt://line3:***@broker:port'"),
+    (AGENT_MQTT, f"line3:{SECRET}@broker:1883", "'line3:***@broker:1883': scheme must be"),
+    (AGENT_MQTT, f"mqtt://line3:{SECRET}@", "mqtt.url: 'mqtt://line3:***@'"),
+    (AGENT_MQTT, f"mqtt://line3:{SECRET}/x@broker", "mqtt.url: 'mqtt://line3:***@broker'"),
+    (OPCUA, f"opc.tcp://edge:{SECRET}@plc:4840", "devices[1].url: 'opc.tcp://edge:***@plc:4840'"),
+    (OPCUA, f"opc.tcp://edge:{SECRET}@plc:x", "'opc.tcp://edge:***@plc:x'"),
+    (OPCUA, f"opc.tcp://edge:{SECRET}@", "'opc.tcp://edge:***@'"),
+    (MODBUS, f"tcp://u:{SECRET}@plc:502", "devices[0].url: 'tcp://u:***@plc:502': Modbus has no"),
+    (MODBUS, f"rtu://u:{SECRET}@/dev/ttyUSB0", "'rtu://u:***@/dev/ttyUSB0': Modbus has no login"),
+    (MODBUS, f"udp://u:{SECRET}@plc:502", "'udp://u:***@plc:502'"),
+]
+
+
+@pytest.mark.parametrize(("where", "url", "expected"), CREDENTIAL_URLS)
+def test_credentials_in_a_url_are_refused_and_never_echoed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], where: str, url: str, expected: str
+) -> None:
+    text = BASE.replace(where, where.split('"')[0] + f'"{url}"', 1)
+    assert text != BASE
+    code, out, err = check(tmp_path, text, capsys)
+    assert code == 2
+    assert SECRET not in out + err
+    assert expected in err, err
+
+
+def test_a_url_from_the_environment_is_redacted_too(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("EDGE_AGENT__MQTT__URL", f"mqtt://line3:{SECRET}@broker:1883")
+    code, out, err = check(tmp_path, BASE, capsys)
+    assert code == 2
+    assert SECRET not in out + err
+    assert "mqtt.url: 'mqtt://line3:***@broker:1883': credentials do not belong" in err
+    assert "(from EDGE_AGENT__MQTT__URL)" in err
+
+
+def test_the_ingest_broker_url_is_refused_and_redacted(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    text = CENTRAL.replace("mqtt://broker", f"mqtt://ingest:{SECRET}@broker")
+    code, out, err = check(tmp_path, text, capsys)
+    assert code == 2
+    assert SECRET not in out + err
+    assert "mqtt.url: 'mqtt://ingest:***@broker.plant.local:1883': credentials" in err
+
+
+@pytest.mark.parametrize(
+    ("text", "redacted"),
+    [
+        ("mqtt://u:pw@host:1883", "mqtt://u:***@host:1883"),
+        ("'mqtt://u:pw@host:x': invalid port", "'mqtt://u:***@host:x': invalid port"),
+        ("postgresql://ingest:pw@db:5432/plant", "postgresql://ingest:***@db:5432/plant"),
+        ("opc.tcp://a:b@c@d:4840/x", "opc.tcp://a:***@d:4840/x"),
+        ("user:pw@host", "user:***@host"),
+        ("mqtt://:pw@host", "mqtt://:***@host"),
+        ("a mqtt://u:p@h, mqtt://v:q@i", "a mqtt://u:***@h, mqtt://v:***@i"),
+        # Nothing to hide: a user without a password, or no userinfo at all.
+        ("mqtt://u@host", "mqtt://u@host"),
+        ("mqtt://host:1883", "mqtt://host:1883"),
+        ("devices[0].url: 'tcp://h:502': x", "devices[0].url: 'tcp://h:502': x"),
+        ("ns=2;s=A:B", "ns=2;s=A:B"),
+    ],
+)
+def test_redact_url(text: str, redacted: str) -> None:
+    assert redact_url(text) == redacted
