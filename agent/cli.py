@@ -116,6 +116,11 @@ def _print_problems(problems: Sequence[str]) -> None:
         print(line, file=sys.stderr)
 
 
+def _print_warnings(warnings: Sequence[str]) -> None:
+    for line in warnings:
+        print(f"warning: {line}", file=sys.stderr)
+
+
 def _is_central(path: Path) -> bool:
     """An ingest config has [postgres] and no [gateway]; decided from the raw TOML."""
     try:
@@ -126,13 +131,15 @@ def _is_central(path: Path) -> bool:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    """`edge-agent check`: validate and summarise."""
-    from agent.central.settings import load_central_settings
-    from agent.settings.loader import load_agent_settings
+    """`edge-agent check`: validate and summarise; warnings are printed but exit 0."""
+    from agent.central.settings import CentralSettings
+    from agent.settings.config_file import AgentSettings
+    from agent.settings.loader import load_settings_with_warnings
 
     path: Path = args.config
     if _is_central(path):
-        central = load_central_settings(path)
+        central, warnings = load_settings_with_warnings(CentralSettings, path)
+        _print_warnings(warnings)
         print(f"{path}: OK (ingest)")
         print(
             f"  mqtt {central.mqtt.url}, subscribes {central.mqtt.sync_prefix}/+/sync"
@@ -143,7 +150,8 @@ def cmd_check(args: argparse.Namespace) -> int:
             f"{central.partitions.retention_months} months"
         )
         return EXIT_OK
-    settings = load_agent_settings(path)
+    settings, warnings = load_settings_with_warnings(AgentSettings, path)
+    _print_warnings(warnings)
     drivers: dict[str, int] = {}
     tags = writable = 0
     for device in settings.devices:

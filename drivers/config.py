@@ -16,6 +16,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSche
 from drivers.values import ValueKind, same_value, to_kind
 
 # A problem found by a cross-field check: (location relative to the checked model, reason).
+# Warnings (`warnings()` beside `problems()`) have the same shape but never refuse a config.
 Problem = tuple[tuple[str | int, ...], str]
 
 # The userinfo of a URL, "user:password@", with or without a scheme in front: the password is
@@ -217,6 +218,10 @@ class DeviceConfigBase(ConfigModel):
                 )
             else:
                 seen[tag.name] = index
+
+    def warnings(self) -> Iterator[Problem]:
+        """What is allowed but unsafe (e.g. a password in cleartext); never refuses a config."""
+        return iter(())
 
     def tag_list(self) -> tuple[TagConfigBase, ...]:
         """The device's tags (each driver's model holds them; the base model has none)."""

@@ -1,5 +1,5 @@
-"""Secrets in the config (issue #18, item 7): credentials in a URL are refused and never echoed,
-whatever the URL and the message."""
+"""Secrets in the config (issue #18, item 7): cleartext passwords are warned about by `edge-agent
+check`, credentials in a URL are refused and never echoed, whatever the URL and the message."""
 
 from __future__ import annotations
 
@@ -32,6 +32,64 @@ def check(tmp_path: Path, text: str, capsys: pytest.CaptureFixture[str]) -> tupl
     code = main(["check", "-c", str(path)])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+def line_of(text: str, line: str) -> int:
+    return text.splitlines().index(line) + 1
+
+
+MQTT_PASSWORD = 'url = "mqtt://127.0.0.1:1883"\nusername = "line3"\npassword_file = "mqtt.password"'
+OPCUA_PASSWORD = 'url = "opc.tcp://127.0.0.1:4840"\nusername = "edge"\npassword = "opc"'
+
+
+def test_check_warns_of_every_cleartext_password_and_exits_0(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    text = BASE.replace('url = "mqtt://127.0.0.1:1883"', MQTT_PASSWORD).replace(
+        'url = "opc.tcp://127.0.0.1:4840"', OPCUA_PASSWORD
+    )
+    code, out, err = check(tmp_path, text, capsys)
+    assert code == 0, err
+    assert "OK" in out
+    url_line = line_of(text, 'url = "mqtt://127.0.0.1:1883"')
+    # security_mode is not written: the line is the device's table.
+    device_line = line_of(text, 'name = "filler"') - 1
+    assert err.splitlines() == [
+        "warning: mqtt.url: the password goes to the broker in cleartext over mqtt://; use "
+        f"mqtts:// (line {url_line})",
+        "warning: devices[1].security_mode: with security_mode None the password can cross the "
+        f"network in cleartext; use SignAndEncrypt (line {device_line})",
+    ]
+    assert SECRET not in out + err
+
+
+def test_no_warning_over_tls_or_a_secured_channel(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "server.der").write_bytes(b"")
+    text = BASE.replace(
+        'url = "mqtt://127.0.0.1:1883"', MQTT_PASSWORD.replace("mqtt://", "mqtts://")
+    ).replace(
+        'url = "opc.tcp://127.0.0.1:4840"',
+        OPCUA_PASSWORD + '\nsecurity_policy = "Basic256Sha256"\nsecurity_mode = "Sign"\n'
+        'server_certificate = "server.der"',
+    )
+    assert check(tmp_path, text, capsys)[::2] == (0, "")
+    # Anonymous over mqtt:// sends no password: nothing to warn about either.
+    assert check(tmp_path, BASE, capsys)[::2] == (0, "")
+
+
+def test_check_warns_of_the_ingest_cleartext_password(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = check(tmp_path, CENTRAL, capsys)
+    assert (code, "OK (ingest)" in out) == (0, True)
+    assert err.splitlines() == [
+        "warning: mqtt.url: the password goes to the broker in cleartext over mqtt://; use "
+        "mqtts:// (line 2)"
+    ]
+    tls = CENTRAL.replace("mqtt://broker.plant.local:1883", "mqtts://broker.plant.local:8883")
+    assert check(tmp_path, tls, capsys)[::2] == (0, "")
 
 
 # (where the URL goes, the URL, part of the one problem line) for URLs that carry credentials.

@@ -1,6 +1,6 @@
-"""What the daemon does at start (issue #18, item 7): every file and directory it creates is
-private (0600/0700) whatever the umask, while a file found wider is tightened and that is
-logged once."""
+"""What the daemon and the ingest do at start (issue #18, item 7): a cleartext password is
+logged once at WARNING, and every file and directory the daemon creates is private (0600/0700)
+whatever the umask, while a file found wider is tightened and that is logged once."""
 
 from __future__ import annotations
 
@@ -10,9 +10,16 @@ from pathlib import Path
 
 import pytest
 
+from agent.central import service
+from agent.central.settings import load_central_settings
+from sync.central.stats import IngestStats
 from tests.fixtures.daemon import running, settings_for
 from tests.fixtures.modes import modes_under, umask, wider_than_private
 from tests.fixtures.ports import async_wait_until, free_port
+
+CLEARTEXT = (
+    "config: mqtt.url: the password goes to the broker in cleartext over mqtt://; use mqtts://"
+)
 
 
 def agent_config(data_dir: Path) -> str:
@@ -69,9 +76,11 @@ async def run_once(tmp_path: Path, data_dir: Path) -> dict[str, int]:
         return modes_under(tmp_path / "state")
 
 
-async def test_the_daemon_files_are_private_whatever_the_umask(tmp_path: Path) -> None:
+async def test_the_daemon_files_are_private_whatever_the_umask(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     data_dir = tmp_path / "state" / "data"
-    with umask(0o022):
+    with umask(0o022), caplog.at_level(logging.WARNING):
         during = await run_once(tmp_path, data_dir)
         after = modes_under(tmp_path / "state")
     assert {
@@ -84,6 +93,7 @@ async def test_the_daemon_files_are_private_whatever_the_umask(tmp_path: Path) -
     } <= set(during)
     assert wider_than_private(during) == {}
     assert wider_than_private(after) == {}
+    assert warnings_of(caplog, "cleartext") == [CLEARTEXT]  # once, at start
 
 
 async def test_files_found_wider_are_tightened_and_that_is_logged_once(
@@ -101,3 +111,32 @@ async def test_files_found_wider_are_tightened_and_that_is_logged_once(
     assert sorted(warnings_of(caplog, "tightened")) == [
         f"{data_dir / name} had mode 0644; tightened to 0600" for name in ("outbox.db", "sagas.db")
     ]
+
+
+class ReturningIngest:
+    """Stands in for an Ingest that ends at once (the service then exits 1)."""
+
+    stats = IngestStats()
+
+    async def run(self) -> None:
+        return None
+
+
+async def test_the_ingest_logs_a_cleartext_password_once_at_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "ingest.password").write_text("pw")
+    path = tmp_path / "central.toml"
+    path.write_text(
+        '[mqtt]\nurl = "mqtt://127.0.0.1:1"\nusername = "ingest"\n'
+        'password_file = "ingest.password"\n\n'
+        '[postgres]\ndsn = "postgresql://ingest@127.0.0.1:1/plant"\n\n'
+        "[http]\nenabled = false\n"
+    )
+    settings = load_central_settings(path, environ={})
+    monkeypatch.setattr(service, "ingest_for", lambda _settings: ReturningIngest())
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    with caplog.at_level(logging.WARNING):
+        async with asyncio.timeout(10):
+            assert await service.run_until_signalled(settings) == 1
+    assert warnings_of(caplog, "cleartext") == [CLEARTEXT]

@@ -22,6 +22,7 @@ from agent.service.mqtt import mqtt_client
 from agent.service.sdnotify import SdNotifier
 from agent.service.tasks import leaf_exceptions
 from agent.service.watchdog import dead_tasks, watchdog_loop
+from agent.settings.loader import dotted
 from sync.central.commit import describe, is_orphaned_asyncpg_waiter, reported_by_server
 from sync.central.ingest import Ingest, presence_payload, presence_topic
 from sync.mqtt.client import Will
@@ -151,6 +152,8 @@ async def serve(
 async def run_until_signalled(settings: CentralSettings) -> int:
     """Run one replica until SIGTERM/SIGINT (exit code 0); 1 if it ended any other way."""
     loop = asyncio.get_running_loop()
+    for loc, reason in settings.warnings():
+        log.warning("config: %s: %s", dotted(loc), reason)
     ingest = ingest_for(settings)
     notifier = SdNotifier(unset_environment=True)
     stop = asyncio.Event()

@@ -166,6 +166,11 @@ class CentralSettings(SettingsFile):
         for loc, reason in self.events.problems():
             yield (("events", *loc), reason)
 
+    def warnings(self) -> Iterator[Problem]:
+        """What is allowed but unsafe (a cleartext broker password)."""
+        for loc, reason in self.mqtt.warnings():
+            yield (("mqtt", *loc), reason)
+
 
 def load_central_settings(
     path: str | os.PathLike[str], *, environ: Mapping[str, str] | None = None

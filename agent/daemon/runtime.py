@@ -30,7 +30,7 @@ from agent.service.shutdown import report_slow_shutdown
 from agent.service.tasks import cancel_and_wait
 from agent.service.watchdog import watchdog_loop
 from agent.settings.config_file import AgentSettings
-from agent.settings.loader import ConfigError, load_agent_settings
+from agent.settings.loader import ConfigError, dotted, load_agent_settings
 from drivers.base import JsonValue, Reading
 from sync.events import Event, dumps
 from sync.files import private_dir
@@ -187,6 +187,7 @@ class Runtime:
     async def run(self, stop: asyncio.Event) -> None:
         """Run until `stop` is set, then shut down in order: sources, then sinks."""
         settings = self.settings
+        _log_warnings(settings)
         data_dir = settings.gateway.data_dir
         # Created 0700 whatever the umask; the files in it are 0600 (docs/install.md).
         await asyncio.to_thread(private_dir, data_dir)
@@ -344,6 +345,7 @@ class Runtime:
     async def apply(self, new: AgentSettings) -> None:
         """Apply device, tag, machine, calendar and workflow changes without a restart."""
         old, self.settings = self.settings, new
+        _log_warnings(new)  # a reloaded file is read anew: say again what is unsafe in it
         await apply_reload(self._running(), old, new)
         self.reloads.applied += 1
 
@@ -354,6 +356,12 @@ class Runtime:
                 with contextlib.suppress(NotConnected):
                     mqtt.publish(health_topic(root), dumps(health), qos=0, retain=True)
             await asyncio.sleep(self.settings.mqtt.health_interval)
+
+
+def _log_warnings(settings: AgentSettings) -> None:
+    """What `edge-agent check` warns of (a cleartext password), once per start or reload."""
+    for loc, reason in settings.warnings():
+        log.warning("config: %s: %s", dotted(loc), reason)
 
 
 def _lifecycle(what: str, stream: str) -> Event:

@@ -143,6 +143,14 @@ class TlsClientConfig(ConfigModel):
         if self.password is not None and not self.username:
             yield (("username",), "required when a password is given")
 
+    def warnings(self) -> Iterator[Problem]:
+        """A password sent where anyone on the network can read it."""
+        if self.password is not None and not self.tls:
+            yield (
+                ("url",),
+                "the password goes to the broker in cleartext over mqtt://; use mqtts://",
+            )
+
 
 class HttpConfig(ConfigModel):
     """Health and metrics endpoint."""
@@ -186,4 +194,8 @@ class SettingsFile(BaseSettings):
 
     def problems(self) -> Iterator[Problem]:
         """Every cross-field problem, with locations from the file's root."""
+        return iter(())
+
+    def warnings(self) -> Iterator[Problem]:
+        """What is allowed but unsafe, with locations from the file's root (never refuses)."""
         return iter(())

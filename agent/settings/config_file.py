@@ -108,6 +108,14 @@ class AgentSettings(SettingsFile):
         for index, workflow in enumerate(self.workflows):
             yield from self._workflow_problems(index, workflow)
 
+    def warnings(self) -> Iterator[Problem]:
+        """What is allowed but unsafe (cleartext passwords), with locations from the root."""
+        for loc, reason in self.mqtt.warnings():
+            yield (("mqtt", *loc), reason)
+        for index, device in enumerate(self.devices):
+            for loc, reason in device.warnings():
+                yield (("devices", index, *loc), reason)
+
     def _ref_problem(self, loc: tuple[str | int, ...], ref: str) -> Iterator[Problem]:
         device_name, _, tag_name = ref.partition("/")
         if self.device(device_name) is None:

@@ -197,6 +197,16 @@ def load_settings(
     environ: Mapping[str, str] | None = None,
 ) -> SettingsT:
     """Load and validate a config file of either program into its settings model."""
+    return load_settings_with_warnings(cls, path, environ=environ)[0]
+
+
+def load_settings_with_warnings(
+    cls: type[SettingsT],
+    path: str | os.PathLike[str],
+    *,
+    environ: Mapping[str, str] | None = None,
+) -> tuple[SettingsT, list[str]]:
+    """`load_settings`, and one line per warning (``path.to.field: reason (line N)``)."""
     path = Path(path)
     env = dict(os.environ) if environ is None else dict(environ)
     text = _read_text(path)
@@ -219,17 +229,18 @@ def load_settings(
         line = line_of(lines, loc)
         return f" (line {line})" if line is not None else ""
 
+    def located(found: Iterable[Problem]) -> list[str]:
+        return [f"{dotted(loc)}: {reason}{where(loc)}" for loc, reason in found]
+
     try:
         settings: SettingsT = cls.model_validate(data)
     except ValidationError as exc:
         messages = [_format_error(cls, error, where) for error in exc.errors()]
-        messages += [f"{dotted(loc)}: {reason}{where(loc)}" for loc, reason in secret_problems]
-        raise ConfigError(_dedupe(messages)) from None
-    problems: Iterable[Problem] = [*secret_problems, *settings.problems()]
-    messages = [f"{dotted(loc)}: {reason}{where(loc)}" for loc, reason in problems]
+        raise ConfigError(_dedupe([*messages, *located(secret_problems)])) from None
+    messages = located([*secret_problems, *settings.problems()])
     if messages:
         raise ConfigError(_dedupe(messages))
-    return settings
+    return settings, _dedupe(located(settings.warnings()))
 
 
 def _dedupe(messages: list[str]) -> list[str]:

@@ -162,3 +162,16 @@ class OpcUaDeviceConfig(DeviceConfigBase):
             yield (("certificate",), "certificate and private_key go together")
         if (self.password is not None or self.password_file is not None) and not self.username:
             yield (("username",), "required when a password is given")
+
+    def warnings(self) -> Iterator[Problem]:
+        """A password on a channel that neither signs nor encrypts."""
+        if self.security_mode == "None" and (
+            self.password is not None or self.password_file is not None
+        ):
+            # OPC 10000-4 7.41: the password is encrypted only when the server's user token
+            # policy names a security policy; many servers offer None on a None endpoint.
+            yield (
+                ("security_mode",),
+                "with security_mode None the password can cross the network in cleartext; "
+                "use SignAndEncrypt",
+            )
