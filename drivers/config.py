@@ -19,9 +19,9 @@ from drivers.values import ValueKind, same_value, to_kind
 # Warnings (`warnings()` beside `problems()`) have the same shape but never refuse a config.
 Problem = tuple[tuple[str | int, ...], str]
 
-# The userinfo of a URL, "user:password@", with or without a scheme in front: the password is
-# everything up to the last "@" of the token (quotes and spaces end a token in a message);
-# "scheme://" is never taken for "user:password".
+# The userinfo of a URL in a message, "user:password@", with or without a scheme in front: the
+# password is everything up to the last "@" of the token (quotes and spaces end a token in a
+# message, so a lone URL goes through `redact_url`); "scheme://" is never "user:password".
 _URL_PASSWORD = re.compile(
     r"(?P<head>(?:\b[A-Za-z][A-Za-z0-9+.-]*://)?[^\s'\"/@:]*):(?!//)[^\s'\"]*@"
 )
@@ -45,8 +45,20 @@ SIZE_PATTERN = r"^\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)$"
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)")
 
 
-def redact_url(text: str) -> str:
-    """`text` with the password of every URL's userinfo replaced by ``***``."""
+def redact_url(url: str) -> str:
+    """One URL for a message: the password of its userinfo, whatever it holds, as ``***``."""
+    if "@" not in url:
+        return url
+    head, _, host = url.rpartition("@")  # as urlsplit: the host follows the last "@"
+    scheme, separator, userinfo = head.partition("://")
+    if not separator:
+        scheme, userinfo = "", head
+    user, colon, _ = userinfo.partition(":")
+    return f"{scheme}{separator}{user}{':***' if colon else ''}@{host}"
+
+
+def redact_urls(text: str) -> str:
+    """A message with the password of every URL's userinfo in it replaced by ``***``."""
     return _URL_PASSWORD.sub(r"\g<head>:***@", text)
 
 

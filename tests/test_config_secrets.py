@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from agent.cli import main
-from drivers.config import redact_url
+from drivers.config import redact_url, redact_urls
 from tests.test_config import BASE
 
 SECRET = "s3cret"
@@ -102,6 +102,13 @@ CREDENTIAL_URLS = [
     (AGENT_MQTT, f"mqtt://line3:{SECRET}@broker:port", "mqtt.url: 'mqtt://line3:***@broker:port'"),
     (AGENT_MQTT, f"line3:{SECRET}@broker:1883", "'line3:***@broker:1883': scheme must be"),
     (AGENT_MQTT, f"mqtt://line3:{SECRET}@", "mqtt.url: 'mqtt://line3:***@'"),
+    (AGENT_MQTT, f"mqtt://line3:my {SECRET}@broker", "mqtt.url: 'mqtt://line3:***@broker'"),
+    (
+        AGENT_MQTT,
+        f"mqtt://line3:a'{SECRET}@broker",
+        "mqtt.url: 'mqtt://line3:***@broker': credentials",
+    ),
+    (AGENT_MQTT, f"line3:my {SECRET}@broker", "'line3:***@broker': scheme must be"),
     (AGENT_MQTT, f"mqtt://line3:{SECRET}/x@broker", "mqtt.url: 'mqtt://line3:***@broker'"),
     (OPCUA, f"opc.tcp://edge:{SECRET}@plc:4840", "devices[1].url: 'opc.tcp://edge:***@plc:4840'"),
     (OPCUA, f"opc.tcp://edge:{SECRET}@plc:x", "'opc.tcp://edge:***@plc:x'"),
@@ -109,6 +116,8 @@ CREDENTIAL_URLS = [
     (MODBUS, f"tcp://u:{SECRET}@plc:502", "devices[0].url: 'tcp://u:***@plc:502': Modbus has no"),
     (MODBUS, f"rtu://u:{SECRET}@/dev/ttyUSB0", "'rtu://u:***@/dev/ttyUSB0': Modbus has no login"),
     (MODBUS, f"udp://u:{SECRET}@plc:502", "'udp://u:***@plc:502'"),
+    (MODBUS, f"tcp://u:my {SECRET}@plc", "'tcp://u:***@plc': Modbus has no login"),
+    (OPCUA, f"opc.tcp://edge:my {SECRET}@plc:4840", "'opc.tcp://edge:***@plc:4840'"),
 ]
 
 
@@ -148,19 +157,38 @@ def test_the_ingest_broker_url_is_refused_and_redacted(
 @pytest.mark.parametrize(
     ("text", "redacted"),
     [
-        ("mqtt://u:pw@host:1883", "mqtt://u:***@host:1883"),
         ("'mqtt://u:pw@host:x': invalid port", "'mqtt://u:***@host:x': invalid port"),
-        ("postgresql://ingest:pw@db:5432/plant", "postgresql://ingest:***@db:5432/plant"),
-        ("opc.tcp://a:b@c@d:4840/x", "opc.tcp://a:***@d:4840/x"),
-        ("user:pw@host", "user:***@host"),
-        ("mqtt://:pw@host", "mqtt://:***@host"),
         ("a mqtt://u:p@h, mqtt://v:q@i", "a mqtt://u:***@h, mqtt://v:***@i"),
-        # Nothing to hide: a user without a password, or no userinfo at all.
-        ("mqtt://u@host", "mqtt://u@host"),
-        ("mqtt://host:1883", "mqtt://host:1883"),
+        (
+            "failed: postgresql://ingest:pw@db:5432/plant",
+            "failed: postgresql://ingest:***@db:5432/plant",
+        ),
+        ("x opc.tcp://a:b@c@d:4840/x y", "x opc.tcp://a:***@d:4840/x y"),
+        ("user:pw@host", "user:***@host"),
+        # Nothing to hide: a user without a password, no userinfo, a node id.
+        ("see mqtt://u@host", "see mqtt://u@host"),
         ("devices[0].url: 'tcp://h:502': x", "devices[0].url: 'tcp://h:502': x"),
         ("ns=2;s=A:B", "ns=2;s=A:B"),
     ],
 )
-def test_redact_url(text: str, redacted: str) -> None:
-    assert redact_url(text) == redacted
+def test_redact_urls_in_a_message(text: str, redacted: str) -> None:
+    assert redact_urls(text) == redacted
+
+
+@pytest.mark.parametrize(
+    ("url", "redacted"),
+    [
+        ("mqtt://u:pw@host:1883", "mqtt://u:***@host:1883"),
+        ("mqtt://u:my pass@host", "mqtt://u:***@host"),
+        ("mqtt://u:a'b\"c@host", "mqtt://u:***@host"),
+        ("mqtt://u:p/ss@host", "mqtt://u:***@host"),
+        ("opc.tcp://a:b@c@d:4840/x", "opc.tcp://a:***@d:4840/x"),
+        ("rtu://u:pw@/dev/ttyUSB0", "rtu://u:***@/dev/ttyUSB0"),
+        ("user:my pw@host", "user:***@host"),
+        ("mqtt://:pw@host", "mqtt://:***@host"),
+        ("mqtt://u@host", "mqtt://u@host"),
+        ("mqtt://host:1883", "mqtt://host:1883"),
+    ],
+)
+def test_redact_one_url(url: str, redacted: str) -> None:
+    assert redact_url(url) == redacted

@@ -27,7 +27,7 @@ from agent.settings.toml_lines import Path as KeyPath
 from agent.settings.toml_lines import key_lines, line_of
 from agent.settings.workflows import ConfirmStep as _ConfirmStep
 from agent.settings.workflows import WaitStep, WriteStep
-from drivers.config import Problem, redact_url
+from drivers.config import Problem, redact_urls
 from drivers.registry import DRIVER_TAG_PREFIX, DRIVERS
 
 SettingsT = TypeVar("SettingsT", bound=SettingsFile)
@@ -215,7 +215,7 @@ def load_settings_with_warnings(
     try:
         env_values = _env_values(cls, env)
     except Exception as exc:  # pydantic-settings raises SettingsError on undecodable JSON
-        raise ConfigError([redact_url(f"environment: {exc}")]) from None
+        raise ConfigError([redact_urls(f"environment: {exc}")]) from None
     env_paths = _env_paths(env_values)
     data = _deep_merge(raw, env_values)
     secret_problems: list[tuple[KeyPath, str]] = []
@@ -245,7 +245,7 @@ def load_settings_with_warnings(
 
 def _dedupe(messages: list[str]) -> list[str]:
     # Every line a user sees passes here: a URL's password is never echoed (docs/install.md).
-    return list(dict.fromkeys(redact_url(message) for message in messages))
+    return list(dict.fromkeys(redact_urls(message) for message in messages))
 
 
 def dotted(loc: Iterable[str | int]) -> str:
