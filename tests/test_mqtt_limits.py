@@ -194,11 +194,11 @@ def test_max_packet_size_is_validated() -> None:
 def test_the_programs_max_packet_size_key() -> None:
     agent = MqttConfig.model_validate({"url": "mqtt://broker"})
     ingest = IngestMqttConfig.model_validate({"url": "mqtt://broker"})
-    assert agent.max_packet_size == 1 << 20
+    assert agent.max_packet_size == 2 << 20
     assert ingest.max_packet_size == 16 << 20
     will = Will("t/status", lambda: b"offline")
     client = mqtt_client(agent, client_id="gw", name="mqtt", will=will)
-    assert client.max_packet_size == 1 << 20
+    assert client.max_packet_size == 2 << 20
     set_small = MqttConfig.model_validate({"url": "mqtt://broker", "max_packet_size": "64KiB"})
     assert mqtt_client(set_small, client_id="gw", name="mqtt", will=will).max_packet_size == 65536
     with pytest.raises(ValueError, match="max_packet_size"):

@@ -82,10 +82,11 @@ class TlsClientConfig(ConfigModel):
         default=as_written("30s"), ge=5, description="MQTT keep-alive interval."
     )
     # The agent receives commands (at most 16 KiB, docs/workflows.md), S/ack and status
-    # messages: 1 MiB leaves room for a larger command to be refused with a reply, and bounds
-    # what one packet may cost (issue #18: a 200 MiB command took the agent to 743 MB).
+    # messages: 2 MiB leaves room for a larger command (up to a mebibyte and a bit) to be
+    # refused with a reply, and bounds what one packet may cost (a 200 MiB command once took
+    # the agent to 743 MB).
     max_packet_size: ByteSize = Field(
-        default=as_written("1MiB"),
+        default=as_written("2MiB"),
         ge=64 * 1024,
         le=256 * 1024 * 1024,
         description="Largest MQTT packet taken from the broker (announced in CONNECT as the "
