@@ -134,11 +134,14 @@ def cmd_check(args: argparse.Namespace) -> int:
     """`edge-agent check`: validate and summarise; warnings are printed but exit 0."""
     from agent.central.settings import CentralSettings
     from agent.settings.config_file import AgentSettings
-    from agent.settings.loader import load_settings_with_warnings
+    from agent.settings.loader import load_settings_with_warnings, no_secret
 
     path: Path = args.config
+    # `check` validates the file; a missing secret file is a warning (docs/configuration.md).
     if _is_central(path):
-        central, warnings = load_settings_with_warnings(CentralSettings, path)
+        central, warnings = load_settings_with_warnings(
+            CentralSettings, path, secrets_needed=no_secret
+        )
         _print_warnings(warnings)
         print(f"{path}: OK (ingest)")
         print(
@@ -150,7 +153,7 @@ def cmd_check(args: argparse.Namespace) -> int:
             f"{central.partitions.retention_months} months"
         )
         return EXIT_OK
-    settings, warnings = load_settings_with_warnings(AgentSettings, path)
+    settings, warnings = load_settings_with_warnings(AgentSettings, path, secrets_needed=no_secret)
     _print_warnings(warnings)
     drivers: dict[str, int] = {}
     tags = writable = 0
@@ -219,9 +222,9 @@ def cmd_probe(args: argparse.Namespace) -> int:
     import asyncio
 
     from agent.probe import format_table, probe
-    from agent.settings.loader import load_agent_settings
+    from agent.settings.loader import device_secrets, load_agent_settings
 
-    settings = load_agent_settings(args.config)
+    settings = load_agent_settings(args.config, secrets_needed=device_secrets)
     rows = asyncio.run(probe(settings))
     print(format_table(rows))
     return EXIT_OK if rows and all(row.quality == "good" for row in rows) else EXIT_FAILURE
@@ -274,10 +277,10 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """`edge-agent status`: 0 healthy, 1 degraded, 2 unreachable."""
-    from agent.settings.loader import load_agent_settings
+    from agent.settings.loader import load_agent_settings, no_secret
     from agent.status import run_status
 
-    settings = load_agent_settings(args.config)
+    settings = load_agent_settings(args.config, secrets_needed=no_secret)
     code, text = run_status(settings)
     print(text, file=sys.stdout if code != 2 else sys.stderr)
     return code

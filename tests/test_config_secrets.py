@@ -1,5 +1,6 @@
 """Secrets in the config (issue #18, item 7): cleartext passwords are warned about by `edge-agent
-check`, credentials in a URL are refused and never echoed, whatever the URL and the message."""
+check`, credentials in a URL are refused and never echoed, whatever the URL and the message; and a
+secret file is needed only by the commands that use it (issue #21, item 1)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from agent.central.settings import load_central_settings
 from agent.cli import main
+from agent.settings.loader import ConfigError, device_secrets, load_agent_settings
 from drivers.config import redact_url, redact_urls
+from tests.fixtures.ports import free_port
 from tests.test_config import BASE
 
 SECRET = "s3cret"
@@ -192,3 +196,97 @@ def test_redact_urls_in_a_message(text: str, redacted: str) -> None:
 )
 def test_redact_one_url(url: str, redacted: str) -> None:
     assert redact_url(url) == redacted
+
+
+# ---------------------------------------------------------------------------------------------
+# Secrets are needed only by the commands that use them (issue #21, item 1)
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLE = REPO / "config" / "agent.example.toml"
+
+
+def test_readme_check_of_the_example_passes_without_its_secret_files(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The README's own command, on a fresh clone where config/*.password does not exist.
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    assert not (REPO / "config" / "mqtt.password").exists()
+    code = main(["check", "-c", str(EXAMPLE)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert captured.out.startswith(f"{EXAMPLE}: OK\n")
+    text = EXAMPLE.read_text()
+    mqtt_line = line_of(text, 'password_file = "mqtt.password"')
+    filler_line = line_of(text, 'password_file = "filler.password"')
+    assert captured.err.splitlines() == [
+        f"warning: mqtt.password_file: no such file: {REPO}/config/mqtt.password; the service "
+        f"will not start without it (line {mqtt_line})",
+        f"warning: devices[2].password_file: no such file: {REPO}/config/filler.password; the "
+        f"service will not start without it (line {filler_line})",
+    ]
+
+
+def test_run_still_refuses_a_missing_secret_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    with pytest.raises(ConfigError) as info:
+        load_agent_settings(EXAMPLE)  # what `edge-agent run` loads with
+    assert [problem.split(":")[0] for problem in info.value.problems] == [
+        "mqtt.password_file",
+        "devices[2].password_file",
+    ]
+
+
+def test_probe_needs_the_device_secrets_only(tmp_path: Path) -> None:
+    # probe logs in to the PLCs, never to the broker.
+    environ = {"CREDENTIALS_DIRECTORY": str(tmp_path)}
+    with pytest.raises(ConfigError) as info:
+        load_agent_settings(EXAMPLE, environ=environ, secrets_needed=device_secrets)
+    assert [problem.split(":")[0] for problem in info.value.problems] == [
+        "devices[2].password_file"
+    ]
+    (tmp_path / "filler.password").write_text("opc")
+    settings = load_agent_settings(EXAMPLE, environ=environ, secrets_needed=device_secrets)
+    assert settings.mqtt.password is None
+    filler = settings.device("filler")
+    assert filler is not None
+    assert filler.password.get_secret_value() == "opc"  # type: ignore[attr-defined]
+
+
+def test_status_and_replay_read_no_secret(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    samples = tmp_path / "samples.csv"
+    samples.write_text(
+        "ts,device,tag,value\n"
+        "2026-03-02T06:00:00Z,press1,state_code,1\n"
+        "2026-03-02T06:00:00Z,press1,total_count,0\n"
+        "2026-03-02T06:10:00Z,press1,total_count,400\n"
+        "2026-03-02T06:20:00Z,press1,state_code,2\n"
+    )
+    assert main(["oee", "-c", str(EXAMPLE), "--replay", str(samples)]) == 0
+    out = capsys.readouterr().out
+    assert '"machine": "press1"' in out
+    # Nothing listens on that port: "unreachable", not a config error.
+    monkeypatch.setenv("EDGE_AGENT__HTTP__LISTEN", f"127.0.0.1:{free_port()}")
+    code = main(["status", "-c", str(EXAMPLE)])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert "password_file" not in captured.err
+    assert "unreachable" in captured.err or "cannot reach" in captured.err, captured.err
+
+
+def test_check_of_a_central_config_without_its_dsn_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "central.toml"
+    path.write_text('[mqtt]\nurl = "mqtts://broker:8883"\n[postgres]\ndsn_file = "dsn"\n')
+    assert main(["check", "-c", str(path)]) == 0
+    err = capsys.readouterr().err
+    assert err == (
+        f"warning: postgres.dsn_file: no such file: {tmp_path}/dsn; the service will not start "
+        "without it (line 4)\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_central_settings(path, environ={})
+    assert info.value.problems == [f"postgres.dsn_file: no such file: {tmp_path}/dsn (line 4)"]

@@ -78,7 +78,9 @@ class PostgresConfig(ConfigModel):
     def problems(self) -> Iterator[Problem]:
         """A DSN must come from somewhere."""
         if self.dsn is None:
-            yield (("dsn",), "required (or dsn_file)")
+            # dsn_file set but unread only when `check` tolerated its absence (a warning).
+            if self.dsn_file is None:
+                yield (("dsn",), "required (or dsn_file)")
         elif not self.dsn.get_secret_value().startswith(("postgresql://", "postgres://")):
             yield (("dsn",), "must start with postgresql://")
 

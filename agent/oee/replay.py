@@ -432,10 +432,10 @@ def replay_samples(settings: AgentSettings, samples: Iterable[Sample]) -> list[O
 
 def cmd_oee(args: argparse.Namespace) -> int:
     """`edge-agent oee -c FILE --replay FILE`: one JSON record per line on stdout."""
-    from agent.settings.loader import ConfigError, load_agent_settings
+    from agent.settings.loader import ConfigError, load_agent_settings, no_secret
 
     try:
-        settings = load_agent_settings(args.config)
+        settings = load_agent_settings(args.config, secrets_needed=no_secret)
     except ConfigError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)

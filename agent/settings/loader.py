@@ -12,7 +12,7 @@ import re
 import tomllib
 import types
 import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -42,6 +42,28 @@ _STEP_MODELS: dict[str, type[BaseModel]] = {
 }
 
 
+# Which secret files a command needs (docs/install.md "Secrets"): `run` and `ingest` need every
+# one; `probe` only the devices'; `check`, `status` and `oee --replay` none. A missing file
+# that a command does not need becomes a warning, so the README's `check` of the example config
+# passes on a fresh clone and says what `run` will still need.
+SecretsNeeded = Callable[[KeyPath], bool]
+
+
+def every_secret(_path: KeyPath) -> bool:
+    """The daemons (`run`, `ingest`) need every secret file."""
+    return True
+
+
+def no_secret(_path: KeyPath) -> bool:
+    """`check`, `status` and `oee --replay` read no secret."""
+    return False
+
+
+def device_secrets(path: KeyPath) -> bool:
+    """`probe` logs in to the devices and never to the broker."""
+    return bool(path) and path[0] == "devices"
+
+
 class ConfigError(Exception):
     """A config that cannot be used; `problems` holds one line per problem."""
 
@@ -51,10 +73,15 @@ class ConfigError(Exception):
 
 
 def load_agent_settings(
-    path: str | os.PathLike[str], *, environ: Mapping[str, str] | None = None
+    path: str | os.PathLike[str],
+    *,
+    environ: Mapping[str, str] | None = None,
+    secrets_needed: SecretsNeeded = every_secret,
 ) -> AgentSettings:
     """Load and validate an agent config file (docs/configuration.md)."""
-    return load_settings(AgentSettings, path, environ=environ)
+    return load_settings_with_warnings(
+        AgentSettings, path, environ=environ, secrets_needed=secrets_needed
+    )[0]
 
 
 def _read_text(path: Path) -> str:
@@ -148,17 +175,23 @@ def _secret_dirs(config_path: Path, environ: Mapping[str, str]) -> list[Path]:
     return dirs
 
 
-def _resolve_secrets(
-    node: Any, path: KeyPath, dirs: list[Path], problems: list[tuple[KeyPath, str]]
-) -> Any:
+class _SecretFindings:
+    """What resolving the `X_file` references found: problems, and files missing but unneeded."""
+
+    def __init__(self, needed: SecretsNeeded) -> None:
+        self.needed = needed
+        self.problems: list[tuple[KeyPath, str]] = []
+        self.unneeded_missing: list[tuple[KeyPath, str]] = []
+
+
+def _resolve_secrets(node: Any, path: KeyPath, dirs: list[Path], found: _SecretFindings) -> Any:
     """Replace every `X_file` secret reference by reading it into `X` (X: password, dsn)."""
     if isinstance(node, list):
-        return [_resolve_secrets(item, (*path, i), dirs, problems) for i, item in enumerate(node)]
+        return [_resolve_secrets(item, (*path, i), dirs, found) for i, item in enumerate(node)]
     if not isinstance(node, dict):
         return node
-    out = {
-        key: _resolve_secrets(value, (*path, key), dirs, problems) for key, value in node.items()
-    }
+    problems = found.problems
+    out = {key: _resolve_secrets(value, (*path, key), dirs, found) for key, value in node.items()}
     for key in SECRET_KEYS:
         file_key = f"{key}_file"
         if file_key not in out:
@@ -186,7 +219,11 @@ def _resolve_secrets(
             break
         else:
             where = " or ".join(str(option) for option in candidates)
-            problems.append(((*path, file_key), f"no such file: {where}"))
+            if found.needed((*path, file_key)):
+                problems.append(((*path, file_key), f"no such file: {where}"))
+            else:
+                reason = f"no such file: {where}; the service will not start without it"
+                found.unneeded_missing.append(((*path, file_key), reason))
     return out
 
 
@@ -195,9 +232,10 @@ def load_settings(
     path: str | os.PathLike[str],
     *,
     environ: Mapping[str, str] | None = None,
+    secrets_needed: SecretsNeeded = every_secret,
 ) -> SettingsT:
     """Load and validate a config file of either program into its settings model."""
-    return load_settings_with_warnings(cls, path, environ=environ)[0]
+    return load_settings_with_warnings(cls, path, environ=environ, secrets_needed=secrets_needed)[0]
 
 
 def load_settings_with_warnings(
@@ -205,6 +243,7 @@ def load_settings_with_warnings(
     path: str | os.PathLike[str],
     *,
     environ: Mapping[str, str] | None = None,
+    secrets_needed: SecretsNeeded = every_secret,
 ) -> tuple[SettingsT, list[str]]:
     """`load_settings`, and one line per warning (``path.to.field: reason (line N)``)."""
     path = Path(path)
@@ -218,8 +257,9 @@ def load_settings_with_warnings(
         raise ConfigError([redact_urls(f"environment: {exc}")]) from None
     env_paths = _env_paths(env_values)
     data = _deep_merge(raw, env_values)
-    secret_problems: list[tuple[KeyPath, str]] = []
-    data = _resolve_secrets(data, (), _secret_dirs(path, env), secret_problems)
+    secrets = _SecretFindings(secrets_needed)
+    data = _resolve_secrets(data, (), _secret_dirs(path, env), secrets)
+    secret_problems = secrets.problems
 
     def where(loc: KeyPath) -> str:
         for end in range(len(loc), 0, -1):
@@ -240,7 +280,7 @@ def load_settings_with_warnings(
     messages = located([*secret_problems, *settings.problems()])
     if messages:
         raise ConfigError(_dedupe(messages))
-    return settings, _dedupe(located(settings.warnings()))
+    return settings, _dedupe(located([*secrets.unneeded_missing, *settings.warnings()]))
 
 
 def _dedupe(messages: list[str]) -> list[str]:
