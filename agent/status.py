@@ -35,6 +35,7 @@ def problems(status: dict[str, Any]) -> list[str]:
         if detail.get("state") != "up":
             reason = detail.get("reason")
             found.append(f"device {name} {detail.get('state')}" + (f": {reason}" if reason else ""))
+    found.extend(str(problem) for problem in status.get("sync_problems") or ())
     if status.get("outbox_append_failures"):
         found.append(f"outbox refused {status['outbox_append_failures']} appends")
     if status.get("dropped_total"):
@@ -58,6 +59,8 @@ def summary(status: dict[str, Any]) -> str:
         + ("-" if oldest is None else f"{oldest:.1f} s"),
         f"  stream     {status.get('stream')}",
     ]
+    if status.get("sync") == "live-only":
+        lines.append("  sync       live only: no central store (mqtt.sync_enabled = false)")
     for machine, report in sorted((status.get("oee") or {}).items()):
         if report:
             lines.append(

@@ -473,6 +473,12 @@ INVALID: list[tuple[str, str, str, str]] = [
         '\n[[workflows]]\nname = "start_order"\nsteps = [{ confirm = "central", timeout = "1s" }]\n',
         "workflows[1].name",
     ),
+    (
+        "workflow-confirm-live-only",
+        'url = "mqtt://127.0.0.1:1883"',
+        'url = "mqtt://127.0.0.1:1883"\nsync_enabled = false',
+        "workflows[0].steps[3].confirm",
+    ),
     ("http-bad-listen", "[buffer]", '[http]\nlisten = "localhost"\n\n[buffer]', "http.listen"),
 ]
 

@@ -38,8 +38,11 @@ class FakeCentral:
     answers each batch with S/ack = the highest seq such that every seq <= it is covered.
     """
 
-    def __init__(self, broker: MosquittoBroker) -> None:
+    def __init__(self, broker: MosquittoBroker, *, present: bool = True) -> None:
         self.broker = broker
+        # Announce itself online (retained) on entering and offline on leaving, as the ingest
+        # does (docs/topics.md): the forwarder infers a size limit only while one listens.
+        self.present = present
         self.lock = threading.Lock()
         self.events: dict[int, dict[str, Any]] = {}
         self.received: list[int] = []  # every seq received, duplicates included
@@ -67,9 +70,13 @@ class FakeCentral:
         self.client.loop_start()
         if not self.subscribed.wait(10):
             raise TimeoutError("fake central could not subscribe")
+        if self.present:
+            self.announce("online", retain=True)
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if self.present:
+            self.announce("offline", retain=True)
         self.client.disconnect()
         self.client.loop_stop()
 
@@ -481,7 +488,7 @@ async def test_batches_that_went_nowhere_are_resent_when_the_central_store_annou
         await outbox.append(events(0, 500))
         # The broker has it (PUBACK) and had no subscriber for it.
         await async_wait_until(lambda: client.stats.acked >= 1, message="batch at the broker")
-        with FakeCentral(mosquitto) as central:
+        with FakeCentral(mosquitto, present=False) as central:
             assert central.received == []  # subscribed after the batch was published
             central.announce("offline")  # only "online" means the batches can arrive now
             central.announce("online")

@@ -51,7 +51,7 @@ async def test_endpoints_metrics_and_status(mosquitto: MosquittoBroker, tmp_path
             )
             assert await asyncio.to_thread(get, port, "/healthz") == (200, b'{"status":"alive"}')
             code, body = await asyncio.to_thread(get, port, "/readyz")
-            assert (code, json.loads(body)) == (200, {"ready": True})
+            assert (code, json.loads(body)) == (200, {"ready": True, "problems": []})
             code, body = await asyncio.to_thread(get, port, "/status")
             status = json.loads(body)
             assert status["devices"]["press1"] == "up"

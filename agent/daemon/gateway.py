@@ -9,11 +9,12 @@ from dataclasses import dataclass
 
 from agent import __version__
 from agent.daemon.devices import Devices, PollObserver, driver_context
-from agent.daemon.pipeline import Pipeline
+from agent.daemon.pipeline import Durable, Pipeline
 from agent.oee.live import LiveOee
 from agent.service.mqtt import mqtt_client
 from agent.settings.config_file import AgentSettings
 from agent.workflows.engine import WorkflowEngine
+from sync.events import Event
 from sync.mqtt.client import MqttClient, Will
 from sync.outbox.store import Outbox
 from sync.uplink.forwarder import Forwarder
@@ -47,6 +48,7 @@ def forwarder_for(settings: AgentSettings, outbox: Outbox, mqtt: MqttClient) -> 
         ack_timeout=keys.ack_timeout,
         max_rate=keys.sync_max_rate,
         max_bytes=keys.sync_max_bytes,
+        warn_after=keys.ack_warning_after,
     )
 
 
@@ -54,10 +56,26 @@ def build_sinks(
     settings: AgentSettings, outbox: Outbox, mqtt: MqttClient, live: LivePublisher
 ) -> tuple[Sink, ...]:
     """Every uplink, in the order they start (all before the first device, all after it stops)."""
-    return (
-        live,  # R/{device}/{tag}, newest value per topic
-        forwarder_for(settings, outbox, mqtt),  # S/sync to the central store
-    )
+    sinks: list[Sink] = [live]  # R/{device}/{tag}, newest value per topic
+    if settings.mqtt.sync_enabled:
+        sinks.append(forwarder_for(settings, outbox, mqtt))  # S/sync to the central store
+    return tuple(sinks)
+
+
+def durable_for(settings: AgentSettings, outbox: Outbox) -> Durable:
+    """What the pipeline commits: every event, or in live-only mode every event but samples
+    (records of their own, OEE and workflow audits, stay in the outbox, capped by
+    buffer.max_size, and go to the central store if sync is enabled later;
+    docs/delivery.md, "Live only")."""
+    if settings.mqtt.sync_enabled:
+        return outbox.append
+
+    async def append_records(events: list[Event]) -> None:
+        records = [event for event in events if event.kind != "sample"]
+        if records:
+            await outbox.append(records)
+
+    return append_records
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +102,7 @@ def build_gateway(
     """Wire the parts; nothing runs until the caller starts their tasks."""
     live = LivePublisher(mqtt, topic_root=settings.mqtt.topic_root)
     sinks = build_sinks(settings, outbox, mqtt, live)
-    pipeline = Pipeline(sinks=sinks, durable=outbox.append)
+    pipeline = Pipeline(sinks=sinks, durable=durable_for(settings, outbox))
     configure_tags(pipeline, settings)
     oee = LiveOee(settings, publish=live.offer, emit=pipeline.emit)
     pipeline.add_observer(oee.observe)

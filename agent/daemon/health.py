@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Protocol, TypedDict
+from typing import Any, Literal, Protocol, TypedDict
 
 from agent.oee.records import OeeRecord
 from agent.service.watchdog import dead_tasks
@@ -32,6 +32,7 @@ class HealthDocument(TypedDict):
     dropped_total: int
     devices: dict[str, str]
     uplink: str
+    sync: Literal["forwarding", "live-only"]
 
 
 class DeviceDetail(TypedDict):
@@ -52,12 +53,18 @@ class StatusDocument(HealthDocument):
     gateway: str
     device_detail: dict[str, DeviceDetail]
     uplink_error: str | None
+    sync_problems: list[str]
     outbox_append_failures: int
     oee: dict[str, OeeRecord | None]
 
 
 def health_document(
-    outbox: Outbox, mqtt: MqttClient, devices: dict[str, str], *, now: float
+    outbox: Outbox,
+    mqtt: MqttClient,
+    devices: dict[str, str],
+    *,
+    now: float,
+    sync_enabled: bool = True,
 ) -> HealthDocument:
     """The health document at `now` (epoch seconds)."""
     oldest = outbox.oldest_unacked_ts
@@ -71,6 +78,7 @@ def health_document(
         "dropped_total": outbox.dropped_total,
         "devices": devices,
         "uplink": "up" if mqtt.is_connected else "down",
+        "sync": "forwarding" if sync_enabled else "live-only",
     }
 
 
@@ -143,4 +151,6 @@ def status_line(health: Mapping[str, Any]) -> str:
     if oldest is not None:
         parts.append(f"oldest unacked {oldest:.0f} s")
     parts.append(f"uplink {health.get('uplink', 'down')}")
+    if health.get("sync") == "live-only":
+        parts.append("live only")
     return ", ".join(parts)

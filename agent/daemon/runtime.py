@@ -107,7 +107,11 @@ class Runtime:
         if gateway is None:
             return None
         return health_document(
-            gateway.outbox, gateway.mqtt, gateway.devices.states(), now=time.time()
+            gateway.outbox,
+            gateway.mqtt,
+            gateway.devices.states(),
+            now=time.time(),
+            sync_enabled=self.settings.mqtt.sync_enabled,
         )
 
     def status(self) -> StatusDocument | None:
@@ -132,16 +136,28 @@ class Runtime:
             "gateway": self.settings.gateway.id,
             "device_detail": detail,
             "uplink_error": gateway.mqtt.last_error,
+            "sync_problems": self.sync_problems(),
             "outbox_append_failures": gateway.outbox.append_failures,
             "oee": gateway.oee.machines,
         }
 
-    def ready(self) -> bool:
-        """Outbox open, and either the uplink is up or events are being buffered."""
+    def sync_problems(self) -> list[str]:
+        """Why an uplink does not keep its promise now (e.g. no central acknowledgement)."""
+        gateway = self._gateway
+        if gateway is None:
+            return []
+        return [problem for sink in gateway.sinks for problem in sink.problems()]
+
+    def readiness_problems(self) -> list[str]:
+        """Why the gateway is not ready (empty: ready): starting, events neither sent nor
+        buffered, or an uplink's problem."""
         gateway = self._gateway
         if gateway is None or not self.started.is_set():
-            return False
-        return gateway.mqtt.is_connected or not gateway.pipeline.durable_down
+            return ["starting"]
+        problems = self.sync_problems()
+        if not gateway.mqtt.is_connected and gateway.pipeline.durable_down:
+            problems.insert(0, "the uplink is down and the outbox refuses events")
+        return problems
 
     def liveness_problems(self) -> list[str]:
         """Dead tasks and silent pollers; the systemd watchdog is fed only while empty."""
@@ -168,8 +184,10 @@ class Runtime:
             return json_response({"status": "alive"})
 
         def readyz() -> Response:
-            ready = self.ready()
-            return json_response({"ready": ready}, 200 if ready else 503)
+            problems = self.readiness_problems()
+            return json_response(
+                {"ready": not problems, "problems": problems}, 503 if problems else 200
+            )
 
         def status() -> Response:
             document = self.status()

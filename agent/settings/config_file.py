@@ -183,6 +183,12 @@ class AgentSettings(SettingsFile):
                 yield from self._ref_problem((*loc, "wait"), step.wait)
                 values = [("value", step.value)]
             else:
+                if not self.mqtt.sync_enabled:
+                    yield (
+                        (*loc, "confirm"),
+                        "waits for the central store, which a live-only gateway has none of "
+                        "(mqtt.sync_enabled = false)",
+                    )
                 values = []
             for key, value in values:
                 try:

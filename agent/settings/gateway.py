@@ -45,6 +45,12 @@ class MqttConfig(TlsClientConfig):
         description="Root R of live topics; default '{site}/{area}/{line}'.",
         examples=["plant1/assembly/line3"],
     )
+    sync_enabled: bool = Field(
+        default=True,
+        description="false: live only, for a plant without a central store: live values, "
+        "OEE and commands on MQTT, no S/sync; samples are not kept in the outbox "
+        "(docs/delivery.md, 'Live only').",
+    )
     sync_prefix: str = Field(
         default="edge", description="Durable path: {sync_prefix}/{gateway.id}/sync|ack."
     )
@@ -64,6 +70,13 @@ class MqttConfig(TlsClientConfig):
     )
     ack_timeout: Duration = Field(
         default=as_written("30s"), gt=0, description="An unacknowledged batch is resent after this."
+    )
+    ack_warning_after: Duration = Field(
+        default=as_written("2m"),
+        gt=0,
+        description="Events waiting this long, connected, for the central store's "
+        "acknowledgement: a warning in the log, `status` degraded, /readyz 503, naming the "
+        "likely cause (no ingest on sync_prefix, or batches refused by the broker).",
     )
     health_interval: Duration = Field(
         default=as_written("10s"),

@@ -26,13 +26,15 @@ those already acknowledged is the central store or the network, not the size: it
 resent, unless four stalls in a row make that knowledge stale. Every 32 acknowledged batches
 the budget doubles again; after a cut that followed successful batches only up to the size
 known to pass, for 10 minutes, so that a real limit is probed once per 10 minutes and not every
-few batches.
+few batches. A stall is evidence of a size limit only while a central store listens (an ingest
+replica announces itself online, or acknowledged something): with no ingest running, nothing is
+cut, and after ``warn_after`` seconds connected without an acknowledgement the log, status and
+/readyz say that no central store acknowledges (docs/delivery.md, "When nothing acknowledges").
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections import deque
@@ -46,6 +48,7 @@ from sync.outbox.store import Batch, Outbox, OutboxUnavailable
 from sync.uplink.acks import AckCheck
 from sync.uplink.budget import MIN_BATCH_BYTES, BatchBudget
 from sync.uplink.payloads import SyncPayloads
+from sync.uplink.presence import CentralPresence
 from sync.uplink.sink import SinkFigure
 
 log = logging.getLogger("edge_agent.forwarder")
@@ -86,6 +89,7 @@ class Forwarder:
         ack_timeout: float = 30.0,
         max_rate: int = 0,
         max_bytes: int = DEFAULT_MAX_BYTES,
+        warn_after: float = 120.0,
     ) -> None:
         if not gateway_id or any(char in gateway_id for char in "/+#"):
             raise ValueError(f"invalid gateway_id {gateway_id!r}: no '/', '+' or '#'")
@@ -99,12 +103,20 @@ class Forwarder:
             raise ValueError("ack_timeout must be > 0")
         if max_rate < 0:
             raise ValueError("max_rate must be >= 0 (0: unlimited)")
+        if not warn_after > 0:
+            raise ValueError("warn_after must be > 0")
         self._outbox = outbox
         self._client = client
         self.sync_topic = f"{sync_prefix}/{gateway_id}/sync"
         self._payloads = SyncPayloads(gateway_id=gateway_id, topic=self.sync_topic, client=client)
         self.ack_topic = f"{sync_prefix}/{gateway_id}/ack"
         self.central_topic = f"{sync_prefix}/_central/status/+"
+        self._sync_prefix = sync_prefix
+        self._presence = CentralPresence()
+        self._warn_after = warn_after
+        # Since when events have waited, connected, without an ack moving the watermark.
+        self._quiet_since = time.monotonic()
+        self._silence_reported = False
         # While pacing, keep each batch to about 200 ms worth of events so that the link sees
         # an even trickle rather than one large burst per second.
         self._batch_events = min(batch_events, max(1, max_rate // 5)) if max_rate else batch_events
@@ -165,9 +177,15 @@ class Forwarder:
         """Nothing to do: events of a removed device still in the outbox are delivered."""
 
     async def drain(self) -> None:
-        """Wait until the central store acknowledged everything committed (while connected)."""
-        if self._client.is_connected:
+        """Wait until the central store acknowledged everything committed, while connected and
+        while a central store listens (a stop never waits for acks that cannot come)."""
+        if self._client.is_connected and self._central_listens() and not self._silence_reported:
             await self._outbox.wait_acked(self._outbox.committed_seq)
+
+    def problems(self) -> Sequence[str]:
+        """ "no central acknowledgement for ..." once events waited `warn_after` connected."""
+        problem = self._silence_problem(time.monotonic())
+        return () if problem is None else (problem,)
 
     def figures(self) -> Sequence[SinkFigure]:
         """Batches, events, acks and stalls of the durable path."""
@@ -207,6 +225,7 @@ class Forwarder:
         self._central_acked = self._ack_target = outbox.acked_seq
         self._next_after = self._high_sent = outbox.acked_seq
         self._committed_at_start = outbox.committed_seq
+        self._quiet_since = time.monotonic()
         self._client.subscribe(self.ack_topic, self._on_ack_message, qos=1)
         self._client.subscribe(self.central_topic, self._on_central_status, qos=1)
         self._client.add_listener(self._on_connection)
@@ -229,6 +248,7 @@ class Forwarder:
         try:
             await self._commit_ack_alarm()
             self._apply_acks(now)
+            self._check_silence(now)
             self._check_stalls(now)
             wake_at = await self._send(now)
             # Deleting comes last: the next batch should not wait for this transaction's fsync.
@@ -239,6 +259,8 @@ class Forwarder:
         deadlines = [wake_at] if wake_at is not None else []
         if self._inflight and self._client.is_connected:
             deadlines.append(self._last_progress + self._ack_timeout)
+        if self._waiting() and self._client.is_connected and not self._silence_reported:
+            deadlines.append(self._quiet_since + self._warn_after)
         if self._central_acked > self._outbox.acked_seq:
             deadlines.append(self._ack_retry_at)
         return min(deadlines) if deadlines else None
@@ -257,6 +279,10 @@ class Forwarder:
                 self._budget.acked(self._inflight.popleft().size)
             self._next_after = max(self._next_after, target)
             self._last_progress = now
+            self._quiet_since = now
+            if self._silence_reported:
+                self._silence_reported = False
+                log.info("forwarder: the central store acknowledges again (up to seq %d)", target)
             self._stalls = 0
             self._refusal_logged = False
             self._budget.maybe_grow(now)
@@ -270,6 +296,40 @@ class Forwarder:
                 # The window moves on anyway; the deletion is retried shortly.
                 self._ack_retry_at = now + _RETRY_AFTER
                 self._report_outbox_error(exc)
+
+    def _waiting(self) -> bool:
+        """Whether committed events wait for the central store's acknowledgement."""
+        return self._outbox.committed_seq > self._central_acked
+
+    def _central_listens(self) -> bool:
+        """Whether a central store is known to listen: a replica online, or an ack received."""
+        return bool(self._presence.online) or self.acks_received > 0
+
+    def _silence_problem(self, now: float) -> str | None:
+        if not self._client.is_connected or not self._waiting():
+            return None  # while disconnected the uplink is the problem, reported as such
+        silent = now - self._quiet_since
+        if silent < self._warn_after:
+            return None
+        online = self._presence.online
+        if online:
+            return (
+                f"no central acknowledgement for {silent:.0f} s although ingest "
+                f"{', '.join(online)} is online: does the broker refuse or drop the batches on "
+                f"{self.sync_topic} (message size limit, ACL)?"
+            )
+        return (
+            f"no central acknowledgement for {silent:.0f} s: is an ingest running on sync "
+            f"prefix {self._sync_prefix!r}? (none announced itself on {self.central_topic})"
+        )
+
+    def _check_silence(self, now: float) -> None:
+        if self._silence_reported:
+            return
+        problem = self._silence_problem(now)
+        if problem is not None:
+            self._silence_reported = True
+            log.warning("forwarder: %s", problem)
 
     def _check_stalls(self, now: float) -> None:
         rejected, self._rejected = self._rejected, None
@@ -301,7 +361,8 @@ class Forwarder:
             self._budget.forget_proven()
             self._report_oversized()
         stuck = rejected_size
-        if stuck is None and self._inflight and self._stalls >= 2:
+        # A silent stall hints at a size limit only if someone would have acknowledged.
+        if stuck is None and self._inflight and self._stalls >= 2 and self._central_listens():
             head = self._inflight[0].size
             stuck = head if self._budget.is_evidence(head) else None
         if stuck is not None:
@@ -368,6 +429,8 @@ class Forwarder:
             sent = _Sent(
                 batch.first_seq, batch.last_seq, len(payload), len(batch.events), self._epoch
             )
+            if self._central_acked >= self._high_sent:
+                self._quiet_since = time.monotonic()  # all sent so far was acked: a new wait
             future.add_done_callback(partial(self._on_puback, sent))
             now = time.monotonic()
             if not self._inflight:
@@ -425,19 +488,17 @@ class Forwarder:
             self._wake.set()
 
     def _on_central_status(self, message: Message) -> None:
-        if message.retain:
-            return  # an old announcement, delivered because we (re)subscribed
-        try:
-            status = json.loads(message.payload).get("status")
-        except (ValueError, AttributeError):
-            return
-        if status == "online":
+        # A retained announcement, delivered because we (re)subscribed, tells who is online;
+        # only a live one means a replica has just (re)started: resend what may have gone
+        # nowhere.
+        if self._presence.observe(message):
             self._central_back = True
             self._wake.set()
 
     def _on_connection(self, up: bool) -> None:
         if up:
             self._reconnected = True
+            self._quiet_since = time.monotonic()  # silence counts while connected
         else:
             self._lost_inflight = self._lost_inflight or bool(self._inflight)
         self._wake.set()

@@ -89,6 +89,10 @@ class LivePublisher:
             ),
         )
 
+    def problems(self) -> Sequence[str]:
+        """None: a value too large for the broker is counted and logged, not a standing fault."""
+        return ()
+
     @property
     def pending(self) -> int:
         """Topics waiting to be published."""

@@ -53,3 +53,8 @@ class Sink(Protocol):
     def figures(self) -> Sequence[SinkFigure]:
         """Counters and gauges for /metrics, read at scrape time."""
         ...
+
+    def problems(self) -> Sequence[str]:
+        """Why this uplink does not keep its promise now, one line each (empty: it does);
+        `edge-agent status`, /status and /readyz show them."""
+        ...
