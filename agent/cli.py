@@ -1,5 +1,6 @@
 """The `edge-agent` command line (README.md, "Commands"). Exit codes: 0 ok, 1 runtime failure,
-2 bad config or usage. Every error is one readable line; no input produces a traceback."""
+2 bad config or usage (`status` adds 1 degraded and 3 unreachable). Every error is one readable
+line; no input produces a traceback."""
 
 from __future__ import annotations
 
@@ -32,11 +33,48 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Shows each option's default (when it has one) and keeps the examples' line breaks."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if (
+            "default" in text
+            or default is None
+            or default is False
+            or default is argparse.SUPPRESS
+            or action.option_strings == []
+        ):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+# One example per verb, shown by `edge-agent VERB --help` (README.md, "Commands").
+EXAMPLES: dict[str, str] = {
+    "run": "edge-agent run -c /etc/edge-agent/agent.toml",
+    "check": "edge-agent check -c config/agent.example.toml",
+    "demo": "edge-agent demo --duration 60",
+    "probe": "edge-agent probe -c agent.toml",
+    "simulate": "edge-agent simulate modbus --port 5020\n"
+    "  edge-agent simulate opcua --port 4840 --secure --pki ./pki\n"
+    "  edge-agent simulate modbus --help    # every option of the Modbus simulator",
+    "oee": "edge-agent oee -c agent.toml --replay samples.csv",
+    "ingest": "edge-agent ingest -c /etc/edge-agent/central.toml",
+    "status": "edge-agent status -c /etc/edge-agent/agent.toml\n\n"
+    "exit codes: 0 healthy, 1 degraded, 2 bad config or usage, 3 agent unreachable",
+    "schema": "edge-agent schema > agent.schema.json",
+}
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="edge-agent",
         description="Edge gateway for a production line: PLCs (OPC UA, Modbus) -> OEE, "
         "SQLite outbox, MQTT, PostgreSQL.",
+        formatter_class=_HelpFormatter,
+        epilog="example:\n  edge-agent check -c config/agent.example.toml\n\n"
+        "`edge-agent COMMAND --help` shows a command's options and an example.",
     )
     parser.add_argument("--version", action="version", version=f"edge-agent {__version__}")
     parser.add_argument(
@@ -49,7 +87,13 @@ def _build_parser() -> argparse.ArgumentParser:
     commands.required = True
 
     def add(name: str, help_: str) -> argparse.ArgumentParser:
-        return commands.add_parser(name, help=help_, description=help_)
+        return commands.add_parser(
+            name,
+            help=help_,
+            description=help_,
+            epilog=f"example:\n  {EXAMPLES[name]}",
+            formatter_class=_HelpFormatter,
+        )
 
     run = add("run", "run the daemon in the foreground (systemd Type=notify)")
     run.add_argument("-c", "--config", required=True, type=Path, help="agent config file")
@@ -63,27 +107,16 @@ def _build_parser() -> argparse.ArgumentParser:
     probe = add("probe", "connect to every device once, read every tag, print a table")
     probe.add_argument("-c", "--config", required=True, type=Path, help="agent config file")
 
-    simulate = add("simulate", "run a line simulator alone")
-    simulate.add_argument("protocol", choices=["modbus", "opcua"])
-    simulate.add_argument("--port", type=int, default=None, help="listen port")
-    simulate.add_argument("--host", default="127.0.0.1", help="listen address")
-    simulate.add_argument("--seed", type=int, default=1, help="random seed of the line model")
-    simulate.add_argument("--speed", type=float, default=1.0, help="simulated time factor")
-    simulate.add_argument("--secure", action="store_true", help="opcua: secured endpoint only")
-    simulate.add_argument(
-        "--password", default=None, help="opcua: password of user 'edge' (with --secure)"
+    simulate = add(
+        "simulate",
+        "run a line simulator alone; its options are the simulator's own "
+        "(`edge-agent simulate modbus --help`, simulators/README.md)",
     )
+    simulate.add_argument("protocol", choices=["modbus", "opcua"], help="which simulator")
+    # One parser per simulator, its own (simulators/*/cli.py): the flags cannot drift apart.
     simulate.add_argument(
-        "--pki", default=None, help="opcua: server certificate directory (created, reused)"
+        "options", nargs=argparse.REMAINDER, help="the simulator's options, e.g. --port 5020"
     )
-    simulate.add_argument(
-        "--serial", default=None, help="modbus: serve RTU on PATH ('pty': make one)"
-    )
-    simulate.add_argument("--units", type=int, default=None, help="modbus: unit ids 1..N")
-    simulate.add_argument(
-        "--write-log", default=None, help="append every write to FILE (JSON lines)"
-    )
-    simulate.add_argument("--control-port", type=int, default=None, help="fault-injection port")
 
     oee = add("oee", "recompute OEE offline from recorded samples")
     oee.add_argument("-c", "--config", required=True, type=Path, help="agent config file")
@@ -231,30 +264,14 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    """`edge-agent simulate modbus|opcua`: a line simulator alone."""
-    argv = ["--host", args.host, "--seed", str(args.seed), "--speed", str(args.speed)]
-    for flag, value in (
-        ("--port", args.port),
-        ("--write-log", args.write_log),
-        ("--control-port", args.control_port),
-    ):
-        if value is not None:
-            argv += [flag, str(value)]
+    """`edge-agent simulate modbus|opcua [OPTIONS]`: a line simulator alone."""
     if args.protocol == "modbus":
         from simulators.modbus.cli import main as modbus_main
 
-        for flag, value in (("--serial", args.serial), ("--units", args.units)):
-            if value is not None:
-                argv += [flag, str(value)]
-        return modbus_main(argv)
+        return modbus_main(args.options)
     from simulators.opcua.cli import main as opcua_main
 
-    if args.secure:
-        argv.append("--secure")
-    for flag, value in (("--password", args.password), ("--pki", args.pki)):
-        if value is not None:
-            argv += [flag, str(value)]
-    return opcua_main(argv)
+    return opcua_main(args.options)
 
 
 def cmd_oee(args: argparse.Namespace) -> int:
@@ -276,13 +293,13 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    """`edge-agent status`: 0 healthy, 1 degraded, 2 unreachable."""
+    """`edge-agent status`: 0 healthy, 1 degraded, 2 bad config, 3 unreachable."""
     from agent.settings.loader import load_agent_settings, no_secret
-    from agent.status import run_status
+    from agent.status import EXIT_UNREACHABLE, run_status
 
     settings = load_agent_settings(args.config, secrets_needed=no_secret)
     code, text = run_status(settings)
-    print(text, file=sys.stdout if code != 2 else sys.stderr)
+    print(text, file=sys.stderr if code == EXIT_UNREACHABLE else sys.stdout)
     return code
 
 

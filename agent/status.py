@@ -11,7 +11,7 @@ from agent.settings.config_file import AgentSettings
 
 EXIT_HEALTHY = 0
 EXIT_DEGRADED = 1
-EXIT_UNREACHABLE = 2
+EXIT_UNREACHABLE = 3  # 2 is a bad config or usage, as for every command (agent/cli.py)
 
 
 def fetch_status(settings: AgentSettings, *, timeout: float = 3.0) -> dict[str, Any]:
@@ -78,7 +78,7 @@ def _pct(value: Any) -> str:
 
 
 def run_status(settings: AgentSettings) -> tuple[int, str]:
-    """(exit code, text): 0 healthy, 1 degraded, 2 unreachable."""
+    """(exit code, text): 0 healthy, 1 degraded, 3 unreachable."""
     try:
         status = fetch_status(settings)
     except (OSError, urllib.error.URLError, json.JSONDecodeError) as exc:

@@ -81,7 +81,7 @@ async def test_endpoints_metrics_and_status(mosquitto: MosquittoBroker, tmp_path
             assert "degraded: device gone " in result.stdout
             assert "cannot connect" in result.stdout
     result = await asyncio.to_thread(status_command, tmp_path / "agent.toml")
-    assert result.returncode == 2
+    assert result.returncode == 3  # unreachable (2: bad config or usage)
     assert "unreachable" in result.stderr
 
 

@@ -28,7 +28,8 @@ from drivers.config import (
 ENV_PREFIX = "EDGE_AGENT__"
 GATEWAY_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 TAG_REF_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}/[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$"
-TagRef = Annotated[str, Field(pattern=TAG_REF_PATTERN, examples=["press1/state"])]
+# Each field that holds one names its own example (docs/configuration.md).
+TagRef = Annotated[str, Field(pattern=TAG_REF_PATTERN)]
 # Topic levels we generate must never contain MQTT wildcards or empty levels.
 _TOPIC = re.compile(r"^[^/+#\s]+(/[^/+#\s]+)*$")
 

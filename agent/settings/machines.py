@@ -27,7 +27,9 @@ StateCode = int | str | bool
 class MachineStateConfig(ConfigModel):
     """Which tag holds the machine state and which codes mean what (others are 'unknown')."""
 
-    tag: TagRef = Field(description="device/tag holding the state code.")
+    tag: TagRef = Field(
+        description="device/tag holding the state code.", examples=["press1/state_code"]
+    )
     running: tuple[StateCode, ...] = Field(description="Codes meaning running.")
     planned_stop: tuple[StateCode, ...] = Field(
         default=(), description="Codes meaning a planned stop (changeover, maintenance)."
@@ -42,7 +44,10 @@ class MachineConfig(ConfigModel):
 
     name: Name = Field(description="Machine name; topics R/{machine}/state and R/{machine}/oee.")
     state: MachineStateConfig
-    total_count: TagRef = Field(description="Cumulative produced-parts counter (device/tag).")
+    total_count: TagRef = Field(
+        description="Cumulative produced-parts counter (device/tag).",
+        examples=["press1/total_count"],
+    )
     reject_count: TagRef | None = Field(
         default=None, description="Cumulative reject counter (or give good_count)."
     )

@@ -71,7 +71,9 @@ def template_fields(value: StepValue) -> list[str]:
 class WriteStep(ConfigModel):
     """Write a value (literal or '{param}' template) to a writable tag."""
 
-    write: TagRef = Field(description="device/tag to write; must be writable.")
+    write: TagRef = Field(
+        description="device/tag to write; must be writable.", examples=["press1/product_code"]
+    )
     value: StepValue = Field(
         description="Value or template; '{product}' alone keeps the parameter's type."
     )
@@ -84,7 +86,7 @@ class WriteStep(ConfigModel):
 class WaitStep(ConfigModel):
     """Wait until a tag reads a value."""
 
-    wait: TagRef = Field(description="device/tag to watch.")
+    wait: TagRef = Field(description="device/tag to watch.", examples=["press1/state_code"])
     value: StepValue = Field(description="Value (or template) to wait for.")
     timeout: Duration = Field(gt=0, description="Fail the step after this long.")
 

@@ -53,8 +53,12 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help=f"TCP port, 0 = any free (default {DEFAULT_PORT}; no TCP with --serial unless given)",
     )
-    p.add_argument("--seed", type=int, default=1, help="model seed of unit 1 (unit u: seed+u-1)")
-    p.add_argument("--speed", type=float, default=1.0, help="simulated seconds per second")
+    p.add_argument(
+        "--seed", type=int, default=1, help="model seed of unit 1 (unit u: seed+u-1; default 1)"
+    )
+    p.add_argument(
+        "--speed", type=float, default=1.0, help="simulated seconds per second (default 1)"
+    )
     p.add_argument(
         "--serial",
         metavar="PATH",

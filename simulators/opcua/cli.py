@@ -49,16 +49,25 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--port", type=int, default=DEFAULT_PORT, help=f"port, 0 = any free ({DEFAULT_PORT})"
     )
-    p.add_argument("--seed", type=int, default=1, help="line model seed")
-    p.add_argument("--speed", type=float, default=1.0, help="simulated seconds per second")
+    p.add_argument("--seed", type=int, default=1, help="line model seed (default 1)")
+    p.add_argument(
+        "--speed", type=float, default=1.0, help="simulated seconds per second (default 1)"
+    )
     p.add_argument(
         "--secure",
         action="store_true",
         help="offer only Basic256Sha256/SignAndEncrypt with user 'edge' and --password",
     )
-    p.add_argument("--password", default=DEFAULT_PASSWORD, help="password of user 'edge'")
     p.add_argument(
-        "--pki", metavar="DIR", default=None, help="server certificate directory (reused)"
+        "--password",
+        default=DEFAULT_PASSWORD,
+        help=f"password of user 'edge' (default {DEFAULT_PASSWORD!r})",
+    )
+    p.add_argument(
+        "--pki",
+        metavar="DIR",
+        default=None,
+        help="server certificate directory, created and reused (default: a temporary one)",
     )
     p.add_argument(
         "--bulk", type=int, default=BULK_COUNT, help=f"bulk variables (default {BULK_COUNT})"
