@@ -197,10 +197,12 @@ def cmd_check(args: argparse.Namespace) -> int:
         writable += sum(1 for tag in device.tag_list() if tag.writable)
     by_driver = ", ".join(f"{name} {count}" for name, count in sorted(drivers.items()))
     print(f"{path}: OK")
-    print(
-        f"  gateway {settings.gateway.id}: live topics {settings.mqtt.topic_root}/..., "
+    sync = (
         f"sync {settings.sync_topic_base}/sync"
+        if settings.mqtt.sync_enabled
+        else "live only (mqtt.sync_enabled = false)"
     )
+    print(f"  gateway {settings.gateway.id}: live topics {settings.mqtt.topic_root}/..., {sync}")
     print(
         f"  devices: {len(settings.devices)}"
         + (f" ({by_driver})" if by_driver else "")

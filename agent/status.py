@@ -48,15 +48,24 @@ def summary(status: dict[str, Any]) -> str:
     devices = status.get("devices") or {}
     up = sum(1 for state in devices.values() if state == "up")
     oldest = status.get("oldest_unacked_s")
+    outbox = (
+        f"  outbox     {status.get('outbox_events', 0)} events, committed "
+        f"{status.get('committed_seq')}, acked {status.get('acked_seq')}, oldest unacked "
+        + ("-" if oldest is None else f"{oldest:.1f} s")
+    )
+    if status.get("sync") == "live-only":
+        # Nothing is sent: acked and oldest-unacked would only alarm (docs/delivery.md).
+        outbox = (
+            f"  outbox     {status.get('outbox_events', 0)} records kept (agent, OEE, workflow "
+            "events); samples are not stored"
+        )
     lines = [
         f"edge-agent {status.get('version', '?')} gateway {status.get('gateway', '?')}, "
         f"up {status.get('uptime_s', 0):.0f} s",
         f"  uplink     {status.get('uplink')}",
         f"  devices    {up}/{len(devices)} up"
         + "".join(f"\n    {name:<20} {state}" for name, state in sorted(devices.items())),
-        f"  outbox     {status.get('outbox_events', 0)} events, committed "
-        f"{status.get('committed_seq')}, acked {status.get('acked_seq')}, oldest unacked "
-        + ("-" if oldest is None else f"{oldest:.1f} s"),
+        outbox,
         f"  stream     {status.get('stream')}",
     ]
     if status.get("sync") == "live-only":

@@ -107,6 +107,20 @@ def test_install_twice_is_identical_then_uninstall_keeps_config_and_data(tmp_pat
         check=True,
     )
     assert version.stdout.startswith("edge-agent ")
+    # README, "Operating it": `edge-agent check -c /etc/edge-agent/agent.toml` on the installed
+    # example passes (its secret files are not installed yet: warnings, exit 0), and
+    # `edge-agent status` says "unreachable" (3) while no service runs.
+    for verb, code, line in (("check", 0, f"{config}: OK"), ("status", 3, "unreachable")):
+        result = subprocess.run(
+            [str(venv / "bin/python"), str(venv / "bin/edge-agent"), verb, "-c", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            env={**os.environ, "EDGE_AGENT__HTTP__LISTEN": "127.0.0.1:1"},
+        )
+        assert result.returncode == code, result.stdout + result.stderr
+        assert line in result.stdout + result.stderr
 
     # An operator's config is kept; --central adds the ingest unit and its config.
     config.write_text("# mine\n")
