@@ -28,8 +28,10 @@ the budget doubles again; after a cut that followed successful batches only up t
 known to pass, for 10 minutes, so that a real limit is probed once per 10 minutes and not every
 few batches. A stall is evidence of a size limit only while a central store listens (an ingest
 replica announces itself online, or acknowledged something): with no ingest running, nothing is
-cut, and after ``warn_after`` seconds connected without an acknowledgement the log, status and
-/readyz say that no central store acknowledges (docs/delivery.md, "When nothing acknowledges").
+cut, resends back off (ack_timeout doubled per stall, at most 5 minutes) until an ingest
+announces itself, and after ``warn_after`` seconds connected without an acknowledgement the log,
+status and /readyz say that no central store acknowledges (docs/delivery.md, "When nothing
+acknowledges").
 """
 
 from __future__ import annotations
@@ -63,6 +65,8 @@ _STALE_AFTER = 4
 # slot wakes the wait at once.
 _SPACE_WAIT = 0.5
 _RETRY_AFTER = 1.0
+# Longest wait between resends while no central store listens (see Forwarder._resend_after).
+_BLIND_RESEND_MAX = 300.0
 
 
 @dataclass(slots=True)
@@ -258,7 +262,7 @@ class Forwarder:
             return time.monotonic() + _RETRY_AFTER
         deadlines = [wake_at] if wake_at is not None else []
         if self._inflight and self._client.is_connected:
-            deadlines.append(self._last_progress + self._ack_timeout)
+            deadlines.append(self._last_progress + self._resend_after())
         if self._waiting() and self._client.is_connected and not self._silence_reported:
             deadlines.append(self._quiet_since + self._warn_after)
         if self._central_acked > self._outbox.acked_seq:
@@ -305,6 +309,15 @@ class Forwarder:
         """Whether a central store is known to listen: a replica online, or an ack received."""
         return bool(self._presence.online) or self.acks_received > 0
 
+    def _resend_after(self) -> float:
+        """Seconds without progress before the window is sent again: ack_timeout while a central
+        store listens; while none does, doubled per stall in a row up to _BLIND_RESEND_MAX, so
+        that the window is not re-read and re-sent into a broker nobody reads. A replica that
+        announces itself online triggers a resend at once."""
+        if self._central_listens():
+            return self._ack_timeout
+        return min(self._ack_timeout * 2 ** min(self._stalls, 16), _BLIND_RESEND_MAX)
+
     def _silence_problem(self, now: float) -> str | None:
         if not self._client.is_connected or not self._waiting():
             return None  # while disconnected the uplink is the problem, reported as such
@@ -350,9 +363,9 @@ class Forwarder:
         elif (
             self._inflight
             and self._client.is_connected  # while disconnected the reconnect decides
-            and now - self._last_progress >= self._ack_timeout
+            and now - self._last_progress >= self._resend_after()
         ):
-            self._stall(now, f"no ack for {self._ack_timeout:g}s")
+            self._stall(now, f"no ack for {self._resend_after():g}s")
 
     def _stall(self, now: float, reason: str, *, rejected_size: int | None = None) -> None:
         self._stalls += 1
