@@ -316,7 +316,8 @@ class Forwarder:
         announces itself online triggers a resend at once."""
         if self._central_listens():
             return self._ack_timeout
-        return min(self._ack_timeout * 2 ** min(self._stalls, 16), _BLIND_RESEND_MAX)
+        backoff: float = self._ack_timeout * 2.0 ** min(self._stalls, 16)
+        return min(backoff, _BLIND_RESEND_MAX)
 
     def _silence_problem(self, now: float) -> str | None:
         if not self._client.is_connected or not self._waiting():
