@@ -33,6 +33,8 @@ from drivers.base import (
     WriteUnverified,
 )
 from drivers.config import DeviceConfigBase, TagConfigBase
+from drivers.opcua.browse import BrowseLimits, Browser
+from drivers.opcua.browse_text import BrowseResult
 from drivers.opcua.client import connect_error, new_client, shutdown
 from drivers.opcua.config import OpcUaDeviceConfig, OpcUaTagConfig
 from drivers.opcua.nodes import NodeType, NodeTypes, resolve_nodes
@@ -173,6 +175,11 @@ class OpcUaDriver(Driver):
         tag = self.tag_config(name)
         assert isinstance(tag, OpcUaTagConfig)  # the config model holds only OpcUaTagConfigs
         return tag
+
+    async def browse(self, start: str, limits: BrowseLimits) -> BrowseResult:
+        """The address space below the node ``start`` (``edge-agent browse``), bounded."""
+        browser = Browser(self._require_client(), url=self.config.url, timeout=self.config.timeout)
+        return await browser.run(start, limits)
 
     # -- writing ---------------------------------------------------------------------------
 

@@ -261,3 +261,6 @@ _WRITE_CONVERTERS: Final[dict[ua.VariantType, Callable[[Any, ua.VariantType], An
     _VT.DateTime: _to_datetime,
     _VT.ByteString: _to_byte_string,
 }
+
+# The node types the driver writes (a browsed variable of another type is not offered as writable).
+WRITE_TYPES: Final = frozenset(_WRITE_CONVERTERS)
