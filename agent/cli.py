@@ -129,7 +129,100 @@ def _build_parser() -> argparse.ArgumentParser:
     status.add_argument("-c", "--config", required=True, type=Path, help="agent config file")
 
     add("schema", "print the config JSON Schema")
+    _add_browse(commands)
     return parser
+
+
+def _bounded_int(low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is not within {low}..{high}")
+        return value
+
+    return parse
+
+
+_BROWSE_EPILOG = """\
+examples:
+  edge-agent browse opc.tcp://192.168.10.12:4840
+  edge-agent browse opc.tcp://192.168.10.12:4840 --node "ns=3;s=Filler" --depth 2 --toml
+  edge-agent browse opc.tcp://192.168.10.12:4840 --security-policy Basic256Sha256 \\
+      --security-mode SignAndEncrypt --server-certificate filler.der \\
+      --certificate pki/browse-cert.der --private-key pki/browse-key.pem \\
+      --username edge --password-file filler.password
+  edge-agent browse -c /etc/edge-agent/agent.toml --device filler --toml
+
+The password comes from --password-file or $EDGE_AGENT_OPCUA_PASSWORD (never a flag).
+exit codes: 0 done, 1 unreachable or refused (one line says which), 2 bad flags, config or
+start node, 3 stopped at --max-nodes (what was found is printed). docs/opcua.md, "Browsing a
+server".
+"""
+
+
+# `browse` defaults: from the Objects folder (i=85), three levels, at most 2,000 nodes. They
+# live here, not in agent/browse.py, which imports asyncua (half a second for every command).
+DEFAULT_NODE = "i=85"
+DEFAULT_DEPTH = 3
+DEFAULT_MAX_NODES = 2000
+
+
+def _add_browse(commands: argparse._SubParsersAction[_Parser]) -> None:
+    """`edge-agent browse`: its flags (the work is agent/browse.py, imported when it runs)."""
+    text = "browse an OPC UA server: the tree below a node, or [[devices.tags]] blocks"
+    browse = commands.add_parser(
+        "browse",
+        help=text,
+        description=text,
+        epilog=_BROWSE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    browse.add_argument("url", nargs="?", help="endpoint, opc.tcp://HOST:PORT[/PATH]")
+    browse.add_argument(
+        "-c", "--config", type=Path, help="agent config: connect as its device --device"
+    )
+    browse.add_argument("--device", help="with -c: the OPC UA device (default: the only one)")
+    browse.add_argument(
+        "--node", default=DEFAULT_NODE, help=f"start node (default: {DEFAULT_NODE}, Objects)"
+    )
+    browse.add_argument(
+        "--depth",
+        type=_bounded_int(0, 50),
+        default=DEFAULT_DEPTH,
+        help=f"levels below the start node (default: {DEFAULT_DEPTH})",
+    )
+    browse.add_argument(
+        "--max-nodes",
+        type=_bounded_int(1, 100_000),
+        default=DEFAULT_MAX_NODES,
+        help=f"stop after this many nodes (default: {DEFAULT_MAX_NODES})",
+    )
+    browse.add_argument(
+        "--toml", action="store_true", help="print [[devices.tags]] blocks instead of the tree"
+    )
+    browse.add_argument(
+        "--security-policy",
+        choices=["None", "Basic256Sha256", "Aes128_Sha256_RsaOaep", "Aes256_Sha256_RsaPss"],
+        help="as a device's security_policy (default: None)",
+    )
+    browse.add_argument(
+        "--security-mode",
+        choices=["None", "Sign", "SignAndEncrypt"],
+        help="as a device's security_mode (default: None)",
+    )
+    browse.add_argument("--server-certificate", type=Path, help="the server's certificate (pinned)")
+    browse.add_argument(
+        "--certificate", type=Path, help="client certificate (created with the key if absent)"
+    )
+    browse.add_argument("--private-key", type=Path, help="client private key")
+    browse.add_argument("--username", help="user name token (default: anonymous)")
+    browse.add_argument("--password-file", type=Path, help="file holding the user's password")
+    browse.add_argument(
+        "--timeout", help="deadline of one request, e.g. 2s (default: a device's, 1s)"
+    )
 
 
 def _setup_logging(level: str) -> None:
@@ -305,6 +398,23 @@ def cmd_status(args: argparse.Namespace) -> int:
     return code
 
 
+def cmd_browse(args: argparse.Namespace) -> int:
+    """`edge-agent browse`: the tree or the tag blocks; exit codes in agent/browse.py."""
+    from agent.browse import BrowseUsageError, run_browse
+
+    try:
+        outcome = run_browse(args, os.environ)
+    except BrowseUsageError as exc:
+        for line in exc.problems:
+            print(f"edge-agent browse: {line}", file=sys.stderr)
+        return EXIT_USAGE
+    if outcome.text:
+        print(outcome.text)
+    for line in outcome.messages:
+        print(f"edge-agent browse: {line}", file=sys.stderr)
+    return outcome.code
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """`edge-agent demo`: simulators, an agent and live OEE in the terminal."""
     import asyncio
@@ -326,6 +436,7 @@ HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "oee": cmd_oee,
     "ingest": cmd_ingest,
     "status": cmd_status,
+    "browse": cmd_browse,
 }
 
 
