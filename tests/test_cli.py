@@ -33,8 +33,9 @@ def help_of(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
 @pytest.mark.parametrize("verb", sorted(HANDLERS))
 def test_every_verb_has_help_with_an_example(verb: str, capsys: pytest.CaptureFixture[str]) -> None:
     text = help_of([verb], capsys)
-    assert "example:\n  edge-agent " + verb in text
-    assert EXAMPLES[verb].splitlines()[0] in text
+    assert re.search(rf"^examples?:\n  edge-agent {verb} ", text, re.M), text
+    if verb in EXAMPLES:
+        assert EXAMPLES[verb].splitlines()[0] in text
 
 
 def test_help_shows_defaults(capsys: pytest.CaptureFixture[str]) -> None:
