@@ -7,28 +7,16 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from simulators.modbus.server import ModbusSimulator
 from tests.fixtures.collector import TopicCollector
-from tests.fixtures.daemon import REPO, ROOT, config_text, running, settings_for
+from tests.fixtures.daemon import ROOT, config_text, running, settings_for
 from tests.fixtures.mosquitto import MosquittoBroker
 from tests.fixtures.ports import async_wait_until
-from tests.test_health_http import get
-
-
-def status_command(config: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "agent.cli", "status", "-c", str(config)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+from tests.test_health_http import get, status_command
 
 
 def with_mqtt_keys(text: str, broker: MosquittoBroker, keys: str) -> str:
