@@ -4,6 +4,11 @@ Every expected figure is worked out in the comments next to it. Unless a case sa
 Monday 2026-03-02, calendar in UTC, shift "early" 06:00-14:00 with breaks 09:00-09:15 and
 12:00-12:30, so planned time = 28,800 - 900 - 1,800 = 26,100 s; codes 1 running, 3 planned
 stop, 2 and 4 unplanned stop, anything else unknown; microstop threshold 2 min.
+
+Counter deltas are spread over the running time (and microstops) between their readings
+(docs/oee.md "Counters"): a window's share of a delta is delta x its running time / all the
+running time between the readings, rounded down, the leftover parts to the largest
+remainders. Where the machine runs through a break, the break's share counts nowhere.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from hypothesis import strategies as st
 
 from agent.oee.engine import OeeEngine, format_seconds
 from agent.settings.machines import CalendarConfig, MachineConfig
-from sync.events import parse_rfc3339
+from sync.events import parse_rfc3339, rfc3339
 
 EARLY = {
     "name": "early",
@@ -114,8 +119,16 @@ CASES = [
         # Faults 07:00-07:30 (1,800 s) and 10:00-10:10 (600 s, code 4): both >= 2 min.
         # down = 2,400; APT = 26,100 - 2,400 = 23,700; PBT = 26,100.
         # produced 12,000 + 13,000 = 25,000; reject 250; good 24,750.
-        # availability = 23,700/26,100 = 0.908046; performance = 0.9 x 25,000/23,700 = 0.949367;
-        # quality = 24,750/25,000 = 0.99; oee = 0.853448; MTBF = 23,700/2; MTTR = 2,400/2.
+        # The machine runs through both breaks, so the counters' parts made in them count
+        # nowhere. total 0 -> 12,000 (06:00-10:00): running 11,700 s planned (06:00-07:00,
+        # 07:30-09:00, 09:15-10:00) + 900 s in the break: 12,000 x 11,700/12,600 = 11,142.9
+        # -> 11,143 (the break's 857.1 -> 857). 12,000 -> 25,000 (10:00-13:59:59): running
+        # 6,600 + 5,399 = 11,999 s planned + 1,800 s in the break: 13,000 x 11,999/13,799 =
+        # 11,304.2 -> 11,304 (the break's 1,695.8 -> 1,696). produced = 22,447.
+        # reject 0 -> 250 (06:00-13:00): 20,100 s planned + 2,700 s in breaks: 250 x 20,100 /
+        # 22,800 = 220.4 -> 220 (the breaks' 29.6 -> 30). good = 22,447 - 220 = 22,227.
+        # availability = 23,700/26,100 = 0.908046; performance = 0.9 x 22,447/23,700;
+        # quality = 22,227/22,447; MTBF = 23,700/2; MTTR = 2,400/2.
         [
             ("s", "06:00", 1),
             ("c", "06:00", "total", 0),
@@ -133,14 +146,14 @@ CASES = [
             "planned_busy_time_s": 26100.0,
             "actual_production_time_s": 23700.0,
             "unplanned_downtime_s": 2400.0,
-            "produced_quantity": 25000,
-            "good_quantity": 24750,
-            "reject_quantity": 250,
+            "produced_quantity": 22447,
+            "good_quantity": 22227,
+            "reject_quantity": 220,
             "microstops": 0,
             "availability": 23700 / 26100,
-            "performance": 0.9 * 25000 / 23700,
-            "quality": 0.99,
-            "oee": (23700 / 26100) * (0.9 * 25000 / 23700) * 0.99,
+            "performance": 0.9 * 22447 / 23700,
+            "quality": 22227 / 22447,
+            "oee": (23700 / 26100) * (0.9 * 22447 / 23700) * (22227 / 22447),
             "mtbf_s": 11850.0,
             "mttr_s": 1200.0,
             "performance_flagged": False,
@@ -151,7 +164,10 @@ CASES = [
         # Changeover (code 3) 08:00-08:45 = 2,700 s; another 08:50-09:20 spans the break
         # 09:00-09:15: 600 + 300 = 900 s planned stop (the break is not counted twice).
         # PBT = 26,100 - 2,700 - 900 = 22,500 = APT; availability 1.
-        # performance = 1 s x 18,000 / 22,500 = 0.8; no reject counted: quality 1; oee 0.8.
+        # total 0 -> 18,000 (06:00-13:00): running 7,200 + 300 + 9,600 + 1,800 = 18,900 s
+        # planned + 1,800 s through the 12:00 break: 18,000 x 18,900/20,700 = 16,434.8 ->
+        # 16,435 (the break's 1,565.2 -> 1,565). performance = 1 s x 16,435/22,500; no
+        # reject counted: quality 1.
         [
             ("s", "06:00", 1),
             ("c", "06:00", "total", 0),
@@ -166,14 +182,14 @@ CASES = [
             "planned_busy_time_s": 22500.0,
             "actual_production_time_s": 22500.0,
             "unplanned_downtime_s": 0.0,
-            "produced_quantity": 18000,
-            "good_quantity": 18000,
+            "produced_quantity": 16435,
+            "good_quantity": 16435,
             "reject_quantity": 0,
             "microstops": 0,
             "availability": 1.0,
-            "performance": 0.8,
+            "performance": 16435 / 22500,
             "quality": 1.0,
-            "oee": 0.8,
+            "oee": 16435 / 22500,
             "mtbf_s": None,
             "mttr_s": None,
         },
@@ -183,8 +199,11 @@ CASES = [
         # Threshold 120 s. Microstops (count as running): 60 s, 119 s, unknown code 99 for 30 s.
         # Stops: exactly 120 s (not shorter than the threshold); code 2 then 4 = one stop of
         # 60 + 90 = 150 s; unknown code 99 for 600 s. down = 120 + 150 + 600 = 870.
-        # APT = 26,100 - 870 = 25,230; performance = 20,000/25,230; MTBF = 25,230/3 = 8,410;
-        # MTTR = 870/3 = 290. No reject counter configured: every part is good.
+        # APT = 26,100 - 870 = 25,230; MTBF = 25,230/3 = 8,410; MTTR = 870/3 = 290.
+        # total 0 -> 20,000 (06:00-13:00): running and microstops = 25,200 - 870 = 24,330 s,
+        # of which 2,700 s in the breaks: 20,000 x 21,630/24,330 = 17,780.5 -> 17,781 (the
+        # breaks' 2,219.5 -> 2,219). performance = 17,781/25,230. No reject counter
+        # configured: every part is good.
         [
             ("s", "06:00", 1),
             ("c", "06:00", "total", 0),
@@ -208,12 +227,12 @@ CASES = [
             "planned_busy_time_s": 26100.0,
             "actual_production_time_s": 25230.0,
             "unplanned_downtime_s": 870.0,
-            "produced_quantity": 20000,
-            "good_quantity": 20000,
+            "produced_quantity": 17781,
+            "good_quantity": 17781,
             "reject_quantity": 0,
             "microstops": 3,
             "availability": 25230 / 26100,
-            "performance": 20000 / 25230,
+            "performance": 17781 / 25230,
             "quality": 1.0,
             "mtbf_s": 8410.0,
             "mttr_s": 290.0,
@@ -226,10 +245,12 @@ CASES = [
         # 65,500 -> 200 (drop 65,300 > 32,768, implies 200 + 65,536 - 65,500 = 236 parts in
         #   60 s <= 16 + 10 x 60/0.1 = 6,016): rollover, +236
         # 200 -> 1,000: +800;  1,000 -> 5 (drop 995 < 32,768): PLC reset, +5
-        # 5 -> 3,005: +3,000;  3,005 -> 40,005: +37,000
+        # 5 -> 3,005: +3,000;  3,005 -> 40,005: +37,000 made 08:00-10:00, of which the 900 s
+        #   of running in the 09:00 break count nowhere: 37,000 x 6,300/7,200 = 32,375
         # 40,005 -> 10 one second later (drop 39,995 > 32,768 but a rollover would mean 25,541
         #   parts in 1 s > 16 + 10 x 1/0.1 = 116): PLC reset, +10
-        # 10 -> 11,000: +10,990.  produced = 52,541; performance = 0.1 x 52,541/26,100.
+        # 10 -> 11,000: +10,990.  produced = 500 + 236 + 800 + 5 + 3,000 + 32,375 + 10 +
+        # 10,990 = 47,916; performance = 0.1 x 47,916/26,100.
         [
             ("s", "06:00", 1),
             ("c", "06:00", "total", 65000),
@@ -246,9 +267,9 @@ CASES = [
         {
             "planned_busy_time_s": 26100.0,
             "actual_production_time_s": 26100.0,
-            "produced_quantity": 52541,
-            "good_quantity": 52541,
-            "performance": 0.1 * 52541 / 26100,
+            "produced_quantity": 47916,
+            "good_quantity": 47916,
+            "performance": 0.1 * 47916 / 26100,
             "availability": 1.0,
             "quality": 1.0,
         },
@@ -257,8 +278,11 @@ CASES = [
     pytest.param(
         # Bad quality is ignored, never zero: the bad state 0 at 07:00 and the bad fault at
         # 09:30 change nothing; the bad counter 0s at 07:00 are no reset.
-        # total 1,000 -> 1,500 (+500) -> 9,000 (+7,500) = 8,000; reject 10 -> 15: 5.
+        # total 1,000 -> 1,500 (+500) -> 9,000 (+7,500); reject 10 -> 15: 5.
         # One real stop 10:00-10:05 = 300 s. APT = 25,800.
+        # The +7,500 were made 08:00-13:00: 15,000 s running planned + 2,700 s through the
+        # breaks: 7,500 x 15,000/17,700 = 6,355.9 -> 6,356 (the breaks' 1,144.1 -> 1,144).
+        # produced = 500 + 6,356 = 6,856; good = 6,856 - 5 = 6,851.
         [
             ("s", "06:00", 1),
             ("c", "06:00", "total", 1000),
@@ -278,10 +302,10 @@ CASES = [
             "planned_busy_time_s": 26100.0,
             "actual_production_time_s": 25800.0,
             "unplanned_downtime_s": 300.0,
-            "produced_quantity": 8000,
+            "produced_quantity": 6856,
             "reject_quantity": 5,
-            "good_quantity": 7995,
-            "quality": 7995 / 8000,
+            "good_quantity": 6851,
+            "quality": 6851 / 6856,
             "mtbf_s": 25800.0,
             "mttr_s": 300.0,
         },
@@ -339,8 +363,10 @@ CASES = [
         id="stop-across-a-break",
     ),
     pytest.param(
-        # 32-bit reject counter wraps: 4,294,967,290 -> 5 = 5 + 2^32 - 4,294,967,290 = 11.
-        # total 0 -> 1,000. quality = (1,000 - 11)/1,000.
+        # 32-bit reject counter wraps: 4,294,967,290 -> 5 = 5 + 2^32 - 4,294,967,290 = 11,
+        # made 06:00-10:00: 13,500 s planned + 900 s in the break: 11 x 13,500/14,400 = 10.31
+        # -> 10 (the break's 0.69 -> 1). total 0 -> 1,000 (06:00-11:00): 1,000 x 17,100/
+        # 18,000 = 950. quality = (950 - 10)/950.
         [
             ("s", "06:00", 1),
             ("c", "06:00", "total", 0),
@@ -349,7 +375,7 @@ CASES = [
             ("c", "11:00", "total", 1000),
         ],
         {},
-        {"produced_quantity": 1000, "reject_quantity": 11, "quality": 989 / 1000},
+        {"produced_quantity": 950, "reject_quantity": 10, "quality": 940 / 950},
         id="32bit-rollover",
     ),
 ]
@@ -402,8 +428,14 @@ def test_shift_across_midnight() -> None:
     # Night shift Monday 22:00 -> Tuesday 06:00 (mon only), break 02:00-02:30:
     # planned = 28,800 - 1,800 = 27,000 s. Fault Tue 05:00 -> 06:30: only 05:00-06:00 is
     # planned (3,600 s); what happens after 06:00 does not count.
-    # Counts: 21:59 is outside the shift (not counted); 100 -> 3,700 at 23:00: +3,600;
-    # 3,700 -> 23,700 at 05:00: +20,000; 23,800 at 06:30 is after the shift. produced 23,600.
+    # Counts, where the machine ran: 0 -> 100 (21:00-21:59) before the shift: nowhere.
+    # 100 -> 3,700 (21:59-23:00): 60 s before 22:00 and 3,600 s in the shift: 3,600 x
+    # 3,600/3,660 = 3,541.0 -> 3,541. 3,700 -> 23,700 (23:00-05:00): 19,800 s planned,
+    # 1,800 s through the break: 20,000 x 19,800/21,600 = 18,333.3 -> 18,333.
+    # 23,700 -> 23,800 at 06:30: no running time since 05:00 (the fault), so the 100 belong
+    # to the latest running time, 05:00 in the night shift - whose final record was made at
+    # 06:10 (count_wait 10 min after its end): late parts count where they are read, 06:30,
+    # in no shift. produced = 3,541 + 18,333 = 21,874.
     night = {
         "name": "night",
         "start": "22:00",
@@ -421,7 +453,7 @@ def test_shift_across_midnight() -> None:
         ("s", "2026-03-03T06:30", 1),
         ("c", "2026-03-03T06:30", "total", 23800),
     ]
-    [record], _ = run(events, "2026-03-03T07:00", cal=calendar(night), reject_count=None)
+    [record], engine = run(events, "2026-03-03T07:00", cal=calendar(night), reject_count=None)
     assert record["window"]["name"] == "night"
     assert record["window"]["start"] == "2026-03-02T22:00:00.000Z"
     assert record["window"]["end"] == "2026-03-03T06:00:00.000Z"
@@ -429,10 +461,11 @@ def test_shift_across_midnight() -> None:
     assert record["planned_busy_time_s"] == 27000.0
     assert record["unplanned_downtime_s"] == 3600.0
     assert record["actual_production_time_s"] == 23400.0
-    assert record["produced_quantity"] == 23600
+    assert record["produced_quantity"] == 21874
+    assert engine.diagnostics().late_parts == 100
     assert record["availability"] == 23400 / 27000
-    assert record["performance"] == pytest.approx(23600 / 23400)
-    assert record["performance_flagged"] is True  # 1.0085 > 1: the ideal cycle time is wrong
+    assert record["performance"] == pytest.approx(21874 / 23400)
+    assert record["performance_flagged"] is False
     assert (record["mtbf_s"], record["mttr_s"]) == (23400.0, 3600.0)
 
 
@@ -446,13 +479,15 @@ def test_shift_across_midnight() -> None:
     ],
 )
 def test_dst_night_in_berlin(first: str, end: str, shift_start: str, hours: int) -> None:
-    # Running throughout; half the ideal output: produced = hours x 3,600 / 2 at 1 s.
+    # Running throughout; half the ideal output: produced = hours x 3,600 / 2 at 1 s, the
+    # counter read at the shift's start and end (so that only the shift's parts are counted).
     night = {"name": "night", "start": "22:00", "end": "06:00", "days": "daily"}
     produced = hours * 3600 // 2
+    shift_end = rfc3339(at(shift_start[:16]) + hours * 3600)[:16]
     events: list[Event] = [
         ("s", first, 1),
-        ("c", first, "total", 0),
-        ("c", end[:11] + "03:30", "total", produced),
+        ("c", shift_start[:16], "total", 0),
+        ("c", shift_end, "total", produced),
     ]
     records, _ = run(events, end, cal=calendar(night, tz="Europe/Berlin"), reject_count=None)
     [record] = records
@@ -577,8 +612,11 @@ def test_published_state_changes() -> None:
 
 def test_rolling_window() -> None:
     # At 10:00 the last hour is 09:00-10:00: planned 09:15-10:00 = 2,700 s (break before).
-    # Fault 09:30-09:40 = 600 s down; APT 2,100. Parts in the window: 9,000 -> 10,800 = 1,800
-    # (the 08:00 delta lies before the window). performance = 1,800/2,100.
+    # Fault 09:30-09:40 = 600 s down; APT 2,100. 9,000 -> 10,800 (+1,800) was made over the
+    # running time 08:00-09:30 and 09:40-09:50 = 6,000 s: 08:00-09:00 3,600 s (1,080
+    # parts), the break 09:00-09:15 900 s (270, count nowhere), 09:15-09:30 900 s (270),
+    # 09:40-09:50 600 s (180). In the window: 270 + 180 = 450 (the 08:00 delta lies before
+    # it). performance = 450/2,100.
     engine = OeeEngine(machine(reject_count=None), calendar(EARLY))
     feed(
         engine,
@@ -604,12 +642,13 @@ def test_rolling_window() -> None:
     assert record["planned_busy_time_s"] == 2700.0
     assert record["unplanned_downtime_s"] == 600.0
     assert record["actual_production_time_s"] == 2100.0
-    assert record["produced_quantity"] == 1800
-    assert record["performance"] == pytest.approx(1800 / 2100)
-    # The shift so far: 06:00-10:00 minus the break = 13,500 s; 600 s down.
+    assert record["produced_quantity"] == 450
+    assert record["performance"] == pytest.approx(450 / 2100)
+    # The shift so far: 06:00-10:00 minus the break = 13,500 s; 600 s down; parts 9,000 +
+    # 1,080 + 270 + 180 = 10,530.
     shift = engine.report_shift()
     assert shift is not None
-    assert (shift["planned_busy_time_s"], shift["produced_quantity"]) == (13500.0, 10800)
+    assert (shift["planned_busy_time_s"], shift["produced_quantity"]) == (13500.0, 10530)
     # After the shift the rolling window still sees 13:00-14:00, then nothing planned.
     feed(engine, [("a", "14:30")])
     late = engine.report_rolling()
@@ -646,12 +685,13 @@ def test_reject_above_produced_is_capped() -> None:
 
 
 def test_good_counter_instead_of_reject() -> None:
+    # Read at 09:00, the start of the break: all parts were made 06:00-09:00, in the shift.
     events: list[Event] = [
         ("s", "06:00", 1),
         ("c", "06:00", "total", 0),
         ("c", "06:00", "good", 0),
-        ("c", "10:00", "total", 1000),
-        ("c", "10:00", "good", 950),
+        ("c", "09:00", "total", 1000),
+        ("c", "09:00", "good", 950),
     ]
     [record], _ = run(events, "14:00", reject_count=None, good_count="press1/good_count")
     assert (record["good_quantity"], record["reject_quantity"], record["quality"]) == (
@@ -763,10 +803,12 @@ def test_splitting_a_shift_in_two_replays_adds_up(
     assume(cuts)
     cut = data.draw(st.sampled_from(cuts))
     whole = replay_scenario(scenario, samples, END)
-    first = replay_scenario(scenario, [s for s in samples if s[0] < cut], cut)
+    # The first replay ends with the readings at the cut: the parts made before the cut are
+    # read there (a delta belongs to the running time before its reading).
+    first = replay_scenario(scenario, [s for s in samples if s[0] <= cut], cut)
     # The second replay starts with the readings as of the cut (what a restarted gateway's
-    # first poll sees): the counters' values before the cut become its baselines.
-    before = {kind: value for ts, kind, value in samples if ts < cut and kind != "state"}
+    # first poll sees): the counters' values at the cut become its baselines.
+    before = {kind: value for ts, kind, value in samples if ts <= cut and kind != "state"}
     baseline = [(cut, kind, value) for kind, value in before.items()]
     second = replay_scenario(scenario, baseline + [s for s in samples if s[0] >= cut], END)
     assert len(whole) <= 1

@@ -6,9 +6,12 @@ import asyncio
 import urllib.request
 from pathlib import Path
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.oee.live import REANCHOR_STEP, EngineClock
+from agent.oee.live import REANCHOR_STEP, EngineClock, LiveOee
+from agent.settings.loader import load_agent_settings
+from drivers.base import Reading
 from simulators.modbus.server import ModbusSimulator
 from tests.fixtures.collector import TopicCollector
 from tests.fixtures.daemon import ROOT, config_text, running, settings_for
@@ -133,6 +136,7 @@ async def test_oee_diagnostics_are_on_metrics(mosquitto: MosquittoBroker, tmp_pa
                 "invalid_values",
                 "rollovers",
                 "resets",
+                "late_parts",
             ):
                 assert before[f"edge_agent_oee_{name}_total"][machine] == 0.0
             assert before["edge_agent_oee_clock_reanchors_total"][()] == 0.0
@@ -142,6 +146,44 @@ async def test_oee_diagnostics_are_on_metrics(mosquitto: MosquittoBroker, tmp_pa
             await async_wait_until(lambda: runtime.pollers["press1"].state != "up", timeout=15)
             after = await families()
             assert after["edge_agent_oee_ignored_bad_total"][machine] == 2.0
+
+
+def test_live_oee_feeds_the_product_tag(tmp_path: Path) -> None:
+    # The live task routes the product tag's readings to the engine: 06:00-07:00 product 1
+    # (1.2 s) makes 3,000 parts, 07:00-08:00 product 2 (0.8 s) 4,500.
+    from tests.test_replay import PRODUCT_CONFIG
+
+    path = tmp_path / "agent.toml"
+    path.write_text(PRODUCT_CONFIG, encoding="utf-8")
+    settings = load_agent_settings(path)
+    wall = [ROOT_TIME]
+    clock = EngineClock(wall=lambda: wall[0], monotonic=lambda: wall[0])
+
+    async def emit(events: object) -> None:
+        return None
+
+    live = LiveOee(settings, publish=lambda topic, payload: None, emit=emit, clock=clock)
+
+    def poll(**values: int) -> None:
+        live.observe(
+            "press1", [Reading(tag, value, "good", wall[0]) for tag, value in values.items()]
+        )
+
+    poll(product_code=1, state_code=1, total_count=0, reject_count=0)
+    wall[0] += 3600
+    poll(product_code=2, state_code=1, total_count=3000, reject_count=0)
+    wall[0] += 3600
+    poll(product_code=2, state_code=1, total_count=7500, reject_count=0)
+    engine = live.engine("press1")
+    assert engine is not None
+    record = engine.report_shift()
+    assert record is not None
+    produced = {key: p["produced"] for key, p in record["products"].items()}
+    assert produced == {"1": 3000, "2": 4500}
+    assert record["performance"] == pytest.approx((1.2 * 3000 + 0.8 * 4500) / 7200)
+
+
+ROOT_TIME = 1772431200.0  # Monday 2026-03-02 06:00Z
 
 
 def _get(port: int, path: str) -> bytes:

@@ -99,6 +99,10 @@ HEADER = "ts,device,tag,value\n"
 # Monday 2026-03-02. press1: running from 06:00, fault 07:00-07:30 (1,800 s), 16-bit total
 # 65,000 -> 1,000 at 10:00 = rollover: 1,000 + 65,536 - 65,000 = 1,536 parts; 20 rejects.
 # Data ends at 14:00: early is complete. Planned = 28,800 - 900 = 27,900; APT = 26,100.
+# The machine runs through the 09:00-09:15 break, whose parts count nowhere (docs/oee.md
+# "Counters"): the 1,536 were made over 11,700 s planned + 900 s in the break: 1,536 x
+# 11,700/12,600 = 1,426.3 -> 1,426; the 20 rejects over 15,300 s planned + 900 s in the
+# break: 20 x 15,300/16,200 = 18.9 -> 19.
 ROWS = [
     "2026-03-02T06:00:00.000Z,press1,state_code,1",
     "2026-03-02T06:00:00.000Z,press1,total_count,65000",
@@ -133,11 +137,11 @@ def test_csv_replay_hand_computed(settings: AgentSettings, tmp_path: Path) -> No
     assert record["actual_production_time_s"] == 26100.0
     assert record["unplanned_downtime_s"] == 1800.0
     # The uint16 width comes from the tag's type: the drop is a rollover, not a reset.
-    assert record["produced_quantity"] == 1536
-    assert (record["reject_quantity"], record["good_quantity"]) == (20, 1516)
+    assert record["produced_quantity"] == 1426
+    assert (record["reject_quantity"], record["good_quantity"]) == (19, 1407)
     assert record["availability"] == 26100 / 27900
-    assert record["performance"] == pytest.approx(1536 / 26100)
-    assert record["quality"] == 1516 / 1536
+    assert record["performance"] == pytest.approx(1426 / 26100)
+    assert record["quality"] == 1407 / 1426
 
 
 def test_rows_in_any_order_give_the_same_records(settings: AgentSettings, tmp_path: Path) -> None:
@@ -416,3 +420,68 @@ def test_replay_and_live_engine_agree(settings: AgentSettings, tmp_path: Path, s
     assert any(r["mttr_s"] for r in from_file)
     assert from_file == live(settings, stamped, end)
     assert from_file == replay_samples(settings, list(read_samples(path)))
+
+
+# ---------------------------------------------------------------------------------------------
+# A product tag
+
+
+PRODUCT_CONFIG = CONFIG.replace(
+    """  [[devices.tags]]
+  name = "temperature\"""",
+    """  [[devices.tags]]
+  name = "product_code"
+  address = "hr:106"
+  type = "uint16"
+  [[devices.tags]]
+  name = "temperature\"""",
+).replace(
+    'reject_count = "press1/reject_count"\nideal_cycle_time = "1s"',
+    'reject_count = "press1/reject_count"\nideal_cycle_time = "1s"\n'
+    'product = "press1/product_code"\nideal_cycle_times = { "1" = "1.2s", "2" = "800ms" }',
+)
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_replay_with_a_product_tag(tmp_path: Path, suffix: str) -> None:
+    # Product 1 (1.2 s) 06:00-09:00, changeover in the break (stopped), product 2 (0.8 s)
+    # 09:15-14:00. Read at 06:00, 09:00 (8,100 made) and 14:00 (+17,000); rejects 81, 170.
+    # APT = 10,800 + 17,100 = 27,900 (the 09:00-09:15 break is the only one).
+    # performance = (1.2 x 8,100 + 0.8 x 17,000) / 27,900.
+    path = tmp_path / "agent.toml"
+    path.write_text(PRODUCT_CONFIG, encoding="utf-8")
+    settings = load_agent_settings(path)
+    rows = [
+        "2026-03-02T06:00:00.000Z,press1,product_code,1",
+        "2026-03-02T06:00:00.000Z,press1,state_code,1",
+        "2026-03-02T06:00:00.000Z,press1,total_count,0",
+        "2026-03-02T06:00:00.000Z,press1,reject_count,0",
+        "2026-03-02T09:00:00.000Z,press1,state_code,3",
+        "2026-03-02T09:00:00.000Z,press1,total_count,8100",
+        "2026-03-02T09:00:00.000Z,press1,reject_count,81",
+        "2026-03-02T09:05:00.000Z,press1,product_code,2",
+        "2026-03-02T09:15:00.000Z,press1,state_code,1",
+        "2026-03-02T14:00:00.000Z,press1,total_count,25100",
+        "2026-03-02T14:00:00.000Z,press1,reject_count,251",
+    ]
+    if suffix == ".csv":
+        samples = write(tmp_path / "s.csv", rows)
+    else:
+        samples = tmp_path / "s.jsonl"
+        lines = []
+        for row in rows:
+            ts, device, tag, value = row.split(",")
+            lines.append(json.dumps({"ts": ts, "device": device, "tag": tag, "value": int(value)}))
+        samples.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    [record] = replay(settings, samples)
+    assert record["products"] == {
+        "1": {"produced": 8100, "good": 8019, "reject": 81, "ideal_cycle_time_s": 1.2},
+        "2": {"produced": 17000, "good": 16830, "reject": 170, "ideal_cycle_time_s": 0.8},
+    }
+    assert record["actual_production_time_s"] == 27900.0
+    assert record["performance"] == pytest.approx((1.2 * 8100 + 0.8 * 17000) / 27900, abs=1e-9)
+    # Any row order: the same record.
+    shuffled = rows[:]
+    random.Random(5).shuffle(shuffled)
+    if suffix == ".csv":
+        assert replay(settings, write(tmp_path / "b.csv", shuffled)) == [record]

@@ -27,6 +27,7 @@ OEE_DIAGNOSTICS = {
     "invalid_values": "Counter readings that are not integers (ignored).",
     "rollovers": "Counter drops taken as a rollover.",
     "resets": "Counter drops taken as a PLC reset.",
+    "late_parts": "Parts read after their shift's final record: counted where they were read.",
 }
 POLL_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 

@@ -56,14 +56,15 @@ class CounterReadings:
         self.rollovers = 0
         self.resets = 0
 
-    def parts(self, slot: int, ts: float, value: object) -> int:
-        """Parts made since the previous good reading of counter `slot` (0 for the first)."""
+    def parts(self, slot: int, ts: float, value: object) -> int | None:
+        """Parts made since the previous good reading of counter `slot` (0 for the first);
+        None for a value that is no integer (ignored, and counted in `invalid_values`)."""
         if type(value) is not int:
             if isinstance(value, float) and value.is_integer():
                 value = int(value)
             else:
                 self.invalid_values += 1
-                return 0
+                return None
         last = self._last
         previous = last[slot]
         last[slot] = value

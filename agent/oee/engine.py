@@ -12,11 +12,16 @@ sample to the next change). Time is counted only where an episode overlaps *plan
 Each overlap is added exactly once, when the episode or the planned interval ends, so the
 figures never depend on how often the caller calls `advance` or reports.
 
+Parts are counted where they were made: each counter delta is spread over the running time
+between its two readings (`attribution`), so the engine hands every piece of running time it
+accounts - in planned time or not - to the attribution as well.
+
 The engine wires pure parts together (all in agent/oee/): `states` (codes to categories, the
 published state), `timeline` (the calendar's shifts and planned intervals), `totals` (a shift's
-running totals and the stops that feed them), `counters` (readings to parts), `rolling` (the
-rolling window's history), `final_records` (when a shift's record is final) and `records`
-(the record itself).
+running totals and the stops that feed them), `counters` (readings to parts), `products`
+(product keys and ideal rates), `attribution` (parts to the running time that made them),
+`rolling` (the rolling window's history), `final_records` (when a shift's record is final) and
+`records` (the record itself).
 """
 
 from __future__ import annotations
@@ -26,22 +31,23 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from agent.oee.attribution import PartsAttribution
 from agent.oee.calendar import ShiftWindow
 from agent.oee.counters import COUNTER_SLOTS, CounterName, CounterReadings
 from agent.oee.final_records import FinalRecords
+from agent.oee.products import NO_PRODUCT, IdealRates, product_key
 from agent.oee.records import OeeRecord, oee_record, rolling_window, shift_window
 from agent.oee.records import format_seconds as format_seconds  # tests import it from here
 from agent.oee.rolling import RollingHistory
 from agent.oee.states import (
-    PLANNED_STOP,
     RUNNING,
-    STATE_NAMES,
     UNPLANNED_STOP,
     PublishedState,
     StateCategory,
     StateChange,
     StateCodes,
     StateLog,
+    published_state,
 )
 from agent.oee.timeline import Boundary, PlannedTimeline
 from agent.oee.totals import EpisodePiece, ShiftTotals, Stop
@@ -71,6 +77,7 @@ class OeeDiagnostics:
     invalid_values: int  # counter readings that are not integers
     rollovers: int  # counter drops taken as a rollover
     resets: int  # counter drops taken as a PLC reset
+    late_parts: int  # parts whose window was final when they were read: counted where read
 
 
 class OeeEngine:
@@ -80,7 +87,8 @@ class OeeEngine:
     `advance(now)` when time passes without readings, `report_shift()` / `report_rolling()`
     for the figures so far, `pop_finished()` for final shift records (each exactly once),
     `pop_state_changes()` for `R/{machine}/state`, and `finish(end)` at the end of recorded
-    data. Timestamps that go backwards are clamped to the latest one seen and counted.
+    data; `on_product` for the product tag, if the machine has one. Timestamps that go
+    backwards are clamped to the latest one seen and counted.
     """
 
     def __init__(
@@ -95,12 +103,18 @@ class OeeEngine:
         self.calendar = calendar
         self._microstop_threshold = float(machine.microstop_threshold)
         self._states = StateCodes(state=machine.state)
+        self._rates = rates = IdealRates(machine)
+        # Rollover plausibility at the fastest product's rate: the most parts a drop may imply.
         self._counters = CounterReadings(
-            counter_bits=counter_bits or {}, ideal_cycle_time=float(machine.ideal_cycle_time)
+            counter_bits=counter_bits or {}, ideal_cycle_time=rates.fastest
         )
         self._history = (
             RollingHistory(length=float(machine.rolling_window)) if keep_history else None
         )
+        self._attribution = PartsAttribution(rates=rates, history=self._history)
+        self._spreads = self._attribution.counters
+        self._product = NO_PRODUCT  # the product running (its key), part of the episode
+        self._sink: list[int] | None = None  # the current window's part counts of _product
         self._timeline = PlannedTimeline(calendar=calendar)
         self._totals: ShiftTotals | None = None  # the current shift window's
         self._next_event = -math.inf  # next instant with work to do (calendar or threshold)
@@ -115,6 +129,7 @@ class OeeEngine:
 
         # Outputs.
         self._final_records = FinalRecords(machine=machine)
+        self._waiting = self._final_records.waiting  # the same list, for the hot path
         self._state_log = StateLog()
         self._finished = False
 
@@ -138,6 +153,11 @@ class OeeEngine:
     def now(self) -> float:
         """The latest timestamp seen (epoch seconds); -inf before the first."""
         return self._now
+
+    @property
+    def observed_from(self) -> float | None:
+        """The first good state sample's time; None before it."""
+        return self._observed_from
 
     def advance(self, ts: float) -> None:
         """Time passed until `ts` without a reading: close planned intervals and shifts."""
@@ -187,13 +207,51 @@ class OeeEngine:
         if ts >= self._next_event:
             self._advance_to(ts)
         parts = self._counters.parts(slot, ts, value)
-        # Parts count where their sample falls: inside planned time and after the first state.
-        if parts > 0 and self._timeline.in_planned and self._category is not None:
-            totals = self._totals
-            assert totals is not None
-            totals.parts[slot] += parts
-            if self._history is not None:
-                self._history.add_parts(ts, slot, parts)
+        if parts is None:
+            return
+        counter = self._spreads[slot]
+        since = counter.spread_from
+        if counter.idle and (
+            not parts or (self._category is RUNNING and self._accounted_until <= since)
+        ):
+            # The hot path: no parts (a stopped machine), or the machine ran all the time
+            # since the counter's last reading, in one episode, so its parts belong to that
+            # episode's window and product. Nothing else waits for attribution.
+            counter.spread_from = ts
+            if parts and self._timeline.in_planned:
+                sink = self._sink
+                if sink is None:
+                    totals = self._totals
+                    assert totals is not None
+                    sink = self._sink = totals.parts_of(self._product)
+                sink[slot] += parts
+                if self._history is not None:
+                    self._history.add_parts(since, ts, slot, parts, self._product)
+        else:
+            category = self._category
+            observed_planned = self._timeline.in_planned and category is not None
+            window = self._totals if observed_planned else None
+            running = self._accounted_until if category is RUNNING else None
+            undecided = self._undecided_stop
+            self._attribution.reading(slot, ts, parts, self._product, window, running, undecided)
+        if self._waiting:
+            self._release_final_records(ts)
+            self._schedule()
+
+    def on_product(self, ts: float, value: object, quality: str = "good") -> None:
+        """A reading of the machine's product tag: a change of product ends the episode."""
+        if quality == "bad":
+            self.ignored_bad += 1  # as for the state: the last good product holds
+            return
+        if ts < self._now:
+            self.clock_steps_back += 1
+            ts = self._now
+        self.advance(ts)
+        key = product_key(value)
+        if key != self._product:
+            self._account(ts)  # what ran so far ran as the old product
+            self._product = key
+            self._sink = None
 
     # -- timeline --------------------------------------------------------------------------
 
@@ -203,17 +261,32 @@ class OeeEngine:
         if not timeline.started:
             timeline.start(t)
             self._schedule()
-        while self._next_event <= t:
+        while True:
+            # The earliest of: a calendar boundary, the open stop reaching the threshold,
+            # ended windows no longer waiting for their counters (ties in that order).
             stop = self._undecided_stop
-            if stop is not None and stop.threshold_at < timeline.next_boundary:
+            boundary = timeline.next_boundary
+            threshold = math.inf if stop is None else stop.threshold_at
+            deadline = self._final_records.deadline
+            if boundary <= threshold and boundary <= deadline:
+                if boundary > t:
+                    return
+                self._cross_boundary()
+            elif threshold <= deadline:
+                if threshold > t:
+                    return
+                assert stop is not None
                 self._threshold_reached(stop)
             else:
-                self._cross_boundary()
+                if deadline > t:
+                    return
+                self._release_final_records(deadline)
             self._schedule()
 
     def _schedule(self) -> None:
-        """Work out `_next_event`: the next calendar boundary or threshold crossing."""
-        boundary = self._timeline.schedule()
+        """Work out `_next_event`: the next calendar boundary, threshold crossing, or end of
+        a final record's wait for the counters."""
+        boundary = min(self._timeline.schedule(), self._final_records.deadline)
         stop = self._undecided_stop
         self._next_event = boundary if stop is None else min(boundary, stop.threshold_at)
 
@@ -227,16 +300,16 @@ class OeeEngine:
         """Step over the next calendar boundary, the time before it accounted."""
         timeline = self._timeline
         t = timeline.next_boundary
-        if timeline.in_planned:  # a planned interval ends (a break or the shift end follows)
-            self._account(t)
+        # The time up to the boundary is accounted where it lies: in the planned interval that
+        # ends, or (running time only, for the counters) outside planned time.
+        self._account(t)
+        self._sink = None
         crossed = timeline.cross()
         if crossed is Boundary.SHIFT_START:
             window = timeline.window
             assert window is not None
             observed = window.start if self._category is not None else None
             self._totals = ShiftTotals(window=window, observed_from=observed)
-        elif crossed is Boundary.PLANNED_START:
-            self._accounted_until = t
         elif crossed is Boundary.SHIFT_END:
             totals = self._totals
             assert totals is not None
@@ -244,33 +317,39 @@ class OeeEngine:
             self._totals = None
             if totals.observed_from is not None:
                 self._final_records.add(totals)
-                self._release_final_records()
+                self._release_final_records(t)
 
     def _account(self, t: float) -> None:
-        """Account the open episode up to `t` (an episode or planned interval end)."""
+        """Account the open episode up to `t` (an episode or planned interval end, or a
+        change of product)."""
         category = self._category
         since = self._accounted_until
         self._accounted_until = t
-        if category is None or not self._timeline.in_planned or t <= since:
+        if category is None or t <= since:
             return
-        totals = self._totals
-        assert totals is not None
-        stop = None
-        if category == RUNNING:
-            totals.running_s += t - since
-        elif category != PLANNED_STOP:
-            stop = self._stop
-            assert stop is not None
-            stop.add(totals, t - since)
-        if self._history is not None:
-            self._history.add_piece(EpisodePiece(since, t, category, stop))
+        stop = self._stop if category >= UNPLANNED_STOP else None
+        target = None
+        if self._timeline.in_planned:
+            target = self._totals
+            assert target is not None
+            if category == RUNNING:
+                target.running_s += t - since
+            elif stop is not None:
+                stop.add(target, t - since)
+            if self._history is not None:
+                self._history.add_piece(EpisodePiece(since, t, category, stop))
+        if category == RUNNING or (stop is not None and stop.microstop is not False):
+            # Running time, or a stop that may turn out a microstop: counters may spread
+            # their parts over it (docs/oee.md "Counters").
+            self._attribution.add_piece(since, t, target, self._product, stop)
 
     def _threshold_reached(self, stop: Stop) -> None:
         """The open stop lasted `microstop_threshold`: it is an unplanned stop after all."""
         stop.reach_threshold()
         if self._category == UNPLANNED_STOP:
             self._state_log.record(stop.threshold_at, "unplanned_stop", self._code)
-        self._release_final_records()
+        self._attribution.stop_decided()
+        self._release_final_records(stop.threshold_at)
 
     def _end_stop(self) -> None:
         stop = self._stop
@@ -279,7 +358,9 @@ class OeeEngine:
         if stop.microstop is None:
             # Ended before the threshold (else the crossing was processed first).
             stop.end_short()
-            self._release_final_records()
+            self._attribution.stop_ended_short(stop)
+            self._attribution.stop_decided()
+            self._release_final_records(self._now)
 
     def _change(self, ts: float, category: StateCategory, code: object) -> None:
         old = self._category
@@ -300,15 +381,11 @@ class OeeEngine:
         self._schedule()
 
     def _published_state(self) -> PublishedState:
-        category = self._category
-        if category is None:
-            return "unknown"
-        if category == UNPLANNED_STOP and self._undecided_stop is not None:
-            return "microstop"
-        return STATE_NAMES[category]
+        return published_state(self._category, self._undecided_stop is not None)
 
-    def _release_final_records(self) -> None:
-        self._final_records.release(self._undecided_stop)
+    def _release_final_records(self, now: float, *, force: bool = False) -> None:
+        counted_until = self._attribution.counted_until()
+        self._final_records.release(self._undecided_stop, counted_until, now, force=force)
 
     # -- output ----------------------------------------------------------------------------
 
@@ -354,6 +431,7 @@ class OeeEngine:
             invalid_values=self.invalid_values,
             rollovers=self.rollovers,
             resets=self.resets,
+            late_parts=self._attribution.late_parts,
         )
 
     def report_shift(self) -> OeeRecord | None:
@@ -400,7 +478,7 @@ class OeeEngine:
             self._final_records.add(totals)
         self._totals = None
         self._timeline.close()
-        self._release_final_records()
+        self._release_final_records(t, force=True)
         self._finished = True
         return self.pop_finished()
 

@@ -24,7 +24,7 @@ log = logging.getLogger("edge_agent.oee")
 
 Publish = Callable[[str, bytes], None]
 Emit = Callable[[list[Event]], Awaitable[None]]
-TagRole = Literal["state"] | CounterName  # what a machine reads from a tag
+TagRole = Literal["state", "product"] | CounterName  # what a machine reads from a tag
 
 # Re-anchor the engine clock to the wall clock only for big steps (a clock fixed after boot):
 # small NTP slews and steps must not create or remove production time.
@@ -65,6 +65,7 @@ class _Machine:
     engine: OeeEngine
     state_ref: tuple[str, str]  # (device, tag)
     counters: dict[tuple[str, str], CounterName]  # (device, tag) -> which counter
+    product_ref: tuple[str, str] | None  # (device, tag) of the product tag, if any
     calendar: CalendarConfig
     last_report: OeeRecord | None = None
 
@@ -82,7 +83,8 @@ class _Machine:
             if ref is not None:
                 counters[_device_tag(ref)] = which
         engine = OeeEngine.from_settings(settings, machine)
-        return cls(machine, engine, _device_tag(machine.state.tag), counters, calendar)
+        product = None if machine.product is None else _device_tag(machine.product)
+        return cls(machine, engine, _device_tag(machine.state.tag), counters, product, calendar)
 
 
 def _device_tag(ref: str) -> tuple[str, str]:
@@ -128,6 +130,8 @@ class LiveOee:
             self._by_tag.setdefault(entry.state_ref, []).append((entry, "state"))
             for key, which in entry.counters.items():
                 self._by_tag.setdefault(key, []).append((entry, which))
+            if entry.product_ref is not None:
+                self._by_tag.setdefault(entry.product_ref, []).append((entry, "product"))
 
     @property
     def machines(self) -> dict[str, OeeRecord | None]:
@@ -160,6 +164,8 @@ class LiveOee:
                 touched = True
                 if which == "state":
                     machine.engine.on_state(now, reading.value, reading.quality)
+                elif which == "product":
+                    machine.engine.on_product(now, reading.value, reading.quality)
                 else:
                     machine.engine.on_count(now, which, reading.value, reading.quality)
         if touched:

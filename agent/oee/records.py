@@ -5,10 +5,12 @@ Pure: no I/O, no clock reads. Records are plain dicts (JSON documents) typed as 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal, NotRequired, TypedDict
 
 from agent.oee.calendar import ShiftWindow
+from agent.oee.products import IdealRates
 from agent.settings.machines import MachineConfig
 from sync.events import rfc3339
 
@@ -23,6 +25,15 @@ class OeeWindow(TypedDict):
     complete: bool
     shift_start: NotRequired[str]
     shift_end: NotRequired[str]
+
+
+class ProductQuantities(TypedDict):
+    """One product's parts in a window (`products` of a record, machines with a product tag)."""
+
+    produced: int
+    good: int
+    reject: int
+    ideal_cycle_time_s: float
 
 
 class OeeRecord(TypedDict):
@@ -44,6 +55,10 @@ class OeeRecord(TypedDict):
     mtbf_s: float | None
     mttr_s: float | None
     performance_flagged: bool
+    products: NotRequired[dict[str, ProductQuantities]]  # only with a product tag
+
+
+PartCounts = tuple[int, int, int]  # produced, reject, good deltas (indexed by CounterSlot)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -54,7 +69,7 @@ class WindowFigures:
     downtime_s: float  # unplanned stops and unknown states that reached the threshold
     stops: int  # unplanned stops (for MTBF / MTTR)
     microstops: int
-    parts: tuple[int, int, int]  # produced, reject, good deltas (indexed by CounterSlot)
+    parts: Mapping[str, PartCounts]  # per product key (agent/oee/products.py)
 
 
 def shift_window(window: ShiftWindow, start: float, end: float) -> OeeWindow:
@@ -88,16 +103,30 @@ def oee_record(machine: MachineConfig, window: OeeWindow, figures: WindowFigures
     apt = round(figures.running_s, 3)
     down = round(figures.downtime_s, 3)
     pbt = round(apt + down, 3)
-    produced = figures.parts[0]
-    good, reject = _good_and_reject(machine, figures.parts)
+    rates = IdealRates(machine)
+    products: dict[str, ProductQuantities] = {}
+    produced = good = reject = 0
+    ideal_time = 0.0  # sum of ideal cycle time x parts over the products
+    for product, parts in figures.parts.items():
+        good_p, reject_p = _good_and_reject(machine, parts)
+        ideal = rates.ideal_cycle_time(product)
+        products[product] = {
+            "produced": parts[0],
+            "good": good_p,
+            "reject": reject_p,
+            "ideal_cycle_time_s": ideal,
+        }
+        produced += parts[0]
+        good += good_p
+        reject += reject_p
+        ideal_time += ideal * parts[0]
     availability = apt / pbt if pbt > 0 else None
     # 12 decimals: far below any meaning, but removes float noise such as 1.2 * 100 / 120
     # = 1.0000000000000002 that would otherwise flag an exactly ideal machine.
-    ideal_cycle_time = float(machine.ideal_cycle_time)
-    performance = round(ideal_cycle_time * produced / apt, 12) if apt > 0 else None
+    performance = round(ideal_time / apt, 12) if apt > 0 else None
     quality = good / produced if produced > 0 else None
     stops = figures.stops
-    return {
+    record: OeeRecord = {
         "machine": machine.name,
         "window": window,
         "availability": availability,
@@ -115,12 +144,16 @@ def oee_record(machine: MachineConfig, window: OeeWindow, figures: WindowFigures
         "mttr_s": round(down / stops, 3) if stops else None,
         "performance_flagged": performance is not None and performance > 1.0,
     }
+    if machine.product is not None:
+        record["products"] = products
+    return record
 
 
-def _good_and_reject(machine: MachineConfig, parts: tuple[int, int, int]) -> tuple[int, int]:
+def _good_and_reject(machine: MachineConfig, parts: PartCounts) -> tuple[int, int]:
     produced, reject_count, good_count = parts
     # Counters sampled at different instants can disagree at a window edge: the quality
-    # counter is capped at the produced count so that good + reject == produced.
+    # counter is capped at the produced count so that good + reject == produced (per
+    # product, so that the products add up to the record's quantities).
     if machine.reject_count is not None:
         reject = min(reject_count, produced)
         return produced - reject, reject

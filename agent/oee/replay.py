@@ -42,7 +42,8 @@ from agent.oee.samples import (
 from agent.oee.samples import read_samples as read_samples  # the tests import it from here
 from agent.settings.config_file import AgentSettings
 
-STATE = -1  # role of a row: STATE, or the counter slot TOTAL / REJECT / GOOD
+STATE = -1  # role of a row: STATE, PRODUCT, or the counter slot TOTAL / REJECT / GOOD
+PRODUCT = -2
 _MISSING = object()
 _FULL_CACHE_LIMIT = 1_000_000  # a week of 1 s timestamps fits
 
@@ -126,19 +127,28 @@ class _MachineColumns:
         self.values.append(value)
         self.qualities.append(quality)
 
+    def add_product(self, ts: float, value: object, quality: str) -> None:
+        """Keep a product row (the signature of `OeeEngine.on_product`)."""
+        self.timestamps.append(ts)
+        self.roles.append(PRODUCT)
+        self.values.append(value)
+        self.qualities.append(quality)
+
     def feed(self, engine: OeeEngine) -> None:
         """Feed the rows to `engine` in (stable) time order, then let them go."""
         stamps, roles, values, qualities = self.timestamps, self.roles, self.values, self.qualities
         order: Iterable[int] = range(len(stamps))
         if not self.in_order:
             order = sorted(order, key=stamps.__getitem__)  # timsort: stable, run-aware
-        on_state, on_counter = engine.on_state, engine.on_counter
+        on_state, on_counter, on_product = engine.on_state, engine.on_counter, engine.on_product
         for i in order:
             role = roles[i]
-            if role == STATE:
+            if role >= 0:
+                on_counter(role, stamps[i], values[i], qualities[i])
+            elif role == STATE:
                 on_state(stamps[i], values[i], qualities[i])
             else:
-                on_counter(role, stamps[i], values[i], qualities[i])
+                on_product(stamps[i], values[i], qualities[i])
         # Release the columns as soon as the machine is done.
         self.timestamps = array("d")
         self.roles = array("b")
@@ -162,12 +172,15 @@ class _Replayer:
         self.columns = [_MachineColumns() for _ in self.engines] if buffered else []
         self.on_state: list[StateSink]
         self.on_counter: list[CounterSink]
+        self.on_product: list[StateSink]
         if buffered:
             self.on_state = [columns.add_state for columns in self.columns]
             self.on_counter = [columns.add_counter for columns in self.columns]
+            self.on_product = [columns.add_product for columns in self.columns]
         else:
             self.on_state = [engine.on_state for engine in self.engines]
             self.on_counter = [engine.on_counter for engine in self.engines]
+            self.on_product = [engine.on_product for engine in self.engines]
         self.seen_state = [False] * len(self.engines)
         self.result = ReplayResult()
 
@@ -219,7 +232,7 @@ class _Replayer:
         width = len(names)
         with_quality = width == 5
         refs = self.refs
-        on_state, on_counter = self.on_state, self.on_counter
+        on_state, on_counter, on_product = self.on_state, self.on_counter, self.on_product
         out_of_order = self._out_of_order
         seen_state = self.seen_state
         machine_last = [-math.inf] * len(self.engines)
@@ -259,24 +272,27 @@ class _Replayer:
                 value: object
                 if quality == "bad":
                     value = None  # ignored by the engine whatever it holds
-                elif role == STATE:
-                    value = state_cache.get(raw, _MISSING)
-                    if value is _MISSING:
-                        value = _state_value(raw, state_cache, device, tag)
-                    seen_state[index] = True
-                else:
+                elif role >= 0:
                     try:
                         value = int(raw)
                     except ValueError:
                         value = _counter_value(raw, device, tag)
+                else:  # a state or product code: few values, cached
+                    value = state_cache.get(raw, _MISSING)
+                    if value is _MISSING:
+                        value = _state_value(raw, state_cache, device, tag)
+                    if role == STATE:
+                        seen_state[index] = True
                 if ts < machine_last[index]:
                     out_of_order(index)
                 else:
                     machine_last[index] = ts
-                if role == STATE:
+                if role >= 0:
+                    on_counter[index](role, ts, value, quality)
+                elif role == STATE:
                     on_state[index](ts, value, quality)
                 else:
-                    on_counter[index](role, ts, value, quality)
+                    on_product[index](ts, value, quality)
         self._note(rows, used, stamps.first, stamps.last)
 
     def _read_jsonl(self, handle: IO[str]) -> None:
@@ -312,18 +328,20 @@ class _Replayer:
         ts, quality = sample.ts, sample.quality
         for index, role in targets:
             value = sample.value
-            if quality != "bad" and role != STATE:
+            if quality != "bad" and role >= 0:
                 value = counter_value(value)
             if ts < machine_last[index]:
                 self._out_of_order(index)
             else:
                 machine_last[index] = ts
-            if role == STATE:
+            if role >= 0:
+                self.on_counter[index](role, ts, value, quality)
+            elif role == STATE:
                 self.on_state[index](ts, value, quality)
                 if quality != "bad":
                     self.seen_state[index] = True
             else:
-                self.on_counter[index](role, ts, value, quality)
+                self.on_product[index](ts, value, quality)
 
     def _note(self, rows: int, used: int, first: float, last: float) -> None:
         result = self.result
@@ -359,6 +377,8 @@ def _tag_roles(settings: AgentSettings) -> dict[str, dict[str, list[tuple[int, i
     refs: dict[str, dict[str, list[tuple[int, int]]]] = {}
     for index, machine in enumerate(settings.machines):
         uses = [(machine.state.tag, STATE), (machine.total_count, TOTAL)]
+        if machine.product is not None:
+            uses.append((machine.product, PRODUCT))
         if machine.reject_count is not None:
             uses.append((machine.reject_count, REJECT))
         if machine.good_count is not None:

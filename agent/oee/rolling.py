@@ -5,20 +5,23 @@ Pure: no I/O, no clock reads. Only the live task keeps it; the replay reports sh
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from typing import NamedTuple
 
-from agent.oee.records import WindowFigures
+from agent.oee.records import PartCounts, WindowFigures
 from agent.oee.states import PLANNED_STOP, RUNNING
 from agent.oee.totals import EpisodePiece, Stop
 
 
 class PartsCounted(NamedTuple):
-    """Parts a counter reading added, at the reading's time."""
+    """Parts of a counter made, evenly, over [start, end] (a point when start == end)."""
 
-    ts: float
+    start: float
+    end: float
     slot: int  # a CounterSlot
     parts: int
+    product: str
 
 
 class RollingHistory:
@@ -37,12 +40,12 @@ class RollingHistory:
         """A piece of an episode was accounted."""
         self._pieces.append(piece)
 
-    def add_parts(self, ts: float, slot: int, parts: int) -> None:
-        """A counter reading at `ts` (the latest time seen) added `parts`."""
+    def add_parts(self, start: float, end: float, slot: int, parts: int, product: str) -> None:
+        """`parts` of counter `slot` were made over [start, end] (docs/oee.md "Counters")."""
         counted = self._counted
-        counted.append(PartsCounted(ts, slot, parts))
-        horizon = ts - self.length
-        while counted[0].ts < horizon:
+        counted.append(PartsCounted(start, end, slot, parts, product))
+        horizon = end - self.length
+        while counted[0].end < horizon:
             counted.popleft()
 
     def trim(self, now: float) -> None:
@@ -52,7 +55,7 @@ class RollingHistory:
         while pieces and pieces[0].end <= horizon:
             pieces.popleft()
         counted = self._counted
-        while counted and counted[0].ts < horizon:
+        while counted and counted[0].end < horizon:
             counted.popleft()
 
     def figures(self, start: float, open_piece: EpisodePiece | None) -> WindowFigures:
@@ -82,17 +85,30 @@ class RollingHistory:
                 else:  # a microstop, or a stop still shorter than the threshold
                     running += span
                     microstops.add(id(stop))
-        parts = [0, 0, 0]
-        for ts, slot, count in self._counted:
-            if ts >= start:
-                parts[slot] += count
         return WindowFigures(
             running_s=running,
             downtime_s=downtime,
             stops=len(stops),
             microstops=len(microstops),
-            parts=(parts[0], parts[1], parts[2]),
+            parts=self._parts_since(start),
         )
+
+    def _parts_since(self, start: float) -> dict[str, PartCounts]:
+        """Whole parts made from `start` on: parts made over a span that `start` cuts are
+        prorated by time and rounded (the window gets the parts after the cut)."""
+        found: dict[str, list[int]] = {}
+        for piece_start, end, slot, count, product in self._counted:
+            if end < start:
+                continue
+            if piece_start < start:
+                count -= math.floor(count * (start - piece_start) / (end - piece_start) + 0.5)
+                if not count:
+                    continue
+            counts = found.get(product)
+            if counts is None:
+                counts = found[product] = [0, 0, 0]
+            counts[slot] += count
+        return {product: (c[0], c[1], c[2]) for product, c in found.items()}
 
 
 def _is_unplanned(stop: Stop | None) -> bool:

@@ -36,6 +36,16 @@ PublishedState = Literal["running", "planned_stop", "unplanned_stop", "microstop
 STATE_NAMES: tuple[PublishedState, ...] = ("running", "planned_stop", "unplanned_stop", "unknown")
 
 
+def published_state(category: StateCategory | None, undecided_stop: bool) -> PublishedState:
+    """What `R/{machine}/state` shows for `category` (None: no state read yet), given
+    whether the open stop is still shorter than the threshold."""
+    if category is None:
+        return "unknown"
+    if category == UNPLANNED_STOP and undecided_stop:
+        return "microstop"
+    return STATE_NAMES[category]
+
+
 class StatePayload(TypedDict):
     """The `R/{machine}/state` JSON document (docs/topics.md)."""
 

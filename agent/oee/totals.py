@@ -78,6 +78,7 @@ class ShiftTotals:
 
     __slots__ = (
         "downtime_s",
+        "final",
         "microstop_s",
         "microstops",
         "observed_from",
@@ -99,7 +100,16 @@ class ShiftTotals:
         self.undecided_s = 0.0  # the open stop's time while it is still shorter than the threshold
         self.stops = 0
         self.microstops = 0
-        self.parts = [0, 0, 0]  # produced, reject, good deltas (indexed by CounterSlot)
+        # Per product key: produced, reject, good parts (indexed by CounterSlot).
+        self.parts: dict[str, list[int]] = {}
+        self.final = False  # its final record is made: its figures never change again
+
+    def parts_of(self, product: str) -> list[int]:
+        """The part counts of `product` (produced, reject, good), to add to."""
+        counts = self.parts.get(product)
+        if counts is None:
+            counts = self.parts[product] = [0, 0, 0]
+        return counts
 
     def figures(self, current_stop: Stop | None, open_piece: EpisodePiece | None) -> WindowFigures:
         """The figures so far: an undecided `current_stop` counts as a microstop, and the
@@ -111,13 +121,12 @@ class ShiftTotals:
             # Provisionally a microstop: its time counts as running, and it counts once.
             running += self.undecided_s
             microstops += 1
-        parts = self.parts
         figures = WindowFigures(
             running_s=running,
             downtime_s=self.downtime_s,
             stops=self.stops,
             microstops=microstops,
-            parts=(parts[0], parts[1], parts[2]),
+            parts={product: (c[0], c[1], c[2]) for product, c in self.parts.items()},
         )
         return figures if open_piece is None else self._with_open_piece(figures, open_piece)
 

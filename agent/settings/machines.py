@@ -6,6 +6,7 @@ import re
 import zoneinfo
 from collections.abc import Iterator
 from datetime import time
+from typing import Annotated
 
 from pydantic import (
     Field,
@@ -22,6 +23,7 @@ from drivers.config import (
 )
 
 StateCode = int | str | bool
+PositiveDuration = Annotated[Duration, Field(gt=0)]
 
 
 class MachineStateConfig(ConfigModel):
@@ -54,7 +56,20 @@ class MachineConfig(ConfigModel):
     good_count: TagRef | None = Field(
         default=None, description="Cumulative good-parts counter (or give reject_count)."
     )
-    ideal_cycle_time: Duration = Field(gt=0, description="Ideal time per part.")
+    ideal_cycle_time: Duration = Field(
+        gt=0, description="Ideal time per part (of a product ideal_cycle_times does not list)."
+    )
+    product: TagRef | None = Field(
+        default=None,
+        description="device/tag holding the product (or recipe) being made; parts are "
+        "counted per product, and a product change ends an episode (docs/oee.md).",
+    )
+    ideal_cycle_times: dict[str, PositiveDuration] = Field(
+        default_factory=dict,
+        description="Ideal time per part for each product value, e.g. "
+        '{ "1" = "1.2s", "2" = "800ms" }; keys are the product tag\'s values written as text '
+        "(1, ABC, true). Needs product.",
+    )
     microstop_threshold: Duration = Field(
         default=as_written("0s"),
         ge=0,
@@ -62,12 +77,31 @@ class MachineConfig(ConfigModel):
         "downtime) and are counted as microstops; 0s: none.",
     )
     calendar: Name = Field(description="Name of a [[calendars]] entry.")
+    count_wait: Duration = Field(
+        default=as_written("10m"),
+        ge=0,
+        description="How long a shift's final record waits after the shift end for each "
+        "counter's next reading (it carries the parts made before the end); parts that "
+        "arrive later count where their reading lands (docs/oee.md).",
+    )
     publish_interval: Duration = Field(
         default=as_written("60s"), gt=0, description="How often R/{machine}/oee is published."
     )
     rolling_window: Duration = Field(
         default=as_written("1h"), gt=0, description="Length of the rolling OEE window."
     )
+
+    @field_validator("ideal_cycle_times")
+    @classmethod
+    def _check_products(cls, value: dict[str, float]) -> dict[str, float]:
+        for key in value:
+            if not key.strip():
+                raise ValueError("a product value cannot be empty")
+        return value
+
+    def ideal_cycle_time_of(self, product: str) -> float:
+        """The ideal time per part of `product` (its product key, agent/oee/products.py)."""
+        return float(self.ideal_cycle_times.get(product, self.ideal_cycle_time))
 
 
 _WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
