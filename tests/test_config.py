@@ -341,6 +341,63 @@ INVALID: list[tuple[str, str, str, str]] = [
         "machines[0].state.unplanned_stop",
     ),
     (
+        "machine-state-code-string-for-int-tag",
+        "running = [1]",
+        'running = ["1"]',
+        "machines[0].state.running[0]",
+    ),
+    (
+        "machine-state-code-bool-for-int-tag",
+        "unplanned_stop = [2, 4]",
+        "unplanned_stop = [2, true]",
+        "machines[0].state.unplanned_stop[1]",
+    ),
+    (
+        "machine-bool-counter",
+        'total_count = "press1/total_count"',
+        'total_count = "press1/start"',
+        "machines[0].total_count",
+    ),
+    (
+        "machine-product-key-not-an-integer",
+        'calendar = "two-shifts"',
+        'calendar = "two-shifts"\nproduct = "press1/product_code"\n'
+        'ideal_cycle_times = { "1" = "1s", "A" = "2s" }',
+        "machines[0].ideal_cycle_times.A",
+    ),
+    (
+        "machine-product-key-not-as-read",
+        'calendar = "two-shifts"',
+        'calendar = "two-shifts"\nproduct = "press1/product_code"\n'
+        'ideal_cycle_times = { "07" = "1s" }',
+        "machines[0].ideal_cycle_times.07",
+    ),
+    (
+        "machine-product-cycle-time-zero",
+        'calendar = "two-shifts"',
+        'calendar = "two-shifts"\nproduct = "press1/product_code"\n'
+        'ideal_cycle_times = { "1" = "0s" }',
+        "machines[0].ideal_cycle_times.1",
+    ),
+    (
+        "machine-cycle-times-need-product",
+        'calendar = "two-shifts"',
+        'calendar = "two-shifts"\nideal_cycle_times = { "1" = "1s" }',
+        "machines[0].ideal_cycle_times",
+    ),
+    (
+        "machine-product-float-tag",
+        'calendar = "two-shifts"',
+        'calendar = "two-shifts"\nproduct = "press1/temperature"',
+        "machines[0].product",
+    ),
+    (
+        "machine-product-unknown-tag",
+        'calendar = "two-shifts"',
+        'calendar = "two-shifts"\nproduct = "press1/recipe"',
+        "machines[0].product",
+    ),
+    (
         "machine-cycle-time-no-unit",
         'ideal_cycle_time = "1.2s"',
         "ideal_cycle_time = 1.2",
@@ -509,6 +566,40 @@ def test_invalid_config_exits_2_naming_the_path(
     assert "Traceback" not in err
     for line in lines:
         assert ": " in line, f"not a 'path: reason' line: {line!r}"
+
+
+def test_machine_codes_and_products_matching_their_tags_are_valid(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # An integer product tag with integer keys; an OPC UA state tag (its type unknown) with
+    # text codes: both accepted.
+    text = BASE.replace(
+        'calendar = "two-shifts"',
+        'calendar = "two-shifts"\nproduct = "press1/product_code"\n'
+        'ideal_cycle_times = { "1" = "1.2s", "-2" = "800ms" }',
+        1,
+    ).replace(
+        'state = { tag = "press1/state_code", running = [1]',
+        'state = { tag = "filler/state_code", running = ["RUN"]',
+    )
+    code, _, err = _check(_write(tmp_path, text), capsys)
+    assert (code, err) == (0, "")
+    settings = load_agent_settings(_write(tmp_path, text))
+    assert settings.machines[0].ideal_cycle_time_of("-2") == pytest.approx(0.8)
+    assert settings.machines[0].ideal_cycle_time_of("3") == pytest.approx(1.2)
+
+
+def test_state_code_of_the_wrong_type_names_key_and_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    text = BASE.replace("running = [1]", 'running = ["1"]')
+    line = next(i for i, row in enumerate(text.splitlines(), 1) if 'running = ["1"]' in row)
+    code, _, err = _check(_write(tmp_path, text), capsys)
+    assert code == 2
+    assert (
+        "machines[0].state.running[0]: code '1' is a string, but press1/state_code is an "
+        f"integer tag: it never matches; write an integer like 1 (line {line})"
+    ) in err
 
 
 def test_problem_lines_name_the_toml_line(

@@ -7,6 +7,7 @@ every problem, each as ``path.to.field: reason``. Nothing is ever silently repai
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -127,15 +128,22 @@ class AgentSettings(SettingsFile):
         base: tuple[str | int, ...] = ("machines", index)
         yield from self._ref_problem((*base, "state", "tag"), machine.state.tag)
         state_tag = self.tag(machine.state.tag)
-        if state_tag is not None and state_tag[1].value_kind() == "float":
+        state_kind = "unknown" if state_tag is None else state_tag[1].value_kind()
+        if state_kind == "float":
             yield ((*base, "state", "tag"), "a state code tag must not be a float value")
         seen: dict[Any, str] = {}
         for group in ("running", "planned_stop", "unplanned_stop"):
-            for code in getattr(machine.state, group):
+            for code_index, code in enumerate(getattr(machine.state, group)):
                 code_key = (type(code).__name__, code)
                 if code_key in seen:
                     yield ((*base, "state", group), f"code {code!r} is also in {seen[code_key]}")
                 seen.setdefault(code_key, group)
+                # A code of another type than the tag's values never matches a reading: the
+                # machine would be 'unknown' (unplanned downtime) all the time.
+                wrong = _code_mismatch(code, state_kind, machine.state.tag)
+                if wrong:
+                    yield ((*base, "state", group, code_index), wrong)
+        yield from self._product_problems(base, machine)
         counters: list[tuple[str, str]] = [("total_count", machine.total_count)]
         if machine.reject_count is not None and machine.good_count is not None:
             yield ((*base, "good_count"), "give reject_count or good_count, not both")
@@ -164,6 +172,28 @@ class AgentSettings(SettingsFile):
                     f"R/{machine.name}/{sorted(clash)[0]}, which device {machine.name!r} "
                     "already uses for a tag; rename the machine or the tag",
                 )
+
+    def _product_problems(
+        self, base: tuple[str | int, ...], machine: MachineConfig
+    ) -> Iterator[Problem]:
+        """The product tag, and the keys of ideal_cycle_times against its value type."""
+        if machine.product is None:
+            if machine.ideal_cycle_times:
+                yield (
+                    (*base, "ideal_cycle_times"),
+                    "ideal cycle times per product need a product tag (product = 'device/tag')",
+                )
+            return
+        yield from self._ref_problem((*base, "product"), machine.product)
+        resolved = self.tag(machine.product)
+        kind = "unknown" if resolved is None else resolved[1].value_kind()
+        if kind == "float":
+            yield ((*base, "product"), "a product tag must not be a float value")
+            return
+        for key in machine.ideal_cycle_times:
+            wrong = _product_key_mismatch(key, kind, machine.product)
+            if wrong:
+                yield ((*base, "ideal_cycle_times", key), wrong)
 
     def _workflow_problems(self, index: int, workflow: WorkflowConfig) -> Iterator[Problem]:
         base: tuple[str | int, ...] = ("workflows", index)
@@ -236,6 +266,35 @@ def _kind_fits(kind: str, wanted: str) -> bool:
     if wanted == "unknown" or kind == wanted:
         return True
     return wanted == "float" and kind == "int"
+
+
+_KIND_NAMES = {"int": "an integer", "string": "a string", "bool": "a bool"}
+
+
+def _code_mismatch(code: object, kind: str, ref: str) -> str | None:
+    """Why a state code can never equal a reading of a `kind` tag (None: it can)."""
+    if kind not in _KIND_NAMES:
+        return None  # OPC UA tags do not say their type: accept
+    found = "bool" if isinstance(code, bool) else "int" if isinstance(code, int) else "string"
+    if found == kind:
+        return None
+    hint = {"int": "an integer like 1", "string": 'text like "RUN"', "bool": "true or false"}
+    return (
+        f"code {code!r} is {_KIND_NAMES[found]}, but {ref} is {_KIND_NAMES[kind]} tag: "
+        f"it never matches; write {hint[kind]}"
+    )
+
+
+def _product_key_mismatch(key: str, kind: str, ref: str) -> str | None:
+    """Why a key of ideal_cycle_times can never equal a reading of a `kind` product tag."""
+    if kind == "int":
+        if not re.fullmatch(r"-?[0-9]+", key):
+            return f"product {key!r} is not an integer, but {ref} is an integer tag"
+        if str(int(key)) != key:
+            return f'product {key!r}: write the integer as "{int(key)}" ({ref} reads numbers)'
+    elif kind == "bool" and key not in ("true", "false"):
+        return f'product {key!r} is not "true" or "false", but {ref} is a bool tag'
+    return None
 
 
 def _unique(section: str, names: list[str], what: str) -> Iterator[Problem]:
