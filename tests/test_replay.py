@@ -423,7 +423,54 @@ def test_replay_and_live_engine_agree(settings: AgentSettings, tmp_path: Path, s
 
 
 # ---------------------------------------------------------------------------------------------
-# A product tag
+# Data that never meets the calendar; a product tag
+
+
+def test_cmd_oee_says_when_data_and_calendar_never_meet(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Saturday 2026-03-07: the calendar plans mon-fri only. No record at all: exit 1.
+    config = tmp_path / "agent.toml"
+    config.write_text(CONFIG, encoding="utf-8")
+    rows = [
+        "2026-03-07T06:00:00.000Z,press1,state_code,1",
+        "2026-03-07T06:00:00.000Z,press1,total_count,0",
+        "2026-03-07T13:00:00.000Z,press1,total_count,900",
+    ]
+    samples = write(tmp_path / "s.csv", rows)
+    assert cmd_oee(argparse.Namespace(config=config, replay=samples)) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert (
+        f"{samples}: no planned time for machine 'press1' between 2026-03-07T06:00:00.000Z "
+        "and 2026-03-07T13:00:00.000Z: check the calendar's days and time zone"
+    ) in err
+    assert f"{samples}: no machine produced an OEE record" in err
+
+
+def test_cmd_oee_names_the_machine_without_planned_time_and_still_succeeds(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # filler's data is all on Saturday, press1's from Monday: press1 has records (its
+    # shifts until the data ends on Saturday: exit 0), and filler is named.
+    config = tmp_path / "agent.toml"
+    config.write_text(CONFIG, encoding="utf-8")
+    rows = [*ROWS, "2026-03-07T06:00:00.000Z,filler,state_code,1"]
+    samples = write(tmp_path / "s.csv", sorted(rows))
+    assert cmd_oee(argparse.Namespace(config=config, replay=samples)) == 0
+    out, err = capsys.readouterr()
+    assert {json.loads(line)["machine"] for line in out.splitlines()} == {"press1"}
+    assert "no planned time for machine 'filler' between 2026-03-07T06:00:00.000Z" in err
+    assert "no planned time for machine 'press1'" not in err
+
+
+def test_empty_sample_file_exits_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "agent.toml"
+    config.write_text(CONFIG, encoding="utf-8")
+    samples = write(tmp_path / "s.csv", [])
+    assert cmd_oee(argparse.Namespace(config=config, replay=samples)) == 1
+    _, err = capsys.readouterr()
+    assert "no machine produced an OEE record" in err
 
 
 PRODUCT_CONFIG = CONFIG.replace(

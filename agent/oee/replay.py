@@ -41,6 +41,7 @@ from agent.oee.samples import (
 )
 from agent.oee.samples import read_samples as read_samples  # the tests import it from here
 from agent.settings.config_file import AgentSettings
+from sync.events import rfc3339
 
 STATE = -1  # role of a row: STATE, PRODUCT, or the counter slot TOTAL / REJECT / GOOD
 PRODUCT = -2
@@ -66,6 +67,8 @@ class ReplayResult:
     first_ts: float | None = None
     last_ts: float | None = None
     machines_without_state: list[str] = field(default_factory=list)
+    # Machines with state samples but not one record: (name, first state sample, data end).
+    machines_without_planned_time: list[tuple[str, float, float]] = field(default_factory=list)
 
 
 class _Timestamps:
@@ -365,8 +368,13 @@ class _Replayer:
         for index, engine in enumerate(self.engines):
             if not self.seen_state[index]:
                 result.machines_without_state.append(engine.machine.name)
-            for record in engine.finish(end):
+            finished = engine.finish(end)
+            for record in finished:
                 records.append((record["window"]["shift_start"], index, record))
+            first = engine.observed_from
+            if not finished and first is not None and end is not None:
+                # Observed, and still no record: the data and the calendar never meet.
+                result.machines_without_planned_time.append((engine.machine.name, first, end))
         records.sort(key=lambda item: (item[0], item[1]))
         result.records = [record for _, _, record in records]
         return result
@@ -476,4 +484,13 @@ def cmd_oee(args: argparse.Namespace) -> int:
             f"{args.replay}: machine {name!r}: no good sample of its state tag; no record",
             file=sys.stderr,
         )
+    for name, first, end in result.machines_without_planned_time:
+        print(
+            f"{args.replay}: no planned time for machine {name!r} between {rfc3339(first)} "
+            f"and {rfc3339(end)}: check the calendar's days and time zone",
+            file=sys.stderr,
+        )
+    if not result.records:
+        print(f"{args.replay}: no machine produced an OEE record", file=sys.stderr)
+        return 1  # an empty answer must not look like success to a script
     return 0
