@@ -164,6 +164,77 @@ def test_readings_on_boundaries(
     assert {name: r["produced_quantity"] for name, r in found.items()} == expected
 
 
+EARLY_ONE_BREAK = {**EARLY, "breaks": [["09:00", "09:15"]]}
+
+
+@pytest.mark.parametrize(
+    ("events", "wait", "expected"),
+    [
+        (
+            [("c", "08:50", "total", 5000), ("s", "09:00", 3), ("c", "09:00", "total", 5600)],
+            "10m",
+            {"early": 600, "late": 0},
+        ),
+        (
+            [
+                ("s", "09:00", 3),
+                ("c", "09:10", "total", 5600),
+                ("s", "09:15", 1),
+                ("c", "09:20", "total", 5900),
+            ],
+            "10m",
+            {"early": 300, "late": 0},
+        ),
+        (
+            [("c", "08:50", "total", 5000), ("c", "09:20", "total", 6800)],
+            "10m",
+            {"early": 900, "late": 0},
+        ),
+        (
+            [("c", "13:55", "total", 20000), ("c", "14:05", "total", 20600)],
+            "10m",
+            {"early": 300, "late": 300},
+        ),
+        (
+            [("c", "13:50", "total", 20000), ("c", "14:05", "total", 21000)],
+            "10m",
+            {"early": 667, "late": 333},
+        ),
+        (
+            [("c", "13:50", "total", 3000), ("s", "13:50", 2), ("c", "14:20", "total", 3010)],
+            "20m",
+            {"early": 10, "late": 0},
+        ),
+        (
+            [("c", "13:50", "total", 3000), ("s", "13:50", 2), ("c", "14:20", "total", 3010)],
+            "10m",
+            {"early": 0, "late": 10},
+        ),
+    ],
+    ids=[
+        "break-start",
+        "after-break",
+        "through-break",
+        "shift-end",
+        "rounding",
+        "no-running-waiting",
+        "no-running-late",
+    ],
+)
+def test_docs_where_the_parts_go(events: list[Event], wait: str, expected: dict[str, int]) -> None:
+    # docs/oee.md "Worked example: where the parts go", line by line (each line's first
+    # reading is the counter's baseline, so a shift's parts are that line's only).
+    found, _ = records_of(
+        [("s", "06:00", 1), *events],
+        "22:00",
+        EARLY_ONE_BREAK,
+        LATE,
+        reject_count=None,
+        count_wait=wait,
+    )
+    assert {name: r["produced_quantity"] for name, r in found.items()} == expected
+
+
 # ---------------------------------------------------------------------------------------------
 # Products
 
@@ -278,14 +349,15 @@ def test_final_record_waits_for_the_counters_next_reading() -> None:
 
 
 def test_parts_read_after_the_final_record_count_where_read() -> None:
-    # count_wait 5 min: early is final at 14:05 with the parts read by 13:55 (3,300). The
-    # reading at 14:20 (+1,500, made 13:55-14:20) comes too late for early's 300: they count
-    # in late, where they are read, so late has all 1,500 and early's record never changes.
+    # count_wait 5 min: a reading until 14:05 (inclusive) would still count in early; after
+    # it early is final with the parts read by 13:55 (3,300). The reading at 14:20 (+1,500,
+    # made 13:55-14:20) comes too late for early's 300: they count in late, where they are
+    # read, so late has all 1,500 and early's record never changes.
     engine = OeeEngine(machine(reject_count=None, count_wait="5m"), calendar(EARLY_NO_BREAKS, LATE))
     feed(engine, [("s", "06:00", 1), ("c", "13:00", "total", 0), ("c", "13:55", "total", 3300)])
-    feed(engine, [("a", "14:04:59")])
-    assert engine.pop_finished() == []
     feed(engine, [("a", "14:05")])
+    assert engine.pop_finished() == []
+    feed(engine, [("a", "14:05:01")])
     [early] = engine.pop_finished()
     assert early["produced_quantity"] == 3300
     feed(engine, [("c", "14:20", "total", 4800)])
@@ -312,6 +384,8 @@ def test_parts_read_after_the_data_ends_count_nowhere_but_the_record_is_made() -
         # Read 10 parts at 14:20 with no running time since 13:50 (the machine has been down
         # since then): they belong to the latest running time, 13:50, in early...
         ("30m", {"early": 3010, "late": 0}),
+        # ...also when read exactly count_wait after early's end...
+        ("20m", {"early": 3010, "late": 0}),
         # ...unless early's record was final by then (10 min after its end): then in late.
         ("10m", {"early": 3000, "late": 10}),
     ],

@@ -278,8 +278,8 @@ class OeeEngine:
                 assert stop is not None
                 self._threshold_reached(stop)
             else:
-                if deadline > t:
-                    return
+                if deadline >= t:
+                    return  # a reading at the deadline itself is still in time
                 self._release_final_records(deadline)
             self._schedule()
 

@@ -49,6 +49,8 @@ class FinalRecords:
         for totals in self.waiting:
             end = totals.observed_until
             counts_due = end + self._wait
+            # At `counts_due` itself a reading is still in time: the engine releases the
+            # window after that reading (or at the next instant after it).
             counting = counted_until < end and now < counts_due
             if not force and (counting or (undecided is not None and undecided.in_shift(totals))):
                 waiting.append(totals)
