@@ -103,7 +103,7 @@ class OeeEngine:
         self.calendar = calendar
         self._microstop_threshold = float(machine.microstop_threshold)
         self._states = StateCodes(state=machine.state)
-        self._rates = rates = IdealRates(machine)
+        rates = IdealRates(machine)
         # Rollover plausibility at the fastest product's rate: the most parts a drop may imply.
         self._counters = CounterReadings(
             counter_bits=counter_bits or {}, ideal_cycle_time=rates.fastest
@@ -229,8 +229,7 @@ class OeeEngine:
                     self._history.add_parts(since, ts, slot, parts, self._product)
         else:
             category = self._category
-            observed_planned = self._timeline.in_planned and category is not None
-            window = self._totals if observed_planned else None
+            window = self._totals if self._timeline.in_planned and category is not None else None
             running = self._accounted_until if category is RUNNING else None
             undecided = self._undecided_stop
             self._attribution.reading(slot, ts, parts, self._product, window, running, undecided)
@@ -243,13 +242,10 @@ class OeeEngine:
         if quality == "bad":
             self.ignored_bad += 1  # as for the state: the last good product holds
             return
-        if ts < self._now:
-            self.clock_steps_back += 1
-            ts = self._now
-        self.advance(ts)
+        self.advance(ts)  # a timestamp going back is counted, and the change made at `now`
         key = product_key(value)
         if key != self._product:
-            self._account(ts)  # what ran so far ran as the old product
+            self._account(self._now)  # what ran so far ran as the old product
             self._product = key
             self._sink = None
 
