@@ -235,6 +235,34 @@ def test_docs_where_the_parts_go(events: list[Event], wait: str, expected: dict[
     assert {name: r["produced_quantity"] for name, r in found.items()} == expected
 
 
+def test_docs_worked_example_machine_stopping_for_its_breaks() -> None:
+    # docs/oee.md "Worked example": the figures of tests/test_oee.py's first table case, but
+    # the machine stops for its breaks, so every delta was made in planned time.
+    events: list[Event] = [
+        ("s", "06:00", 1),
+        ("c", "06:00", "total", 0),
+        ("c", "06:00", "reject", 0),
+        ("s", "07:00", 2),
+        ("s", "07:30", 1),
+        ("s", "09:00", 3),
+        ("s", "09:15", 1),
+        ("s", "10:00", 4),
+        ("c", "10:00", "total", 12000),
+        ("s", "10:10", 1),
+        ("s", "12:00", 3),
+        ("s", "12:30", 1),
+        ("c", "13:00", "reject", 250),
+        ("c", "13:59:59", "total", 25000),
+    ]
+    found, _ = records_of(events, "14:00", ideal_cycle_time="900ms")
+    record = found["early"]
+    assert (record["planned_busy_time_s"], record["actual_production_time_s"]) == (26100, 23700)
+    assert (record["produced_quantity"], record["reject_quantity"]) == (25000, 250)
+    assert record["good_quantity"] == 24750
+    assert record["performance"] == pytest.approx(0.9 * 25000 / 23700, abs=1e-12)
+    assert (record["mtbf_s"], record["mttr_s"]) == (11850.0, 1200.0)
+
+
 # ---------------------------------------------------------------------------------------------
 # Products
 
