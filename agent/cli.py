@@ -101,8 +101,17 @@ def _build_parser() -> argparse.ArgumentParser:
     check = add("check", "validate a config file (agent or ingest) and print a summary")
     check.add_argument("-c", "--config", required=True, type=Path, help="config file")
 
-    demo = add("demo", "run the bundled simulators and an agent, showing live OEE")
+    demo = add(
+        "demo",
+        "run the bundled simulators and an agent on a private broker, showing live OEE",
+    )
     demo.add_argument("--duration", type=float, default=None, help="stop after S seconds")
+    demo.add_argument(
+        "--broker",
+        default=None,
+        metavar="URL",
+        help="publish to this existing broker (mqtt://HOST:PORT) instead of a private one",
+    )
 
     probe = add("probe", "connect to every device once, read every tag, print a table")
     probe.add_argument("-c", "--config", required=True, type=Path, help="agent config file")
@@ -419,11 +428,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """`edge-agent demo`: simulators, an agent and live OEE in the terminal."""
     import asyncio
 
-    from agent.demo import quiet_logging, run_demo
+    from agent.demo import DemoOptions, quiet_logging, run_demo
 
     if args.log_level == "info":
         quiet_logging()
-    return asyncio.run(run_demo(args.duration))
+    return asyncio.run(run_demo(DemoOptions(duration=args.duration, broker=args.broker)))
 
 
 HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {

@@ -1,0 +1,272 @@
+"""The demo's run: a private broker (or --broker), the simulators, an agent, and when PostgreSQL
+is installed the central ingest on a private database; the screen every second; everything
+stopped in order at Ctrl-C or after --duration."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+from agent.daemon.runtime import Runtime
+from agent.demo.broker import NO_BROKER, private_mosquitto
+from agent.demo.central import CentralStore
+from agent.demo.config import (
+    PRIVATE_SYNC_PREFIX,
+    ignored_overrides,
+    load_demo_config,
+    point_at_simulators,
+)
+from agent.demo.postgres import find_pg_bin_dir
+from agent.demo.screen import Central, Setup, render, where_lines
+from agent.demo.servers import ServerUnavailable, server_account
+from agent.settings.config_file import AgentSettings
+from simulators.modbus.server import ModbusSimulator
+from simulators.opcua.server import OpcUaSimulator
+
+EXIT_OK = 0
+EXIT_NO_BROKER = 2
+REFRESH = 1.0  # seconds between two screens
+
+
+@dataclass(frozen=True, slots=True)
+class DemoOptions:
+    """The command line of `edge-agent demo`."""
+
+    duration: float | None = None
+    broker: str | None = None  # an existing broker's URL; None: a private one
+
+
+@dataclass(slots=True)
+class Plan:
+    """Where the demo's parts run."""
+
+    setup: Setup
+    sync_prefix: str
+    central: CentralStore | None
+
+
+def say(out: TextIO, line: str) -> None:
+    """One line of the demo's own, flushed."""
+    out.write(f"edge-agent demo: {line}\n")
+    out.flush()
+
+
+@contextlib.asynccontextmanager
+async def broker_for(
+    options: DemoOptions, workdir: Path, out: TextIO
+) -> AsyncIterator[tuple[str, str] | None]:
+    """(URL, description) of the demo's broker, stopped at exit; None when there is none."""
+    if options.broker is not None:
+        yield options.broker, "your broker (--broker): the demo publishes there"
+        return
+    try:
+        broker = private_mosquitto(workdir / "broker", server_account())
+        await broker.start()
+    except ServerUnavailable as exc:
+        say(out, str(exc) if str(exc) == NO_BROKER else f"{NO_BROKER} ({exc})")
+        yield None
+        return
+    try:
+        yield broker.url, f"private mosquitto (config and log in {broker.workdir})"
+    finally:
+        await broker.stop()
+
+
+def plan_central(options: DemoOptions, workdir: Path, broker_url: str, broker: str) -> Plan:
+    """The central store when PostgreSQL can run here; else why not (then: live only)."""
+    # On a broker that is not ours, a sync prefix of this run's own: no other ingest stores
+    # the demo's batches, and the demo's ingest acknowledges no other gateway's.
+    prefix = PRIVATE_SYNC_PREFIX if options.broker is None else f"demo-{uuid.uuid4().hex[:8]}"
+    bin_dir = find_pg_bin_dir()
+    no_central = "PostgreSQL is not installed" if bin_dir is None else ""
+    central = None
+    if bin_dir is not None:
+        try:
+            account = server_account()
+        except ServerUnavailable as exc:
+            no_central = str(exc)
+        else:
+            central = CentralStore(
+                bin_dir=bin_dir,
+                workdir=workdir,
+                account=account,
+                broker_url=broker_url,
+                sync_prefix=prefix,
+                gateway="demo-line1",
+            )
+    setup = Setup(
+        broker_url=broker_url,
+        broker=broker,
+        data_dir=workdir,
+        live_root="demo",
+        no_central=no_central,
+    )
+    return Plan(setup=setup, sync_prefix=prefix, central=central)
+
+
+def central_view(plan: Plan) -> Central | None:
+    """The central store's figures for the screen (None: there is none)."""
+    store = plan.central
+    if store is None:
+        return None
+    postgres = store.postgres
+    where = f"edge-agent ingest (in this process, {store.config_path.name}) -> PostgreSQL"
+    where += f" {postgres.version}" if postgres.version else ""
+    where += f" on 127.0.0.1:{postgres.port}" if postgres.port else ""
+    figures = store.figures
+    return Central(where=where, state=figures.state, stored=figures.stored, acked=figures.acked)
+
+
+async def _display(out: TextIO, frame: Callable[[], str], stop: asyncio.Event) -> None:
+    tty = out.isatty()
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), REFRESH)
+        if stop.is_set():
+            return
+        screen = frame()
+        # A terminal is redrawn in place (home, clear); a pipe gets one frame after another.
+        out.write("\x1b[H\x1b[2J" + screen + "\n" if tty else screen + "\n\n")
+        out.flush()
+
+
+def start_lines(plan: Plan) -> list[str]:
+    """What runs where, before the first screen."""
+    setup = plan.setup
+    lines = where_lines(setup)
+    if plan.central is None:
+        lines.append(f"no central store: running live only ({setup.no_central})")
+    else:
+        lines.append(
+            f"central: edge-agent ingest in this process on "
+            f"{plan.sync_prefix}/demo-line1/sync, PostgreSQL {plan.central.postgres.version} "
+            f"starting in {plan.central.postgres.workdir}"
+        )
+    return lines
+
+
+def stop_lines(plan: Plan, runtime: Runtime) -> list[str]:
+    """What was stored centrally."""
+    view = central_view(plan)
+    if view is None:
+        stored = "nothing stored centrally (no central store: live only)"
+    elif view.stored is None:
+        stored = f"nothing stored centrally ({view.state})"
+    else:
+        committed = runtime.gateway.outbox.committed_seq if runtime.gateway else 0
+        stored = (
+            f"stored centrally: {view.stored:,} rows; the central store acknowledged seq "
+            f"{view.acked or 0:,} of the {committed:,} the gateway committed"
+        )
+    return [stored]
+
+
+async def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> int:
+    """The demo until Ctrl-C or ``options.duration``: 0; 2 when no broker can be had."""
+    for name in ignored_overrides():
+        say(out, f"ignoring {name}: the demo runs on its own settings (see --broker)")
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        with tempfile.TemporaryDirectory(prefix="edge-agent-demo-") as temp:
+            workdir = Path(temp)
+            if os.geteuid() == 0:
+                # The servers run as an unprivileged account: it must reach its folders.
+                await asyncio.to_thread(workdir.chmod, 0o711)
+            code = await _run_in(workdir, options, out, stop)
+        if code == EXIT_OK:
+            say(out, f"stopped; {workdir} deleted")
+        return code
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+
+
+async def _run_in(workdir: Path, options: DemoOptions, out: TextIO, stop: asyncio.Event) -> int:
+    async with broker_for(options, workdir, out) as broker:
+        if broker is None:
+            return EXIT_NO_BROKER
+        plan = plan_central(options, workdir, *broker)
+        settings = load_demo_config(
+            broker_url=broker[0],
+            sync_enabled=plan.central is not None,
+            sync_prefix=plan.sync_prefix,
+        )
+        for line in start_lines(plan):
+            say(out, line)
+        runtime = await _run_line(settings, plan, options, out, stop)
+    out.write(render(runtime, plan.setup, central_view(plan), stopped=True) + "\n")
+    for line in stop_lines(plan, runtime):
+        say(out, line)
+    return EXIT_OK
+
+
+async def _run_line(
+    settings: AgentSettings,
+    plan: Plan,
+    options: DemoOptions,
+    out: TextIO,
+    stop: asyncio.Event,
+) -> Runtime:
+    """The simulators, the agent, the central store and the screen until ``stop`` or the
+    duration; all have stopped when this returns."""
+    async with (
+        ModbusSimulator(port=0, seed=7, speed=1.0) as press,
+        OpcUaSimulator(port=0, seed=8, speed=1.0, bulk_count=0) as filler,
+    ):
+        assert press.port is not None
+        say(out, f"simulators: Modbus TCP on 127.0.0.1:{press.port}, OPC UA on {filler.url}")
+        runtime = Runtime(
+            point_at_simulators(
+                settings,
+                modbus_port=press.port,
+                opcua_url=filler.url,
+                data_dir=plan.setup.data_dir / "agent",
+            )
+        )
+        central_stop, display_stop = asyncio.Event(), asyncio.Event()
+
+        def frame() -> str:
+            return render(runtime, plan.setup, central_view(plan))
+
+        async with asyncio.TaskGroup() as group:
+            agent = group.create_task(runtime.run(stop), name="demo-agent")
+            # The database starts once the simulators run (its initdb would slow their start
+            # down): the agent's first batches wait in its outbox and go when the ingest says
+            # it is online.
+            central = (
+                group.create_task(plan.central.run(central_stop), name="demo-central")
+                if plan.central is not None
+                else None
+            )
+            group.create_task(_display(out, frame, display_stop), name="demo-display")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), options.duration)
+            stop.set()
+            # The agent first (its last batches are acknowledged while the ingest still
+            # runs), then the central store (a last count), then the screen.
+            await agent
+            central_stop.set()
+            if central is not None:
+                await central
+            display_stop.set()
+    return runtime
+
+
+def quiet_logging() -> None:
+    """Keep the screen for the figures: only warnings and errors are logged."""
+    root = logging.getLogger()
+    if root.level < logging.WARNING:
+        root.setLevel(logging.WARNING)
