@@ -17,10 +17,12 @@ from pathlib import Path
 
 import pytest
 
+from agent.daemon.runtime import Runtime
 from agent.demo import broker as demo_broker
 from agent.demo import servers
 from agent.demo.broker import NO_BROKER, private_mosquitto
 from agent.demo.config import load_demo_config
+from agent.demo.run import temp_parent
 from agent.demo.screen import (
     WAITING_FOR_COUNTS,
     Central,
@@ -30,6 +32,7 @@ from agent.demo.screen import (
     header_row,
     machine_row,
     shift_label,
+    uplink_line,
     waiting_reason,
 )
 from agent.oee.calendar import ShiftWindow, window_at
@@ -75,7 +78,7 @@ def test_demo_is_private_and_stores_centrally(mosquitto: MosquittoBroker) -> Non
     # subscriber on '#' there: it must receive nothing. PostgreSQL is installed here (as for
     # the README's test command), so the same run shows the whole path to the central store.
     with TopicCollector(mosquitto, "#") as other:
-        result = run_demo("--duration", "20", env={"EDGE_AGENT__MQTT__URL": mosquitto.url})
+        result = run_demo("--duration", "15", env={"EDGE_AGENT__MQTT__URL": mosquitto.url})
         received = list(other.messages)
     out = result.stdout
     assert result.returncode == 0, out + result.stderr
@@ -232,6 +235,39 @@ async def test_the_private_broker_takes_another_port_when_it_loses_the_race(
     assert not broker.running
 
 
+class _Stubborn(servers.LoopbackServer):
+    """A 'server' that ignores SIGTERM, as a hung broker would."""
+
+    what = "stubborn"
+
+    def _argv(self, port: int) -> list[str]:
+        code = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); time.sleep(60)"
+        return [sys.executable, "-c", code]
+
+    async def _answers(self, port: int) -> bool:
+        return "up" in self.log_path.read_text()
+
+
+async def test_a_server_that_does_not_stop_is_killed(tmp_path: Path) -> None:
+    server = _Stubborn(tmp_path / "stubborn", None)
+    await server.start()
+    assert server.running
+    await server.stop(grace=0.2)
+    assert not server.running
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root runs the servers as another account")
+def test_as_root_the_demo_folder_is_where_the_servers_account_can_enter(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    closed = tmp_path / "closed"
+    closed.mkdir(mode=0o700)
+    monkeypatch.setattr(tempfile, "gettempdir", lambda: str(closed))
+    assert temp_parent() == "/tmp"
+    monkeypatch.setattr(tempfile, "gettempdir", lambda: "/tmp")
+    assert temp_parent() is None
+
+
 def test_mosquitto_is_found_in_sbin_or_where_edge_agent_mosquitto_says(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -312,6 +348,12 @@ def test_figure_cells_say_why_a_figure_is_missing(
 
 def test_waiting_reason_names_what_is_missing() -> None:
     assert waiting_reason(None, None) == "starting"
+
+
+def test_the_uplink_is_not_blamed_for_the_demos_own_stop() -> None:
+    runtime = Runtime(load_agent_settings(REPO / "config" / "demo.toml"))
+    assert uplink_line(runtime, "stopping") == "uplink:  stopping (the demo is ending)"
+    assert uplink_line(runtime, "stopped") == "uplink:  stopped (the demo ended)"
 
 
 def test_central_lines_say_live_only_or_what_is_stored() -> None:

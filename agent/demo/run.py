@@ -9,6 +9,7 @@ import contextlib
 import logging
 import os
 import signal
+import stat
 import sys
 import tempfile
 import uuid
@@ -27,7 +28,7 @@ from agent.demo.config import (
     point_at_simulators,
 )
 from agent.demo.postgres import find_pg_bin_dir
-from agent.demo.screen import Central, Setup, render, where_lines
+from agent.demo.screen import Central, Phase, Setup, draw, render, where_lines
 from agent.demo.servers import ServerUnavailable, server_account
 from agent.settings.config_file import AgentSettings
 from simulators.modbus.server import ModbusSimulator
@@ -127,17 +128,12 @@ def central_view(plan: Plan) -> Central | None:
     return Central(where=where, state=figures.state, stored=figures.stored, acked=figures.acked)
 
 
-async def _display(out: TextIO, frame: Callable[[], str], stop: asyncio.Event) -> None:
-    tty = out.isatty()
-    while not stop.is_set():
+async def _display(out: TextIO, frame: Callable[[], str], done: asyncio.Event) -> None:
+    while not done.is_set():
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), REFRESH)
-        if stop.is_set():
-            return
-        screen = frame()
-        # A terminal is redrawn in place (home, clear); a pipe gets one frame after another.
-        out.write("\x1b[H\x1b[2J" + screen + "\n" if tty else screen + "\n\n")
-        out.flush()
+            await asyncio.wait_for(done.wait(), REFRESH)
+        if not done.is_set():
+            draw(out, frame())
 
 
 def start_lines(plan: Plan) -> list[str]:
@@ -171,6 +167,17 @@ def stop_lines(plan: Plan, runtime: Runtime) -> list[str]:
     return [stored]
 
 
+def temp_parent() -> str | None:
+    """Where the demo's temporary directory goes: the usual place (None), unless the account
+    that root runs the servers as could not enter it (a TMPDIR under /root); then /tmp."""
+    if os.geteuid() != 0:
+        return None
+    usual = Path(tempfile.gettempdir()).resolve()
+    if all(folder.stat().st_mode & stat.S_IXOTH for folder in (usual, *usual.parents)):
+        return None
+    return "/tmp"
+
+
 async def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> int:
     """The demo until Ctrl-C or ``options.duration``: 0; 2 when no broker can be had."""
     for name in ignored_overrides():
@@ -180,7 +187,8 @@ async def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     try:
-        with tempfile.TemporaryDirectory(prefix="edge-agent-demo-") as temp:
+        parent = await asyncio.to_thread(temp_parent)
+        with tempfile.TemporaryDirectory(prefix="edge-agent-demo-", dir=parent) as temp:
             workdir = Path(temp)
             if os.geteuid() == 0:
                 # The servers run as an unprivileged account: it must reach its folders.
@@ -207,7 +215,7 @@ async def _run_in(workdir: Path, options: DemoOptions, out: TextIO, stop: asynci
         for line in start_lines(plan):
             say(out, line)
         runtime = await _run_line(settings, plan, options, out, stop)
-    out.write(render(runtime, plan.setup, central_view(plan), stopped=True) + "\n")
+    draw(out, render(runtime, plan.setup, central_view(plan), "stopped"))
     for line in stop_lines(plan, runtime):
         say(out, line)
     return EXIT_OK
@@ -239,7 +247,8 @@ async def _run_line(
         central_stop, display_stop = asyncio.Event(), asyncio.Event()
 
         def frame() -> str:
-            return render(runtime, plan.setup, central_view(plan))
+            phase: Phase = "stopping" if stop.is_set() else "running"
+            return render(runtime, plan.setup, central_view(plan), phase)
 
         async with asyncio.TaskGroup() as group:
             agent = group.create_task(runtime.run(stop), name="demo-agent")

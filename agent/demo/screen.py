@@ -7,6 +7,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, TextIO
 
 from agent.daemon.runtime import Runtime
 from agent.oee.calendar import ShiftWindow
@@ -17,6 +18,7 @@ from agent.settings.machines import MachineConfig
 FIGURE_COLUMNS = (("availability", 13), ("performance", 13), ("quality", 9), ("oee", 8))
 FIGURES_WIDTH = sum(width for _, width in FIGURE_COLUMNS)
 WAITING_FOR_COUNTS = "waiting for the first counts"
+Phase = Literal["running", "stopping", "stopped"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,9 +110,12 @@ def header_row() -> str:
     return f"{'machine':<10}{'state':<16}{figures}{'produced':>10}{'rejects':>9}  shift"
 
 
-def uplink_line(runtime: Runtime, *, stopped: bool) -> str:
-    """The agent's MQTT connection; after the demo's own stop, just 'stopped'."""
-    if stopped:
+def uplink_line(runtime: Runtime, phase: Phase) -> str:
+    """The agent's MQTT connection; while and after the demo's own stop, just that (the
+    connection closes because the demo ends, not because of the uplink)."""
+    if phase == "stopping":
+        return "uplink:  stopping (the demo is ending)"
+    if phase == "stopped":
         return "uplink:  stopped (the demo ended)"
     gateway = runtime.gateway
     what = "live values and S/sync" if runtime.settings.mqtt.sync_enabled else "live values only"
@@ -163,8 +168,7 @@ def render(
     runtime: Runtime,
     setup: Setup,
     central: Central | None,
-    *,
-    stopped: bool = False,
+    phase: Phase = "running",
 ) -> str:
     """One screen of the demo."""
     settings = runtime.settings
@@ -172,10 +176,10 @@ def render(
     now = time.time()
     lines = [
         f"edge-agent demo: gateway {settings.gateway.id} (simulated line)   "
-        f"{time.strftime('%H:%M:%S')}   {'stopped' if stopped else 'running'} "
+        f"{time.strftime('%H:%M:%S')}   {phase} "
         f"{now - runtime.started_at:4.0f} s",
         *where_lines(setup),
-        uplink_line(runtime, stopped=stopped),
+        uplink_line(runtime, phase),
         *central_lines(setup, central),
         "",
         header_row(),
@@ -190,7 +194,14 @@ def render(
     lines.append("")
     if gateway is not None:
         lines.append(outbox_line(runtime))
-    shown = "stopped" if stopped else ", ".join(f"{n} {s}" for n, s in devices.items())
-    shown = shown or "starting"
+    shown = ", ".join(f"{n} {s}" for n, s in devices.items()) or "starting"
+    shown = phase if phase != "running" else shown  # stopped by the demo, not down
     lines.append(f"devices: {shown}")
     return "\n".join(lines)
+
+
+def draw(out: TextIO, screen: str) -> None:
+    """Show one screen: a terminal is redrawn in place (home, clear), a pipe gets one frame
+    after another."""
+    out.write("\x1b[H\x1b[2J" + screen + "\n" if out.isatty() else screen + "\n\n")
+    out.flush()
