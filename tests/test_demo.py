@@ -89,7 +89,7 @@ def test_demo_is_private_and_stores_centrally(mosquitto: MosquittoBroker) -> Non
     assert private is not None, out
     assert private.group(1) != mosquitto.url
     assert int(private.group(2)) != 1883
-    assert f"mosquitto_sub -h 127.0.0.1 -p {private.group(2)} -t 'demo/#' -v" in out
+    assert f"mosquitto_sub -h 127.0.0.1 -p {private.group(2)} -t 'demo/assembly/line1/#' -v" in out
 
     final = last_frame(out)
     assert "shift" in final.splitlines()[final.splitlines().index("") + 1]  # the header

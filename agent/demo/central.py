@@ -69,6 +69,11 @@ class CentralStore:
         self._sync_prefix = sync_prefix
         self._gateway = gateway
 
+    @property
+    def sync_topic(self) -> str:
+        """The S/sync topic of the demo's gateway, which the ingest consumes."""
+        return f"{self._sync_prefix}/{self._gateway}/sync"
+
     async def run(self, stop: asyncio.Event) -> None:
         """Start the database and the ingest, count every second; at ``stop``, count once
         more (the agent has stopped by then) and stop both."""

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import pwd
 import signal
 import stat
 import sys
@@ -52,7 +53,6 @@ class Plan:
     """Where the demo's parts run."""
 
     setup: Setup
-    sync_prefix: str
     central: CentralStore | None
 
 
@@ -83,36 +83,49 @@ async def broker_for(
         await broker.stop()
 
 
-def plan_central(options: DemoOptions, workdir: Path, broker_url: str, broker: str) -> Plan:
-    """The central store when PostgreSQL can run here; else why not (then: live only)."""
-    # On a broker that is not ours, a sync prefix of this run's own: no other ingest stores
-    # the demo's batches, and the demo's ingest acknowledges no other gateway's.
-    prefix = PRIVATE_SYNC_PREFIX if options.broker is None else f"demo-{uuid.uuid4().hex[:8]}"
+def postgres_here() -> tuple[Path, pwd.struct_passwd | None] | str:
+    """PostgreSQL's binaries and the account to run them as, or why the demo runs without."""
     bin_dir = find_pg_bin_dir()
-    no_central = "PostgreSQL is not installed" if bin_dir is None else ""
+    if bin_dir is None:
+        return "PostgreSQL is not installed"
+    try:
+        return bin_dir, server_account()
+    except ServerUnavailable as exc:
+        return str(exc)
+
+
+def sync_prefix_for(options: DemoOptions) -> str:
+    """On a broker that is not ours, a sync prefix of this run's own: no other ingest stores
+    the demo's batches, and the demo's ingest acknowledges no other gateway's."""
+    return PRIVATE_SYNC_PREFIX if options.broker is None else f"demo-{uuid.uuid4().hex[:8]}"
+
+
+def make_plan(
+    workdir: Path,
+    broker: tuple[str, str],
+    settings: AgentSettings,
+    postgres: tuple[Path, pwd.struct_passwd | None] | str,
+) -> Plan:
+    """The central store when PostgreSQL can run here (else: live only), and the screen's
+    fixed lines."""
     central = None
-    if bin_dir is not None:
-        try:
-            account = server_account()
-        except ServerUnavailable as exc:
-            no_central = str(exc)
-        else:
-            central = CentralStore(
-                bin_dir=bin_dir,
-                workdir=workdir,
-                account=account,
-                broker_url=broker_url,
-                sync_prefix=prefix,
-                gateway="demo-line1",
-            )
+    if not isinstance(postgres, str):
+        central = CentralStore(
+            bin_dir=postgres[0],
+            workdir=workdir,
+            account=postgres[1],
+            broker_url=broker[0],
+            sync_prefix=settings.mqtt.sync_prefix,
+            gateway=settings.gateway.id,
+        )
     setup = Setup(
-        broker_url=broker_url,
-        broker=broker,
+        broker_url=broker[0],
+        broker=broker[1],
         data_dir=workdir,
-        live_root="demo",
-        no_central=no_central,
+        live_root=settings.mqtt.topic_root,
+        no_central=postgres if isinstance(postgres, str) else "",
     )
-    return Plan(setup=setup, sync_prefix=prefix, central=central)
+    return Plan(setup=setup, central=central)
 
 
 def central_view(plan: Plan) -> Central | None:
@@ -140,13 +153,13 @@ def start_lines(plan: Plan) -> list[str]:
     """What runs where, before the first screen."""
     setup = plan.setup
     lines = where_lines(setup)
-    if plan.central is None:
+    store = plan.central
+    if store is None:
         lines.append(f"no central store: running live only ({setup.no_central})")
     else:
         lines.append(
-            f"central: edge-agent ingest in this process on "
-            f"{plan.sync_prefix}/demo-line1/sync, PostgreSQL {plan.central.postgres.version} "
-            f"starting in {plan.central.postgres.workdir}"
+            f"central: edge-agent ingest in this process on {store.sync_topic}, PostgreSQL "
+            f"{store.postgres.version} starting in {store.postgres.workdir}"
         )
     return lines
 
@@ -206,12 +219,13 @@ async def _run_in(workdir: Path, options: DemoOptions, out: TextIO, stop: asynci
     async with broker_for(options, workdir, out) as broker:
         if broker is None:
             return EXIT_NO_BROKER
-        plan = plan_central(options, workdir, *broker)
+        postgres = postgres_here()
         settings = load_demo_config(
             broker_url=broker[0],
-            sync_enabled=plan.central is not None,
-            sync_prefix=plan.sync_prefix,
+            sync_enabled=not isinstance(postgres, str),
+            sync_prefix=sync_prefix_for(options),
         )
+        plan = make_plan(workdir, broker, settings, postgres)
         for line in start_lines(plan):
             say(out, line)
         runtime = await _run_line(settings, plan, options, out, stop)
