@@ -91,6 +91,10 @@ def test_demo_is_private_and_stores_centrally(mosquitto: MosquittoBroker) -> Non
     assert int(private.group(2)) != 1883
     assert f"mosquitto_sub -h 127.0.0.1 -p {private.group(2)} -t 'demo/assembly/line1/#' -v" in out
 
+    rows = [line for line in out.splitlines() if line.startswith(("press ", "filler "))]
+    assert rows
+    bare = [row for row in rows if re.search(r"\s-(\s|$)", row)]
+    assert bare == [], "a blank figure must say why"
     final = last_frame(out)
     assert "shift" in final.splitlines()[final.splitlines().index("") + 1]  # the header
     assert len(figures_of(final, "press")) == 4, final

@@ -96,7 +96,7 @@ def machine_row(
     now: float,
 ) -> str:
     """One machine's line: state, figures (or why not), parts, shift."""
-    state = engine.state.state if engine is not None and engine.state is not None else "-"
+    state = engine.state.state if engine is not None and engine.state is not None else ""
     produced = report.get("produced_quantity", "") if report else ""
     rejects = report.get("reject_quantity", "") if report else ""
     shift = shift_label(engine.current_window(), now) if engine is not None else ""
