@@ -12,8 +12,10 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import IO
 
 import pytest
 
@@ -39,7 +41,8 @@ from agent.oee.calendar import ShiftWindow, window_at
 from agent.settings.loader import ConfigError, load_agent_settings
 from tests.fixtures.collector import TopicCollector
 from tests.fixtures.mosquitto import MosquittoBroker
-from tests.fixtures.ports import LOOPBACK
+from tests.fixtures.mqtt_client import MqttTestClient
+from tests.fixtures.ports import LOOPBACK, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_TIMEOUT = 120  # seconds: a deadline for a whole demo run, never a wait
@@ -55,6 +58,64 @@ def run_demo(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str
         text=True,
         timeout=DEMO_TIMEOUT,
     )
+
+
+class DemoProcess:
+    """`edge-agent demo ARGS` running, its output read line by line as it comes."""
+
+    def __init__(self, *args: str, env: dict[str, str]) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "agent.cli", "demo", *args],
+            cwd=REPO,
+            env={**os.environ, **env},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.lines: list[str] = []
+        self.errors: list[str] = []
+        self._readers = [
+            threading.Thread(target=self._read, args=(self.proc.stdout, self.lines), daemon=True),
+            threading.Thread(target=self._read, args=(self.proc.stderr, self.errors), daemon=True),
+        ]
+        for reader in self._readers:
+            reader.start()
+
+    @staticmethod
+    def _read(stream: IO[str] | None, into: list[str]) -> None:
+        assert stream is not None
+        for line in stream:
+            into.append(line)
+
+    def line_with(self, text: str, timeout: float = 60.0) -> str:
+        """The first line holding ``text``, once the demo printed it."""
+        wait_until(lambda: any(text in line for line in self.lines), timeout=timeout)
+        return next(line for line in self.lines if text in line)
+
+    def finish(self) -> tuple[int, str, str]:
+        """Exit code, stdout, stderr, once the demo ended by itself (deadline DEMO_TIMEOUT)."""
+        try:
+            self.proc.wait(timeout=DEMO_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise
+        for reader in self._readers:
+            reader.join(timeout=10)
+        return self.proc.returncode, "".join(self.lines), "".join(self.errors)
+
+    def __enter__(self) -> DemoProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """A test that failed half-way stops the demo as Ctrl-C would: it stops its broker and
+        database (a SIGKILL would leave them running)."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
 
 
 def last_frame(out: str) -> str:
@@ -77,20 +138,28 @@ def test_demo_is_private_and_stores_centrally(mosquitto: MosquittoBroker) -> Non
     # variable once redirected the demo, whose own default was 127.0.0.1:1883), with a
     # subscriber on '#' there: it must receive nothing. PostgreSQL is installed here (as for
     # the README's test command), so the same run shows the whole path to the central store.
-    with TopicCollector(mosquitto, "#") as other:
-        result = run_demo("--duration", "15", env={"EDGE_AGENT__MQTT__URL": mosquitto.url})
+    with (
+        TopicCollector(mosquitto, "#") as other,
+        DemoProcess("--duration", "15", env={"EDGE_AGENT__MQTT__URL": mosquitto.url}) as demo,
+    ):
+        # The screen's watch command reaches the demo's private broker, exactly as printed.
+        watch = re.search(
+            r"watch:   mosquitto_sub -h (\S+) -p (\d+) -t '(\S+)' -v", demo.line_with("watch:")
+        )
+        assert watch is not None
+        host, port, topics = watch.group(1), int(watch.group(2)), watch.group(3)
+        assert (host, topics) == ("127.0.0.1", "demo/assembly/line1/#")
+        assert port not in (1883, mosquitto.port)
+        with MqttTestClient(host, port) as watcher:
+            watcher.subscribe(topics)
+            assert watcher.wait_for_message(timeout=30).topic.startswith("demo/assembly/line1/")
+        code, out, stderr = demo.finish()
         received = list(other.messages)
-    out = result.stdout
-    assert result.returncode == 0, out + result.stderr
-    assert "Traceback" not in result.stderr
+    assert code == 0, out + stderr
+    assert "Traceback" not in stderr
     assert received == [], f"the other broker received {[m.topic for m in received][:5]}"
     assert "ignoring EDGE_AGENT__MQTT__URL" in out
-    private = re.search(r"broker:  (mqtt://127\.0\.0\.1:(\d+)), private mosquitto", out)
-    assert private is not None, out
-    assert private.group(1) != mosquitto.url
-    assert int(private.group(2)) != 1883
-    assert f"mosquitto_sub -h 127.0.0.1 -p {private.group(2)} -t 'demo/assembly/line1/#' -v" in out
-
+    assert re.search(rf"broker:  mqtt://127\.0\.0\.1:{port}, private mosquitto", out), out
     rows = [line for line in out.splitlines() if line.startswith(("press ", "filler "))]
     assert rows
     bare = [row for row in rows if re.search(r"\s-(\s|$)", row)]
