@@ -450,3 +450,25 @@ def test_central_lines_say_live_only_or_what_is_stored() -> None:
         "         PostgreSQL did not start: x",
     ]
     assert setup.watch_command() == "mosquitto_sub -h 127.0.0.1 -p 41234 -t 'demo/#' -v"
+
+
+@pytest.mark.parametrize(
+    ("url", "command"),
+    [
+        ("mqtt://broker.plant", "mosquitto_sub -h broker.plant -p 1883 -t 'demo/#' -v"),
+        (
+            "mqtts://broker.plant",
+            "mosquitto_sub -h broker.plant -p 8883 --capath /etc/ssl/certs -t 'demo/#' -v",
+        ),
+        ("mqtt://10.0.0.5:1884", "mosquitto_sub -h 10.0.0.5 -p 1884 -t 'demo/#' -v"),
+    ],
+)
+def test_the_watch_command_for_a_broker_given_with_broker(url: str, command: str) -> None:
+    setup = Setup(
+        broker_url=url,
+        broker="your broker",
+        data_dir=Path("/tmp/demo"),
+        live_root="demo",
+        no_central="",
+    )
+    assert setup.watch_command() == command

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, TextIO
+from urllib.parse import urlsplit
 
 from agent.daemon.runtime import Runtime
 from agent.oee.calendar import ShiftWindow
@@ -39,13 +40,15 @@ class Setup:
     broker: str  # "private mosquitto (config and log in DIR)" or "your broker (--broker)"
     data_dir: Path
     live_root: str  # the live topics' root, for the mosquitto_sub line
-    no_central: str | None  # why there is no central store ("" when there is one)
+    no_central: str  # why there is no central store ("" when there is one)
 
     def watch_command(self) -> str:
         """The mosquitto_sub command that shows the live topics of this run."""
-        host, _, port = self.broker_url.partition("://")[2].rpartition(":")
-        tls = " --capath /etc/ssl/certs" if self.broker_url.startswith("mqtts://") else ""
-        return f"mosquitto_sub -h {host} -p {port}{tls} -t '{self.live_root}/#' -v"
+        url = urlsplit(self.broker_url)
+        tls = url.scheme == "mqtts"
+        port = url.port or (8883 if tls else 1883)
+        options = " --capath /etc/ssl/certs" if tls else ""
+        return f"mosquitto_sub -h {url.hostname} -p {port}{options} -t '{self.live_root}/#' -v"
 
 
 def shift_label(window: ShiftWindow | None, now: float) -> str:
