@@ -1,4 +1,8 @@
-"""`edge-agent probe`: connect to every device once, read every tag once, print a table."""
+"""`edge-agent probe`: connect to every device once, read every tag once, print a table.
+
+A value is shown as its live payload writes it: at its tag's precision, `true`/`false`, a
+number as JSON writes it, a string without quotes.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ from agent.daemon.devices import driver_context, make_driver_factory
 from agent.settings.config_file import AgentSettings
 from drivers.base import DriverError, JsonValue
 from drivers.config import DeviceConfigBase
+from sync.events import dumps, json_safe
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,7 +32,8 @@ class ProbeRow:
 async def probe_device(device: DeviceConfigBase, settings: AgentSettings) -> list[ProbeRow]:
     """Read every tag of one device once; a device that cannot be reached gives bad rows."""
     driver = make_driver_factory(device, driver_context(settings))()
-    tags = [tag.name for tag in device.tag_list()]
+    configs = {tag.name: tag for tag in device.tag_list()}
+    tags = list(configs)
     try:
         async with asyncio.timeout(device.timeout + 10.0):
             await driver.connect()
@@ -46,10 +52,9 @@ async def probe_device(device: DeviceConfigBase, settings: AgentSettings) -> lis
                 rows.append(ProbeRow(device.name, tag, None, "bad", None, str(exc) or "timeout"))
                 continue
             latency = (time.perf_counter() - started) * 1000
+            value = configs[tag].published_value(reading.value)
             rows.append(
-                ProbeRow(
-                    device.name, tag, reading.value, reading.quality, latency, reading.error or ""
-                )
+                ProbeRow(device.name, tag, value, reading.quality, latency, reading.error or "")
             )
     finally:
         await driver.close()
@@ -62,6 +67,15 @@ async def probe(settings: AgentSettings) -> list[ProbeRow]:
     return [row for rows in results for row in rows]
 
 
+def value_text(value: JsonValue) -> str:
+    """A value as its live payload writes it (sync/uplink/topics.py), a string unquoted."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    return dumps(json_safe(value)).decode()
+
+
 def format_table(rows: list[ProbeRow]) -> str:
     """A plain-text table."""
     header = ("device", "tag", "value", "quality", "latency", "detail")
@@ -69,11 +83,7 @@ def format_table(rows: list[ProbeRow]) -> str:
         (
             row.device,
             row.tag,
-            ""
-            if row.value is None
-            else repr(row.value)
-            if isinstance(row.value, str)
-            else str(row.value),
+            value_text(row.value),
             row.quality,
             "" if row.latency_ms is None else f"{row.latency_ms:.1f} ms",
             row.detail,

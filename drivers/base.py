@@ -11,9 +11,9 @@ from types import TracebackType
 from typing import Any, Literal, Self, TypeVar
 
 from drivers.config import DeviceConfigBase, TagConfigBase
+from drivers.values import JsonValue as JsonValue  # re-exported: the drivers' value type
 
 Quality = Literal["good", "uncertain", "bad"]
-JsonValue = bool | int | float | str | list[Any] | None
 
 
 class DriverError(Exception):

@@ -13,7 +13,14 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 
-from drivers.values import ValueKind, same_value, to_kind
+from drivers.values import (
+    JsonValue,
+    ValueKind,
+    at_precision,
+    decimals_tolerance,
+    same_value,
+    to_kind,
+)
 
 # A problem found by a cross-field check: (location relative to the checked model, reason).
 # Warnings (`warnings()` beside `problems()`) have the same shape but never refuse a config.
@@ -173,6 +180,17 @@ class TagConfigBase(ConfigModel):
         default=False,
         description="Only writable tags may be written by workflows.",
     )
+    decimals: int | None = Field(
+        default=None,
+        ge=0,
+        le=17,
+        description="Publish numbers rounded to this many decimals (0: as integers), live, in "
+        "the outbox and in `probe`; values within half a unit of the last decimal are equal for "
+        "workflow waits and write read-backs. Unset: the precision the value has: a scaled "
+        "Modbus integer at the decimals of its scale and offset (scale 0.1: one), a float32 as "
+        "the shortest decimal that reads back as the same float32, anything else as read "
+        '(docs/topics.md, "Values").',
+    )
 
     def value_kind(self) -> ValueKind:
         """The JSON type of the tag's value when the config tells it, else 'unknown'."""
@@ -184,7 +202,12 @@ class TagConfigBase(ConfigModel):
 
     def same_value(self, actual: Any, expected: Any) -> bool:
         """Whether a value of this tag equals an expected one (this tag's one tolerance)."""
-        return same_value(actual, expected)
+        return same_value(actual, expected, at_least=decimals_tolerance(self.decimals))
+
+    def published_value(self, value: JsonValue) -> JsonValue:
+        """The value as the live topic, the outbox and `probe` show it: at this tag's
+        precision (drivers/values.py, `at_precision`)."""
+        return at_precision(value, decimals=self.decimals)
 
     def counter_bits(self) -> int | None:
         """Width of an unscaled integer counter (for rollover) when the config tells it."""

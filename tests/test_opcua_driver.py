@@ -362,7 +362,7 @@ WRITES: list[tuple[str, Any, Any, str]] = [
     ("Filler.Setpoints.Offset", -5, -5, "Int16"),
     ("Filler.Setpoints.BatchSize", 48.0, 48, "Int32"),
     ("Filler.Setpoints.SpeedBpm", 130, 130.0, "Double"),
-    ("Filler.Setpoints.FillTarget", 0.1, 0.10000000149011612, "Float"),
+    ("Filler.Setpoints.FillTarget", 0.1, 0.1, "Float"),  # the float32, written short
     ("Filler.Setpoints.Operator", "anna", "anna", "String"),
     ("Filler.Setpoints.Zones", [70, 71, 72, 73], [70, 71, 72, 73], "Int32"),
     ("Filler.QualityHold", True, True, "Boolean"),
@@ -769,7 +769,7 @@ async def test_event_time_falls_back_to_server_time_then_receipt() -> None:
         ("-7", ua.VariantType.Int32, False, -7),
         (2**64 - 1, ua.VariantType.UInt64, False, 2**64 - 1),
         (3, ua.VariantType.Double, False, 3.0),
-        (0.1, ua.VariantType.Float, False, 0.10000000149011612),
+        (0.1, ua.VariantType.Float, False, 0.1),  # the float32 0.10000000149011612, short
         ("2024-01-02T03:04:05.678Z", ua.VariantType.DateTime, False, "2024-01-02T03:04:05.678Z"),
         ("AQL/", ua.VariantType.ByteString, False, "AQL/"),
         ([1, 2], ua.VariantType.Int16, True, [1, 2]),

@@ -127,4 +127,5 @@ def configure_tags(
                 tag.name,
                 deadband=tag.deadband,
                 max_interval=tag.max_interval or device.max_interval,
+                published=tag.published_value,
             )

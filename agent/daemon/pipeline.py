@@ -3,6 +3,11 @@
 The filter is pure (time is passed in); `Pipeline` commits events to the durable outbox first,
 then offers them to every sink (sync/uplink/sink.py), and hands every raw reading to observers
 (OEE, workflow wait steps), which need each value, not only the published ones.
+
+An event carries the value at its tag's precision (`TagConfigBase.published_value`: 56.9, not
+56.900000000000006), and the filter compares those: a change finer than what is published
+would publish the same text again. Observers get the readings as read: OEE sums and averages
+what it is given, and rounding each reading first would add one rounding error per reading.
 """
 
 from __future__ import annotations
@@ -22,6 +27,12 @@ log = logging.getLogger("edge_agent.pipeline")
 
 Observer = Callable[[str, list[Reading]], None]
 Durable = Callable[[list[Event]], Awaitable[object]]
+Precision = Callable[[JsonValue], JsonValue]
+
+
+def as_read(value: JsonValue) -> JsonValue:
+    """The precision of a tag whose config sets none: the value as the driver read it."""
+    return value
 
 
 @dataclass(slots=True)
@@ -30,29 +41,32 @@ class TagFilter:
 
     deadband: float | None
     max_interval: float
-    value: JsonValue = None
+    published: Precision = as_read  # the tag's `published_value`
+    value: JsonValue = None  # the last published value, at the tag's precision
     quality: str | None = None
     published_at: float = -math.inf  # monotonic time of the last event
     ts: float = 0.0  # wall time of the last reading
 
     def offer(self, reading: Reading, now: float) -> bool:
-        """Whether `reading` (at monotonic `now`) must be published; updates the state."""
-        publish = self._changed(reading) or (
+        """Whether `reading` (at monotonic `now`) must be published; updates the state (its
+        value at the tag's precision is then `value`)."""
+        value = self.published(reading.value)
+        publish = self._changed(reading.quality, value) or (
             reading.quality != "bad" and now - self.published_at >= self.max_interval
         )
         if publish:
-            self.value = reading.value
+            self.value = value
             self.quality = reading.quality
             self.published_at = now
         self.ts = reading.ts
         return publish
 
-    def _changed(self, reading: Reading) -> bool:
-        if reading.quality != self.quality:
+    def _changed(self, quality: str, new: JsonValue) -> bool:
+        if quality != self.quality:
             return True
-        if reading.quality == "bad":
+        if quality == "bad":
             return False  # once per transition, not once per poll
-        old, new = self.value, reading.value
+        old = self.value
         if type(old) is not type(new):
             return True
         if (
@@ -97,11 +111,18 @@ class Pipeline:
         return self._durable_down
 
     def configure_tag(
-        self, device: str, tag: str, *, deadband: float | None, max_interval: float
+        self,
+        device: str,
+        tag: str,
+        *,
+        deadband: float | None,
+        max_interval: float,
+        published: Precision = as_read,
     ) -> None:
-        """Register (or re-register after a reload) the filter of a tag."""
+        """Register (or re-register after a reload) the filter of a tag; `published` gives a
+        value at the tag's precision."""
         old = self._filters.get((device, tag))
-        new = TagFilter(deadband, max_interval)
+        new = TagFilter(deadband, max_interval, published)
         if old is not None:
             new.value, new.quality, new.published_at, new.ts = (
                 old.value,
@@ -130,7 +151,9 @@ class Pipeline:
                 continue
             if tag_filter.offer(reading, now):
                 events.append(
-                    Event(reading.ts, "sample", device, reading.tag, reading.value, reading.quality)
+                    Event(
+                        reading.ts, "sample", device, reading.tag, tag_filter.value, reading.quality
+                    )
                 )
         for observer in self._observers:
             try:

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from drivers.values import short
+from drivers.values import short, single_precision
 
 if TYPE_CHECKING:  # the config imports this module: its tags refuse what cannot be encoded
     from drivers.modbus.config import Address, ByteOrder, ModbusTagConfig
@@ -110,6 +110,10 @@ def decode_registers(
     if isinstance(value, float) and not math.isfinite(value):
         # JSON has no NaN/Inf: the reading becomes bad quality with the reason.
         raise DecodeError(f"not a finite number ({value})")
+    if type_ == "float32":
+        # The float nearest the float32's shortest decimal (56.703, not 56.702999114990234):
+        # the same float32, so nothing is lost (drivers/values.py, `single_precision`).
+        return single_precision(value)
     return value
 
 
@@ -138,6 +142,7 @@ def make_decoder(
         unpack = struct.Struct(fmt).unpack
         size = struct.calcsize(fmt)
         is_float = type_.startswith("float")
+        single = type_ == "float32"
 
         def decode(registers: Sequence[int]) -> Value:
             data = _registers_to_bytes(registers, byte_order, word_order)
@@ -146,6 +151,8 @@ def make_decoder(
             value: int | float = unpack(data)[0]
             if is_float and not math.isfinite(value):
                 raise DecodeError(f"not a finite number ({value})")
+            if single:
+                value = single_precision(value)  # as decode_registers
             return value * scale + offset if scaled else value
 
         return decode

@@ -6,6 +6,7 @@ use it without importing pymodbus.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,7 +24,16 @@ from drivers.config import (
     redact_url,
 )
 from drivers.modbus.codec import INTEGER_BITS, INTEGER_RANGES, encode_registers, unscale_value
-from drivers.values import default_tolerance, same_value, short, to_kind
+from drivers.values import (
+    JsonValue,
+    at_precision,
+    decimals_of,
+    decimals_tolerance,
+    default_tolerance,
+    same_value,
+    short,
+    to_kind,
+)
 
 Area = Literal["co", "di", "ir", "hr"]
 ModbusType = Literal[
@@ -257,7 +267,7 @@ class ModbusTagConfig(TagConfigBase):
             return "bool"
         if self.type == "string":
             return "string"
-        if self.type in INTEGER_BITS and self.scale == 1.0 and self.offset == 0.0:
+        if self.type in INTEGER_BITS and not self.scaled:
             return "int"
         return "float"
 
@@ -278,7 +288,7 @@ class ModbusTagConfig(TagConfigBase):
             try:
                 encode_registers(raw, self.type, length=self.length)
             except ValueError as exc:
-                if self.scale == 1.0 and self.offset == 0.0:
+                if not self.scaled:
                     raise
                 raise ValueError(
                     f"{short(converted)} does not fit the tag (scale {self.scale:g}, offset "
@@ -288,17 +298,40 @@ class ModbusTagConfig(TagConfigBase):
 
     def same_value(self, actual: Any, expected: Any) -> bool:
         """Equality within what the registers can hold: half a raw step of a scaled integer,
-        float32's 7 significant digits, exact for unscaled integers, booleans and strings."""
-        if self.type in INTEGER_BITS and (self.scale != 1.0 or self.offset != 0.0):
-            return same_value(actual, expected, abs(self.scale) / 2)
+        float32's 7 significant digits, exact for unscaled integers, booleans and strings;
+        never finer than half a unit of the tag's `decimals`."""
+        at_least = decimals_tolerance(self.decimals)
+        if self.type in INTEGER_BITS and self.scaled:
+            return same_value(actual, expected, abs(self.scale) / 2, at_least=at_least)
         if self.type == "float32" and isinstance(expected, int | float):
             scale = abs(float(expected))
-            return same_value(actual, expected, max(default_tolerance(scale), 1e-6 * scale + 1e-6))
-        return same_value(actual, expected)
+            tolerance = max(default_tolerance(scale), 1e-6 * scale + 1e-6)
+            return same_value(actual, expected, tolerance, at_least=at_least)
+        return same_value(actual, expected, at_least=at_least)
+
+    @property
+    def scaled(self) -> bool:
+        """Whether scale or offset change the raw value."""
+        return self.scale != 1.0 or self.offset != 0.0
+
+    def published_value(self, value: JsonValue) -> JsonValue:
+        """The value at its precision (see `precision`)."""
+        decimals, single = self.precision
+        return at_precision(value, decimals=decimals, single=single)
+
+    @functools.cached_property
+    def precision(self) -> tuple[int | None, bool]:
+        """(decimals, single) of `at_precision`: `decimals` when set; else a scaled integer at
+        the decimals of its scale and offset (0.1 -> 1), a scaled float32 as a float32 (the
+        driver already decodes an unscaled one short), anything else as decoded."""
+        decimals = self.decimals
+        if decimals is None and self.type in INTEGER_BITS and self.scaled:
+            decimals = max(decimals_of(self.scale), decimals_of(self.offset))
+        return decimals, self.type == "float32" and self.scaled
 
     def counter_bits(self) -> int | None:
         """Width of an unscaled integer counter (for rollover), else None."""
-        if self.type in INTEGER_BITS and self.scale == 1.0 and self.offset == 0.0:
+        if self.type in INTEGER_BITS and not self.scaled:
             return INTEGER_BITS[self.type]
         return None
 
@@ -337,14 +370,17 @@ class ModbusTagConfig(TagConfigBase):
             )
 
     def _number_only_problems(self) -> Iterator[Problem]:
-        """Scale, offset and deadband apply to numbers only; a scale of 0 loses the value."""
+        """Scale, offset, deadband and decimals apply to numbers only; a scale of 0 loses the
+        value."""
         numeric = self.type not in ("bool", "string")
-        if not numeric and (self.scale != 1.0 or self.offset != 0.0):
+        if not numeric and self.scaled:
             yield (("scale",), f"scale/offset only apply to numbers, not {self.type}")
         if self.scale == 0.0:
             yield (("scale",), "must not be 0")
         if not numeric and self.deadband is not None:
             yield (("deadband",), f"only applies to numbers, not {self.type}")
+        if not numeric and self.decimals is not None:
+            yield (("decimals",), f"only applies to numbers, not {self.type}")
 
     def _writable_problems(self, address: Address) -> Iterator[Problem]:
         """Discrete inputs and input registers cannot be written (no function code does)."""

@@ -12,7 +12,6 @@ import base64
 import dataclasses
 import datetime as dt
 import math
-import struct
 import uuid
 from collections.abc import Callable
 from enum import Enum
@@ -21,6 +20,7 @@ from typing import Any, Final, cast
 from asyncua import ua
 
 from drivers.base import JsonValue, Reading
+from drivers.values import at_precision, single_precision
 
 _VT = ua.VariantType
 _INT_RANGES: Final[dict[ua.VariantType, tuple[int, int]]] = {
@@ -142,6 +142,10 @@ def make_reading(tag: str, value: ua.DataValue | None, received: float) -> Readi
         data = json_value(variant.Value if variant is not None else None)
     except NotFinite as exc:
         return Reading(tag, None, "bad", ts, str(exc))
+    if variant is not None and variant.VariantType == _VT.Float:
+        # asyncua widens a Float to a Python float (56.702999114990234): the float nearest its
+        # shortest decimal is the same float32, written short (drivers/values.py).
+        data = at_precision(data, decimals=None, single=True)
     if severity == 1:
         return Reading(tag, data, "uncertain", ts, status_name(code))
     return Reading(tag, data, "good", ts)
@@ -169,13 +173,9 @@ def to_variant(
     return ua.Variant(scalar, vtype), _expected(scalar, vtype)
 
 
-def _to_float32(number: float) -> float:
-    return float(struct.unpack("<f", struct.pack("<f", number))[0])
-
-
 def _expected(value: Any, vtype: ua.VariantType) -> Any:
     if vtype == _VT.Float:
-        return _to_float32(value)
+        return single_precision(value)  # what a read of the node shows (make_reading)
     try:
         return json_value(value)
     except NotFinite:
