@@ -63,8 +63,8 @@ def test_agent_unit_has_what_the_daemon_relies_on() -> None:
     assert unit["StateDirectory"] == ["edge-agent"]
     assert unit["ConfigurationDirectory"] == ["edge-agent"]
     assert "mqtt.password:/etc/edge-agent/mqtt.password" in unit["LoadCredential"]
-    # The data lives where the config's default points.
-    assert GatewayConfig.model_fields["data_dir"].default == Path("/var/lib/edge-agent")
+    # The data lives where the config's default points (written as in a file: text).
+    assert Path(GatewayConfig.model_fields["data_dir"].default) == Path("/var/lib/edge-agent")
     assert unit["WorkingDirectory"] == ["/var/lib/edge-agent"]
     # Serial ports stay reachable: no PrivateDevices=, a closed policy with the tty groups.
     assert "PrivateDevices" not in unit

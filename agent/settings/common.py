@@ -6,10 +6,11 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, ClassVar
 from urllib.parse import urlsplit
 
 from pydantic import (
+    BaseModel,
     Field,
     SecretStr,
     field_validator,
@@ -193,6 +194,23 @@ class SettingsFile(BaseSettings):
         env_nested_delimiter="__",
         case_sensitive=False,
     )
+
+    # A file's model, not a settings reader: the loader reads the environment itself (and
+    # names the variable of a problem). BaseSettings.__init__, which pydantic would call on
+    # every validation, reads os.environ again whatever environment the loader was given, and
+    # re-validates everything in lax mode, which turned "1" into 1 even when strict mode was
+    # asked for (agent/settings/validation.py).
+    __init__ = BaseModel.__init__
+
+    # What `problems()` checks beyond each section's own checks, for the line that says they
+    # wait while the file has errors (agent/settings/validation.py); "" when nothing.
+    CROSS_SECTION_CHECKS: ClassVar[str] = ""
+
+    @classmethod
+    def completed(cls, data: Any) -> Any:
+        """The file's data with the defaults that derive from other keys filled in (the
+        loader calls it before validation)."""
+        return data
 
     def problems(self) -> Iterator[Problem]:
         """Every cross-field problem, with locations from the file's root."""

@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, ClassVar
 
-from pydantic import (
-    Field,
-    model_validator,
-)
+from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from agent.settings.common import HttpConfig, SettingsFile
@@ -50,11 +47,14 @@ class AgentSettings(SettingsFile):
     calendars: tuple[CalendarConfig, ...] = Field(default=(), description="Shift plans.")
     workflows: tuple[WorkflowConfig, ...] = Field(default=(), description="Command sagas.")
 
-    @model_validator(mode="before")
+    CROSS_SECTION_CHECKS: ClassVar[str] = "the names and references between sections"
+
     @classmethod
-    def _default_topic_root(cls, data: Any) -> Any:
-        # topic_root defaults to {site}/{area}/{line}; filled before validation so that the
-        # loaded model is complete and immutable.
+    def completed(cls, data: Any) -> Any:
+        """topic_root defaults to {site}/{area}/{line}: filled in by the loader before
+        validation, so that the loaded model is complete and immutable. (Not a "before"
+        validator: pydantic validates what one returns as Python data, where strict mode
+        refuses an array for a tuple.)"""
         if isinstance(data, dict):
             gateway, mqtt = data.get("gateway"), data.get("mqtt")
             if isinstance(gateway, dict) and isinstance(mqtt, dict) and not mqtt.get("topic_root"):

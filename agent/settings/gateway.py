@@ -32,7 +32,7 @@ class GatewayConfig(ConfigModel):
     area: Name = Field(description="Area name; second level of the default topic root.")
     line: Name = Field(description="Line name; third level of the default topic root.")
     data_dir: Path = Field(
-        default=Path("/var/lib/edge-agent"),
+        default=as_written("/var/lib/edge-agent"),
         description="Where the SQLite outbox, the saga log and generated certificates live.",
     )
 

@@ -6,40 +6,31 @@ Every failure becomes a `ConfigError` holding one readable line per problem,
 
 from __future__ import annotations
 
-import difflib
+import json
+import math
 import os
 import re
 import tomllib
-import types
-import typing
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pydantic import BaseModel, ValidationError
-from pydantic_core import ErrorDetails
+from pydantic import ValidationError
 from pydantic_settings import BaseSettings
 from pydantic_settings.sources import EnvSettingsSource
 
 from agent.settings.common import ENV_PREFIX, SettingsFile
 from agent.settings.config_file import AgentSettings
+from agent.settings.messages import SECRET_KEYS, error_reason, model_at
+from agent.settings.messages import dotted as dotted  # re-exported: the programs' messages
 from agent.settings.toml_lines import Path as KeyPath
 from agent.settings.toml_lines import key_lines, line_of
-from agent.settings.workflows import ConfirmStep as _ConfirmStep
-from agent.settings.workflows import WaitStep, WriteStep
+from agent.settings.validation import ValidParts, validate_part, validate_settings
 from drivers.config import Problem, redact_urls
-from drivers.registry import DRIVER_TAG_PREFIX, DRIVERS
 
 SettingsT = TypeVar("SettingsT", bound=SettingsFile)
 
-# Keys whose value may instead come from a file: `password_file` -> `password`.
-SECRET_KEYS = ("password", "dsn")
 MAX_CONFIG_BYTES = 4 * 1024 * 1024
-_STEP_MODELS: dict[str, type[BaseModel]] = {
-    "step:write": WriteStep,
-    "step:wait": WaitStep,
-    "step:confirm": _ConfirmStep,
-}
 
 
 # Which secret files a command needs (docs/install.md "Secrets"): `run` and `ingest` need every
@@ -158,6 +149,35 @@ def _env_paths(values: Mapping[str, Any], prefix: KeyPath = ()) -> dict[KeyPath,
     return out
 
 
+def _typed_env(cls: type[SettingsFile], values: dict[str, Any], prefix: KeyPath = ()) -> None:
+    """An environment variable is text: where the text is not a valid value of its key but
+    its JSON reading is a number or a boolean (``64``, ``0.5``, ``true``), that reading is
+    the value. The file's values are never read so (agent/settings/validation.py)."""
+    for key, value in values.items():
+        path = (*prefix, key)
+        if isinstance(value, dict):
+            _typed_env(cls, value, path)
+            continue
+        model = model_at(cls, prefix)
+        field = model.model_fields.get(key) if model is not None else None
+        if field is not None and isinstance(value, str):
+            values[key] = _env_value(field.annotation, value)
+
+
+def _env_value(annotation: Any, text: str) -> Any:
+    try:
+        validate_part(annotation, text)
+    except ValidationError:
+        pass
+    else:
+        return text
+    try:
+        parsed = json.loads(text)
+    except ValueError:
+        return text  # refused as text, naming the variable
+    return parsed if isinstance(parsed, bool | int | float) else text
+
+
 def _deep_merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in override.items():
@@ -255,132 +275,70 @@ def load_settings_with_warnings(
         env_values = _env_values(cls, env)
     except Exception as exc:  # pydantic-settings raises SettingsError on undecodable JSON
         raise ConfigError([redact_urls(f"environment: {exc}")]) from None
+    _typed_env(cls, env_values)
     env_paths = _env_paths(env_values)
     data = _deep_merge(raw, env_values)
     secrets = _SecretFindings(secrets_needed)
-    data = _resolve_secrets(data, (), _secret_dirs(path, env), secrets)
-    secret_problems = secrets.problems
-
-    def where(loc: KeyPath) -> str:
-        for end in range(len(loc), 0, -1):
-            variable = env_paths.get(loc[:end])
-            if variable is not None:
-                return f" (from {variable})"
-        line = line_of(lines, loc)
-        return f" (line {line})" if line is not None else ""
-
-    def located(found: Iterable[Problem]) -> list[str]:
-        return [f"{dotted(loc)}: {reason}{where(loc)}" for loc, reason in found]
-
+    data = cls.completed(_resolve_secrets(data, (), _secret_dirs(path, env), secrets))
+    locate = _Locator(lines, env_paths)
     try:
-        settings: SettingsT = cls.model_validate(data)
+        settings = validate_settings(cls, data)
     except ValidationError as exc:
-        messages = [_format_error(cls, error, where) for error in exc.errors()]
-        raise ConfigError(_dedupe([*messages, *located(secret_problems)])) from None
-    messages = located([*secret_problems, *settings.problems()])
+        errors = exc.errors()
+        parts = ValidParts()
+        parts.walk(cls, data, [tuple(error["loc"]) for error in errors])
+        found = [error_reason(cls, error) for error in errors]
+        messages = locate.in_line_order([*found, *secrets.problems, *parts.problems])
+        raise ConfigError(_dedupe([*messages, *_waiting(cls, parts.waiting)])) from None
+    messages = locate.in_line_order([*secrets.problems, *settings.problems()])
     if messages:
         raise ConfigError(_dedupe(messages))
-    return settings, _dedupe(located([*secrets.unneeded_missing, *settings.warnings()]))
+    warnings = locate.in_line_order([*secrets.unneeded_missing, *settings.warnings()])
+    return settings, _dedupe(warnings)
+
+
+class _Locator:
+    """Where a problem is: the line of its key in the file, or the variable that set it."""
+
+    def __init__(self, lines: dict[KeyPath, int], env_paths: dict[KeyPath, str]) -> None:
+        self._lines = lines
+        self._env_paths = env_paths
+
+    def _variable(self, loc: KeyPath) -> str | None:
+        for end in range(len(loc), 0, -1):
+            variable = self._env_paths.get(loc[:end])
+            if variable is not None:
+                return variable
+        return None
+
+    def in_line_order(self, found: Iterable[Problem]) -> list[str]:
+        """``path.to.field: reason (line N)`` per problem, in the order of the file's lines
+        (those set by a variable, or with no line, after them in the order found)."""
+        located: list[tuple[float, str]] = []
+        for loc, reason in found:
+            variable = self._variable(loc)
+            line = None if variable is not None else line_of(self._lines, loc)
+            where = f" (from {variable})" if variable else f" (line {line})" if line else ""
+            located.append((math.inf if line is None else line, f"{dotted(loc)}: {reason}{where}"))
+        return [message for _, message in sorted(located, key=lambda item: item[0])]
+
+
+_WAITING_SHOWN = 5
+
+
+def _waiting(cls: type[SettingsFile], waiting: list[KeyPath]) -> list[str]:
+    """The one line naming the cross-field checks that wait for the errors to be fixed."""
+    names = [dotted(loc) for loc in waiting if loc]
+    if len(names) > _WAITING_SHOWN:
+        names = [*names[:_WAITING_SHOWN], f"{len(names) - _WAITING_SHOWN} more parts"]
+    if () in waiting and cls.CROSS_SECTION_CHECKS:
+        names.append(cls.CROSS_SECTION_CHECKS)
+    if not names:
+        return []
+    listed = ", ".join(names[:-1]) + (" and " if len(names) > 1 else "") + names[-1]
+    return [f"(root): the cross-field checks of {listed} wait until the errors above are fixed"]
 
 
 def _dedupe(messages: list[str]) -> list[str]:
     # Every line a user sees passes here: a URL's password is never echoed (docs/install.md).
     return list(dict.fromkeys(redact_urls(message) for message in messages))
-
-
-def dotted(loc: Iterable[str | int]) -> str:
-    """('devices', 0, 'tags', 1, 'address') -> 'devices[0].tags[1].address'."""
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += ("." if out else "") + part
-    return out or "(root)"
-
-
-def _is_union_tag(part: str | int) -> bool:
-    return isinstance(part, str) and part.startswith((DRIVER_TAG_PREFIX, "step:"))
-
-
-def _model_at(root: type[BaseModel], loc: tuple[str | int, ...]) -> type[BaseModel] | None:
-    """The model class that holds the value at `loc` (union tags in `loc` choose the member)."""
-    current: Any = root
-    for part in loc:
-        if isinstance(part, int):
-            continue
-        if isinstance(part, str) and part.startswith(DRIVER_TAG_PREFIX):
-            spec = DRIVERS.get(part[len(DRIVER_TAG_PREFIX) :])
-            current = spec.config if spec else None
-            continue
-        if isinstance(part, str) and part in _STEP_MODELS:
-            current = _STEP_MODELS[part]
-            continue
-        if not (isinstance(current, type) and issubclass(current, BaseModel)):
-            return None
-        field = current.model_fields.get(part)
-        if field is None:
-            return None
-        current = _unwrap_model(field.annotation)
-    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
-
-
-def _unwrap_model(annotation: Any) -> Any:
-    """tuple[X, ...] / X | None / Annotated[X, ...] -> X when X is a model."""
-    origin = typing.get_origin(annotation)
-    if origin is typing.Annotated:
-        return _unwrap_model(typing.get_args(annotation)[0])
-    if origin in (tuple, list, typing.Union, types.UnionType):
-        for arg in typing.get_args(annotation):
-            inner = _unwrap_model(arg)
-            if isinstance(inner, type) and issubclass(inner, BaseModel):
-                return inner
-        return None
-    return annotation
-
-
-def _format_error(cls: type[BaseModel], error: ErrorDetails, where: Any) -> str:
-    raw_loc = tuple(error["loc"])
-    loc = tuple(part for part in raw_loc if not _is_union_tag(part))
-    kind = error["type"]
-    message = error["msg"]
-    value = error.get("input")
-    if kind == "extra_forbidden":
-        key = str(loc[-1]) if loc else ""
-        parent = _model_at(cls, raw_loc[:-1])
-        hint = ""
-        if parent is not None:
-            close = difflib.get_close_matches(key, list(parent.model_fields), n=1, cutoff=0.6)
-            if close:
-                hint = f" (did you mean {close[0]!r}?)"
-            else:
-                hint = f"; known keys: {', '.join(parent.model_fields)}"
-        message = f"unknown key{hint}"
-    elif kind == "missing":
-        message = "required"
-    elif kind == "unknown_driver":
-        given = value.get("driver") if isinstance(value, dict) else None
-        message = (
-            f"unknown driver {given!r}; known drivers: {', '.join(DRIVERS)}"
-            if given is not None
-            else f"required: driver = one of {', '.join(DRIVERS)}"
-        )
-        loc = (*loc, "driver")
-    elif kind == "step_kind":
-        message = "a step needs exactly one of the keys write, wait, confirm"
-    else:
-        message = re.sub(r"^(Value error|Assertion failed), ", "", message)
-        if kind.endswith(("_type", "_parsing", "literal_error", "pattern_mismatch")) or kind in (
-            "greater_than",
-            "greater_than_equal",
-            "less_than",
-            "less_than_equal",
-            "too_short",
-            "too_long",
-            "string_pattern_mismatch",
-        ):
-            shown = repr(value)
-            secret = bool(loc) and loc[-1] in SECRET_KEYS
-            if not secret and len(shown) <= 60 and not isinstance(value, dict | list):
-                message += f", got {shown}"
-    return f"{dotted(loc)}: {message}{where(loc)}"
