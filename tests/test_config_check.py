@@ -194,6 +194,13 @@ MESSAGES: list[tuple[str, str, str, str, str]] = [
         "name = 7",
         'devices[0].tags[3].name: must be text in quotes, got 7: write "7" in quotes',
     ),
+    (
+        "array",
+        "running = [1]",
+        "running = 1",
+        "state = {",
+        "machines[0].state.running: must be an array [...], got 1",
+    ),
     # Near-miss choices.
     (
         "type-float",
@@ -354,6 +361,13 @@ MESSAGES: list[tuple[str, str, str, str, str]] = [
         'url = "mqtt://127.0.0.1:1883"\nsite = "plant9"',
         'site = "plant9"',
         "mqtt.site: unknown key here; site is a key of [gateway]",
+    ),
+    (
+        "tag-singular",
+        '  [[devices.tags]]\n  name = "state_code"',
+        '  [[devices.tag]]\n  name = "state_code"',
+        "[[devices.tag]]",
+        "devices[0].tag: unknown key; write [[devices.tags]] (plural)",
     ),
     (
         "typo",

@@ -157,6 +157,8 @@ class Pipeline:
                 )
         for observer in self._observers:
             try:
+                # As read, not at the published precision: OEE sums and averages them, and a
+                # rounding per reading would add up (see the module notes).
                 observer(device, readings)
             except Exception:  # an observer bug must not stop polling
                 log.exception("observer failed on readings of %s", device)
