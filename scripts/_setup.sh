@@ -40,11 +40,42 @@ find_pg_bin() {
   return 1
 }
 
+has_program() {
+  # On PATH, or in the sbin folders a non-root PATH may leave out.
+  command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ] || [ -x "/usr/local/sbin/$1" ]
+}
+
 ensure_system_packages() {
+  # The tests' own peers, each started privately on free ports (never the system services):
+  # mosquitto and PostgreSQL; and the interop matrix's brokers nobody here wrote: nats-server,
+  # RabbitMQ (its MQTT plugin ships in the package; the start script is under
+  # /usr/lib/rabbitmq), and node + npm for aedes (ensure_test_brokers).
   local missing=()
-  command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing+=(mosquitto)
+  has_program mosquitto || missing+=(mosquitto)
   find_pg_bin >/dev/null || missing+=(postgresql)
+  has_program nats-server || missing+=(nats-server)
+  [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || missing+=(rabbitmq-server)
+  has_program node || missing+=(nodejs)
+  has_program npm || missing+=(npm)
   if [ "${#missing[@]}" -gt 0 ]; then apt_install "${missing[@]}"; fi
+}
+
+ensure_test_brokers() {
+  # aedes (npm) for the interop matrix, into ./.cache/brokers (gitignored), exactly as
+  # tests/brokers/package-lock.json pins it; redone only when that lockfile changes.
+  local src="$PWD/tests/brokers" dir="$PWD/.cache/brokers"
+  local want have=""
+  want="$(cat "$src/package.json" "$src/package-lock.json" | sha256sum | cut -d' ' -f1)"
+  [ -f "$dir/.installed" ] && have="$(cat "$dir/.installed")"
+  if [ "$have" = "$want" ] && [ -d "$dir/node_modules/aedes" ]; then
+    return 0
+  fi
+  echo "==> installing the test brokers from npm into $dir"
+  mkdir -p "$dir"
+  cp "$src/package.json" "$src/package-lock.json" "$dir/"
+  (cd "$dir" && npm ci --no-audit --no-fund --ignore-scripts --loglevel=error) \
+    || die "npm could not install the test brokers (tests/brokers/package.json)"
+  echo "$want" > "$dir/.installed"
 }
 
 ensure_venv() {
