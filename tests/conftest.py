@@ -6,6 +6,7 @@
 - ``mosquitto`` / ``postgres``: one started peer each, private to the test (kill it at will).
 - ``postgres_session``: one server for the whole session; never stop or kill it.
 - ``postgres_database``: DSN of a fresh, empty database on ``postgres_session``.
+- ``track_peer``: ``track(peer)`` adds a peer's log tail to the test's report if it fails.
 
 When a test fails, the log tails of the peers it used are added to its report.
 """
@@ -43,6 +44,13 @@ def pytest_runtest_makereport(
         for peer in item.stash.get(_PEERS_KEY, []):
             report.sections.append((f"log tail of {peer!r}", peer.log_tail(60)))
     return report
+
+
+@pytest.fixture
+def track_peer(request: pytest.FixtureRequest) -> Callable[[Peer], None]:
+    """Attach a peer made elsewhere (e.g. a module-scoped broker) to this test's failure report."""
+    assert isinstance(request.node, pytest.Item)
+    return _track(request.node)
 
 
 @pytest.fixture
