@@ -441,10 +441,9 @@ async def test_reconnect_after_kill(case: BrokerCase, broker: Broker) -> None:
 
 E2E_ROOT = "plant1/assembly/line3"
 E2E_GATEWAY = "plant1-line3"
-# The brokers the agent and the ingest run against end to end, speaking the case's protocol
-# through `MqttClient(protocol=...)` (until `mqtt.protocol` is a config key): to add a broker,
-# add its case here.
-E2E_CASES = [case for case in CASES if case.id.startswith("mosquitto")]
+# The agent and the ingest run end to end against every broker of the matrix, speaking the
+# case's protocol through `MqttClient(protocol=...)` until `mqtt.protocol` is a config key.
+E2E_CASES = CASES
 
 
 def e2e_agent_config(broker: Broker, sim_port: int, data_dir: Path) -> str:
