@@ -7,7 +7,8 @@ or below a quarter of paho's). This sends `--messages` (100,000) retained QoS 1 
 `--topics` (10,000) live topics to a private mosquitto and measures the CPU time of this process
 (every thread) from the first publish to the last PUBACK, median of `--runs` (3), for:
 
-* sync.mqtt, the project's client (the in-flight window: the broker's Receive Maximum);
+* sync.mqtt, the project's client (`line_scale.bare_client`; its in-flight window: the
+  broker's Receive Maximum);
 * paho-mqtt on asyncio without a thread (its socket in the event loop: add_reader/add_writer
   calling loop_read/loop_write, loop_misc every second, as paho's examples/loop_asyncio.py);
 * paho-mqtt with its own network thread (`loop_start()`), publishing from the main thread.
@@ -44,8 +45,7 @@ if str(REPO) not in sys.path:
 import paho.mqtt.client as paho  # noqa: E402
 from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
 
-from bench.line_scale import host_reference_ms  # noqa: E402
-from sync.mqtt.client import MqttClient  # noqa: E402
+from bench.line_scale import bare_client, host_reference_ms  # noqa: E402
 from sync.uplink.topics import live_topic, sample_payload  # noqa: E402
 from tests.fixtures.mosquitto import MosquittoBroker  # noqa: E402
 
@@ -64,24 +64,11 @@ def work(topics: int, messages: int) -> Work:
 
 
 async def ours(broker: MosquittoBroker, job: Work, window: int) -> float:
-    """The project's client: fire-and-forget publishes as the live publisher sends them,
-    waiting for window space; CPU µs per message up to the last PUBACK."""
+    """The project's client, as `line_scale.py` measures it (`bare_client`: fire-and-forget
+    publishes as the live publisher sends them, waiting for window space); its window is the
+    broker's Receive Maximum, `window`."""
     topics, payloads, count = job
-    async with MqttClient(
-        host=broker.host, port=broker.port, client_id=f"bench-ours-{os.getpid()}"
-    ) as client:
-        async with asyncio.timeout(CONNECT_TIMEOUT):
-            await client.wait_connected()
-        if client.window != window:
-            raise RuntimeError(f"window {client.window}, expected the broker's {window}")
-        cpu0 = time.process_time()
-        for sent in range(count):
-            if not client.has_space:
-                await client.wait_space()
-            index = sent % len(topics)
-            client.publish(topics[index], payloads[index], qos=1, retain=True)
-        await client.wait_acked()
-        return (time.process_time() - cpu0) / count * 1e6
+    return await bare_client(broker, topics, payloads, count)
 
 
 def paho_client(name: str, window: int) -> paho.Client:
