@@ -609,3 +609,9 @@ async def test_a_gateway_the_acl_refuses_says_so_and_does_not_spin(
             'gateway id, docs/install.md, "Broker ACL"); sending again every 2s'
         ]
         assert line.health()["acked_seq"] == 0  # nothing deleted, nothing lost
+        # The refusal is counted per reason on /metrics too.
+        assert re.search(
+            r'^edge_agent_mqtt_publish_refused_total\{reason="Not authorized"\} [1-9]',
+            line.runtime.metrics.render().decode(),
+            re.MULTILINE,
+        )

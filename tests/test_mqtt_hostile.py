@@ -15,7 +15,7 @@ import pytest
 
 import sync.mqtt.link
 from sync.mqtt import wire
-from sync.mqtt.client import Message, MqttClient
+from sync.mqtt.client import Message, MqttClient, ProtocolChoice
 from sync.mqtt.connection import Connection
 from tests.fixtures.fake_broker import CONNACK_V5, CONNACK_V311, ScriptedBroker
 from tests.fixtures.ports import async_wait_until
@@ -31,13 +31,13 @@ def raw_publish(topic: bytes, payload: bytes = b"x", *, properties: bytes = b"\x
 async def scripted_session(
     script: Callable[[int], Sequence[bytes]],
     *,
-    protocol: int = 5,
+    protocol: ProtocolChoice = "5",
     prepare: Callable[[MqttClient], None] | None = None,
     **options: object,
 ) -> AsyncIterator[tuple[ScriptedBroker, MqttClient, list[Message]]]:
     """A ScriptedBroker and a connected client subscribed to '#' (what it receives);
     `prepare` sees the client before it connects."""
-    broker = ScriptedBroker(script, connack=CONNACK_V5 if protocol == 5 else CONNACK_V311)
+    broker = ScriptedBroker(script, connack=CONNACK_V311 if protocol == "3.1.1" else CONNACK_V5)
     server = await asyncio.start_server(broker.handle, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     received: list[Message] = []
@@ -148,7 +148,7 @@ async def test_a_malformed_or_forbidden_packet_closes_the_connection_not_the_cli
 async def test_on_mqtt_311_a_bad_topic_closes_the_socket_without_disconnect() -> None:
     # 3.1.1's DISCONNECT has no reason code and would discard the Last Will: just close.
     async with scripted_session(
-        first_only(raw_publish(b"cmd/a+b", properties=b"")), protocol=4
+        first_only(raw_publish(b"cmd/a+b", properties=b"")), protocol="3.1.1"
     ) as (
         broker,
         client,

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import json
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -33,7 +32,7 @@ from agent.central.settings import load_central_settings
 from agent.service.sdnotify import SdNotifier
 from simulators.modbus.server import ModbusSimulator
 from sync.central.ingest import Ingest
-from sync.mqtt.client import Message, MqttClient, Will
+from sync.mqtt.client import Message, MqttClient, ProtocolChoice, Will
 from tests.fixtures.brokers import AedesBroker, AmqttBroker, NatsBroker, connack_code
 from tests.fixtures.mosquitto import MosquittoBroker
 from tests.fixtures.mqtt_client import AsyncPeer
@@ -76,12 +75,14 @@ class Broker(Protocol):
 
 @dataclass(frozen=True)
 class BrokerCase:
-    """One column of the matrix: a broker, the protocol our client speaks to it, and where the
-    broker's behaviour differs from the MQTT spec's common reading."""
+    """One column of the matrix: a broker, the protocol our client is told to speak (`auto`
+    unless the case insists), the version it ends up speaking, and where the broker's behaviour
+    differs from the MQTT spec's common reading."""
 
     id: str
     make: Callable[[], Broker]
-    protocol: Literal[4, 5]  # MqttClient(protocol=...): 4 is MQTT 3.1.1
+    protocol: ProtocolChoice  # MqttClient(protocol=...) and [mqtt] protocol of both programs
+    speaks: Literal["5", "3.1.1"]  # what `auto` settles on
     # What a CONNECT for MQTT 5 gets: the CONNACK's code, or None (closed without one).
     v5_connack: int | None
     # Stored retained messages are sent to a new subscription whose filter has a wildcard.
@@ -97,17 +98,17 @@ class BrokerCase:
 CASES = [
     # mosquitto 2.0 speaks both. The fixture runs it with `persistence false`: its retained
     # messages live in memory (mosquitto.conf(5), "persistence").
-    BrokerCase("mosquitto-5", MosquittoBroker, 5, v5_connack=0),
-    BrokerCase("mosquitto-3.1.1", MosquittoBroker, 4, v5_connack=0),
+    BrokerCase("mosquitto-5", MosquittoBroker, "auto", "5", v5_connack=0),
+    BrokerCase("mosquitto-3.1.1", MosquittoBroker, "3.1.1", "3.1.1", v5_connack=0),
     # aedes: "MQTT 5.0 (not support yet)" (aedes README, Features), answered with return code
     # 1, unacceptable protocol version (MQTT 3.1.1, 3.2.2.3). In-memory persistence unless
     # given a database (aedes-persistence).
-    BrokerCase("aedes", AedesBroker, 4, v5_connack=0x01),
+    BrokerCase("aedes", AedesBroker, "auto", "3.1.1", v5_connack=0x01),
     # nats-server implements MQTT v3.1.1 and answers a v5 CONNECT with return code 1
     # (docs.nats.io, "MQTT"). Retained messages are a JetStream stream, $MQTT_rmsgs
     # (nats-server README-MQTT.md, "Retained messages"), stored in the publisher's read loop
     # before its PUBACK (mqtt.go, mqttHandlePubRetain): the fixture's file store keeps them.
-    BrokerCase("nats", NatsBroker, 4, v5_connack=0x01, retained_over_kill="kept"),
+    BrokerCase("nats", NatsBroker, "auto", "3.1.1", v5_connack=0x01, retained_over_kill="kept"),
     # RabbitMQ 3.x's MQTT plugin speaks 3.1 and 3.1.1 (MQTT 5 came with 3.13): a v5 CONNECT
     # is closed without a CONNACK. Retained messages are not sent for topic filters with
     # wildcards (rabbitmq.com/docs/mqtt, "Retained Messages and Stores"); the DETS store writes
@@ -116,7 +117,8 @@ CASES = [
     BrokerCase(
         "rabbitmq",
         RabbitMqBroker,
-        4,
+        "auto",
+        "3.1.1",
         v5_connack=None,
         retained_to_wildcard=False,
         retained_over_kill="lost or kept",
@@ -127,7 +129,7 @@ CASES = [
     # messages matching any subscription of any client ("publish retained messages to a
     # pre-existing session's subscriptions" loops over the whole broker's table:
     # amqtt/broker.py, Broker._handle_client_session); a client drops what it did not ask for.
-    BrokerCase("amqtt", AmqttBroker, 4, v5_connack=0x01, unsolicited_retained=True),
+    BrokerCase("amqtt", AmqttBroker, "auto", "3.1.1", v5_connack=0x01, unsolicited_retained=True),
 ]
 
 
@@ -228,7 +230,8 @@ def payloads(messages: list[MQTTMessage]) -> list[tuple[str, bytes, int, bool]]:
 
 
 async def test_connect(case: BrokerCase, broker: Broker) -> None:
-    """Our client connects with the case's protocol; the broker answers MQTT 5 as documented."""
+    """Our client connects with the case's protocol (`auto`: 5, else 3.1.1 after the broker's
+    answer to a v5 CONNECT, which is as documented)."""
     assert await asyncio.to_thread(connack_code, broker.host, broker.port) == 0  # MQTT 3.1.1
     answer = await asyncio.to_thread(connack_code, broker.host, broker.port, v5=True)
     assert answer == case.v5_connack
@@ -236,6 +239,7 @@ async def test_connect(case: BrokerCase, broker: Broker) -> None:
         await connected(client)
         assert client.stats.connects == 1
         assert client.last_error is None
+        assert client.protocol_version == case.speaks
 
 
 async def test_live_values_retained_qos1(case: BrokerCase, broker: Broker) -> None:
@@ -348,7 +352,7 @@ async def test_commands_in(case: BrokerCase, broker: Broker) -> None:
     # (The empty retained message that clears it may arrive too: it is a PUBLISH like others.)
     retained_command = next(m for m in received if m.topic == f"{root}/_cmd/stop")
     assert retained_command.payload == b'{"id":"r"}'
-    assert retained_command.retain == (case.protocol == 5)
+    assert retained_command.retain == (case.speaks == "5")
 
 
 async def test_sync_out_ack_in(case: BrokerCase, broker: Broker) -> None:
@@ -441,12 +445,12 @@ async def test_reconnect_after_kill(case: BrokerCase, broker: Broker) -> None:
 
 E2E_ROOT = "plant1/assembly/line3"
 E2E_GATEWAY = "plant1-line3"
-# The agent and the ingest run end to end against every broker of the matrix, speaking the
-# case's protocol through `MqttClient(protocol=...)` until `mqtt.protocol` is a config key.
+# The agent and the ingest run end to end against every broker of the matrix, with the case's
+# `[mqtt] protocol` (`auto` but for the case that insists on 3.1.1).
 E2E_CASES = CASES
 
 
-def e2e_agent_config(broker: Broker, sim_port: int, data_dir: Path) -> str:
+def e2e_agent_config(broker: Broker, case: BrokerCase, sim_port: int, data_dir: Path) -> str:
     """One Modbus press with a writable order and a workflow that writes it."""
     return f"""
 [gateway]
@@ -458,6 +462,7 @@ data_dir = "{data_dir}"
 
 [mqtt]
 url = "mqtt://{broker.host}:{broker.port}"
+protocol = "{case.protocol}"
 ack_timeout = "2s"
 
 [http]
@@ -489,11 +494,12 @@ steps = [
 """
 
 
-def e2e_central_config(broker: Broker, dsn: str) -> str:
+def e2e_central_config(broker: Broker, case: BrokerCase, dsn: str) -> str:
     """An ingest replica for the same broker."""
     return f"""
 [mqtt]
 url = "mqtt://{broker.host}:{broker.port}"
+protocol = "{case.protocol}"
 sync_prefix = "edge"
 
 [postgres]
@@ -528,16 +534,11 @@ async def test_agent_and_ingest_end_to_end(
     broker: Broker,
     postgres_database: str,
     tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The agent and `edge-agent ingest` over the case's broker and protocol: live values reach
     a paho subscriber, a command makes its round trip (accepted, then completed once the
     central store confirmed its write), and the outbox's batches are acknowledged."""
-    # Both programs build their client in agent.service.mqtt: speak the case's protocol there.
-    monkeypatch.setattr(
-        "agent.service.mqtt.MqttClient", functools.partial(MqttClient, protocol=case.protocol)
-    )
-    (tmp_path / "central.toml").write_text(e2e_central_config(broker, postgres_database))
+    (tmp_path / "central.toml").write_text(e2e_central_config(broker, case, postgres_database))
     async with (
         ModbusSimulator(port=0, seed=5) as sim,
         running_ingest(tmp_path / "central.toml"),
@@ -545,12 +546,13 @@ async def test_agent_and_ingest_end_to_end(
     ):
         await watcher.subscribe(f"{E2E_ROOT}/press1/state_code")
         await watcher.subscribe(f"{E2E_ROOT}/_cmd/set_order/reply")
-        text = e2e_agent_config(broker, sim.port, tmp_path / "data")
+        text = e2e_agent_config(broker, case, sim.port, tmp_path / "data")
         async with running(settings_for(tmp_path, text)) as runtime:
             assert runtime.gateway is not None
             connection = runtime.gateway.mqtt._connection
             assert connection is not None
-            assert connection.v5 == (case.protocol == 5)
+            assert connection.v5 == (case.speaks == "5")
+            assert runtime.gateway.mqtt.protocol_version == case.speaks
             [value] = await watcher.take(1, f"{E2E_ROOT}/press1/state_code")
             document = json.loads(value.payload)
             assert set(document) == {"ts", "value", "quality"}

@@ -16,7 +16,14 @@ from agent.central.settings import IngestMqttConfig
 from agent.service.mqtt import mqtt_client
 from agent.settings.gateway import MqttConfig
 from sync.mqtt import wire
-from sync.mqtt.client import Message, MessageTooLarge, MqttClient, PublishRejected, Will
+from sync.mqtt.client import (
+    Message,
+    MessageTooLarge,
+    MqttClient,
+    ProtocolChoice,
+    PublishRejected,
+    Will,
+)
 from tests.fixtures.mosquitto import MosquittoBroker
 from tests.fixtures.mqtt_client import MqttTestClient
 from tests.fixtures.pool import MosquittoFactory
@@ -72,7 +79,7 @@ async def test_without_a_broker_maximum_there_is_none(mosquitto: MosquittoBroker
         async with asyncio.timeout(10):
             await client.wait_connected()
         assert client.broker_max_packet_size is None
-    async with client_for(mosquitto, protocol=4) as client:
+    async with client_for(mosquitto, protocol="3.1.1") as client:
         async with asyncio.timeout(10):
             await client.wait_connected()
         assert client.broker_max_packet_size is None
@@ -103,7 +110,7 @@ async def test_on_mqtt_311_an_oversized_message_closes_the_connection_and_we_rec
     # fixed header, closes, logs one line and reconnects.
     caplog.set_level(logging.WARNING, logger="edge_agent.mqtt")
     received: list[Message] = []
-    async with client_for(mosquitto, protocol=4, max_packet_size=1024) as client:
+    async with client_for(mosquitto, protocol="3.1.1", max_packet_size=1024) as client:
         client.subscribe("in/#", received.append)
         async with asyncio.timeout(10):
             await client.wait_connected()
@@ -125,9 +132,9 @@ async def test_on_mqtt_311_an_oversized_message_closes_the_connection_and_we_rec
     ]
 
 
-@pytest.mark.parametrize("protocol", [5, 4])
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
 async def test_retain_as_published_keeps_the_flag_of_a_live_retained_message(
-    mosquitto: MosquittoBroker, protocol: int
+    mosquitto: MosquittoBroker, protocol: ProtocolChoice
 ) -> None:
     # Brokers clear RETAIN on live delivery (spec 3.3.1.3) unless the subscription asks for
     # Retain-As-Published; MQTT 3.1.1 has no such option, so there it stays cleared.
@@ -152,7 +159,7 @@ async def test_retain_as_published_keeps_the_flag_of_a_live_retained_message(
         )
         [live_kept] = [m for m in kept if m.topic == "kept/cmd"]
         [live_cleared] = [m for m in cleared if m.topic == "cleared/cmd"]
-        assert live_kept.retain is (protocol == 5)
+        assert live_kept.retain is (protocol == "5")
         assert live_cleared.retain is False
         # A new subscription gets the stored copy, with RETAIN set, on either version.
         stored: list[Message] = []
@@ -203,3 +210,69 @@ def test_the_programs_max_packet_size_key() -> None:
     assert mqtt_client(set_small, client_id="gw", name="mqtt", will=will).max_packet_size == 65536
     with pytest.raises(ValueError, match="max_packet_size"):
         MqttConfig.model_validate({"url": "mqtt://broker", "max_packet_size": "1KiB"})
+
+
+@pytest.mark.parametrize(
+    ("extra", "will_retained", "will_qos", "sent_qos", "sent_retain"),
+    [
+        # The Will (retained, QoS 1) is refused with 0x9A, then sent again not retained.
+        (["retain_available false"], False, 1, 1, False),
+        # The Will's QoS 1 is refused with 0x9B, then sent again at QoS 0.
+        (["max_qos 0"], True, 0, 0, True),
+        (["max_qos 1"], True, 1, 1, True),
+    ],
+    ids=["retain_available-false", "max_qos-0", "max_qos-1"],
+)
+async def test_mosquittos_limits_are_honoured_and_the_will_follows_them(
+    mosquitto_factory: MosquittoFactory,
+    extra: list[str],
+    will_retained: bool,
+    will_qos: int,
+    sent_qos: int,
+    sent_retain: bool,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Before: the CONNECT was refused forever for its Will ("Retain not supported" / "QoS not
+    # supported"), or, where accepted, a retained or QoS 1 publish got the client dropped.
+    caplog.set_level(logging.INFO, logger="edge_agent.mqtt")
+    broker = mosquitto_factory(extra_config=extra)
+    will = Will("lim/status", lambda: b"offline", qos=1, retain=True)
+    seen: list[Message] = []
+    # The watchers are our own clients: paho's QoS 1 would be refused by `max_qos 0` too.
+    async with client_for(broker, client_id="watcher") as watcher:
+        watcher.subscribe("lim/#", seen.append)
+        async with asyncio.timeout(10):
+            await watcher.wait_subscribed("lim/#")
+        async with client_for(broker, will=will) as client:
+            async with asyncio.timeout(10):
+                await client.wait_connected()
+            assert client.protocol_version == "5"
+            for index in range(20):  # live values: retained QoS 1, fire and forget
+                client.publish(f"lim/R/press1/t{index}", b"1", qos=1, retain=True)
+            await asyncio.wait_for(
+                client.publish_acked("lim/R/_agent/status", b"on", retain=True), 10
+            )
+            await async_wait_until(lambda: len(seen) == 21, timeout=10)
+            assert {(m.qos, m.retain) for m in seen} == {(sent_qos, False)}
+            assert client.stats.lost == 0
+            assert client.stats.publish_refused == {}
+            connection = client._connection
+            assert connection is not None
+            connection.abort()  # no DISCONNECT: the broker publishes the Will
+            await async_wait_until(lambda: seen[-1].topic == "lim/status", timeout=10)
+            assert seen[-1].payload == b"offline"
+            assert seen[-1].qos == min(will_qos, sent_qos)
+    stored: list[Message] = []
+    async with client_for(broker, client_id="late") as late:  # what the broker stored
+        late.subscribe("lim/#", stored.append)
+        async with asyncio.timeout(10):
+            await late.wait_subscribed("lim/#")
+        # A barrier: mosquitto sends the stored messages before anything published later.
+        late.publish("lim/marker", b"m", qos=1)  # QoS 1: queued behind the stored ones
+        await async_wait_until(lambda: any(m.topic == "lim/marker" for m in stored), timeout=10)
+    topics = {m.topic for m in stored}
+    assert len(topics & {f"lim/R/press1/t{index}" for index in range(20)}) == (
+        20 if sent_retain else 0
+    )
+    assert ("lim/status" in topics) is will_retained
+    assert "cannot connect" not in caplog.text

@@ -15,6 +15,8 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from sync.mqtt import wire
+
 if TYPE_CHECKING:
     from agent.daemon.gateway import Gateway
     from agent.daemon.runtime import Runtime
@@ -155,6 +157,21 @@ class _RuntimeCollector(Collector):
                 "Incoming packets refused: malformed, forbidden or too large (connection closed).",
             ),
             mqtt.stats.refused_packets,
+        )
+        refused = _counter(
+            "mqtt_publish_refused",
+            "Messages the broker refused in its PUBACK (MQTT 5), per reason.",
+            ["reason"],
+        )
+        for code, count in sorted(mqtt.stats.publish_refused.items()):
+            refused.add_metric([wire.reason_name(code)], count)
+        yield refused
+        yield _simple(
+            _counter(
+                "mqtt_takeovers",
+                "Connections the broker closed because another client took our client id.",
+            ),
+            mqtt.stats.takeovers,
         )
         for sink in gateway.sinks:
             for figure in sink.figures():

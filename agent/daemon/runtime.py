@@ -157,6 +157,9 @@ class Runtime:
         problems = self.sync_problems()
         if not gateway.mqtt.is_connected and gateway.pipeline.durable_down:
             problems.insert(0, "the uplink is down and the outbox refuses events")
+        # The ack, central status and command topics: without them a promise is broken.
+        for topic, reason in gateway.mqtt.refused_subscriptions.items():
+            problems.append(f"the broker refused the subscription to {topic}: {reason}")
         return problems
 
     def liveness_problems(self) -> list[str]:

@@ -7,7 +7,7 @@ from typing import Protocol
 
 from pydantic import SecretStr
 
-from sync.mqtt.client import MqttClient, TlsOptions, Will
+from sync.mqtt.client import MqttClient, ProtocolChoice, TlsOptions, Will
 
 
 class ConnectionKeys(Protocol):
@@ -54,6 +54,21 @@ class ConnectionKeys(Protocol):
         ...
 
     @property
+    def key_password(self) -> SecretStr | None:
+        """Passphrase of the client key (read from key_password_file at load)."""
+        ...
+
+    @property
+    def alpn(self) -> tuple[str, ...]:
+        """ALPN protocols offered in the TLS handshake."""
+        ...
+
+    @property
+    def protocol(self) -> ProtocolChoice:
+        """MQTT version: auto, 5 or 3.1.1."""
+        ...
+
+    @property
     def keepalive(self) -> float:
         """Keep-alive interval, seconds."""
         ...
@@ -73,6 +88,8 @@ def mqtt_client(
             ca_file=str(keys.ca_file) if keys.ca_file else None,
             cert_file=str(keys.cert_file) if keys.cert_file else None,
             key_file=str(keys.key_file) if keys.key_file else None,
+            key_password=keys.key_password.get_secret_value() if keys.key_password else None,
+            alpn=keys.alpn,
         )
         if keys.tls
         else None
@@ -85,6 +102,7 @@ def mqtt_client(
         password=keys.password.get_secret_value() if keys.password else None,
         tls=tls,
         keepalive=keys.keepalive,
+        protocol=keys.protocol,
         max_packet_size=keys.max_packet_size,
         will=will,
         birth=birth,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -75,6 +75,25 @@ class TlsClientConfig(ConfigModel):
         default=None, description="Client certificate for mutual TLS (with key_file)."
     )
     key_file: Path | None = Field(default=None, description="Client key for mutual TLS.")
+    key_password: SecretStr | None = Field(
+        default=None, description="Passphrase of an encrypted key_file; prefer key_password_file."
+    )
+    key_password_file: Path | None = Field(
+        default=None,
+        description="File holding key_file's passphrase (looked up like password_file); an "
+        "encrypted key without it is refused at start, never prompted for.",
+    )
+    alpn: tuple[str, ...] = Field(
+        default=(),
+        description="ALPN protocols offered in the TLS handshake, e.g. ['x-amzn-mqtt-ca'] for "
+        "AWS IoT Core on port 443 (docs/mqtt.md, 'TLS, ALPN and port 443').",
+        examples=[["x-amzn-mqtt-ca"]],
+    )
+    protocol: Literal["auto", "5", "3.1.1"] = Field(
+        default="auto",
+        description="MQTT version: 'auto' tries 5 and falls back to 3.1.1 when the broker does "
+        "not speak 5 (the log says which); '5' or '3.1.1' to insist (docs/mqtt.md, 'MQTT 3.1.1').",
+    )
     client_id: str | None = Field(
         default=None,
         max_length=128,
@@ -143,6 +162,13 @@ class TlsClientConfig(ConfigModel):
             for key in ("ca_file", "cert_file", "key_file"):
                 if getattr(self, key) is not None:
                     yield ((key,), "TLS files need an mqtts:// url")
+            if self.alpn:
+                yield (("alpn",), "ALPN is part of TLS: it needs an mqtts:// url")
+        if self.key_password is not None and self.key_file is None:
+            yield (("key_password",), "a key passphrase needs key_file")
+        for index, protocol in enumerate(self.alpn):
+            if not 0 < len(protocol.encode()) < 256:
+                yield (("alpn", index), "an ALPN protocol name is 1..255 bytes")
         if self.password is not None and not self.username:
             yield (("username",), "required when a password is given")
 

@@ -169,7 +169,12 @@ class Ingest:
     @property
     def ready(self) -> bool:
         """Consuming: schema in place, database up, subscribed on a live broker connection."""
-        return self._ready.is_set() and self.db_up and self.mqtt_connected
+        return (
+            self._ready.is_set()
+            and self.db_up
+            and self.mqtt_connected
+            and self._mqtt.is_subscribed(self.topic)
+        )
 
     @property
     def queued(self) -> int:

@@ -29,13 +29,15 @@ from sync.mqtt.connection import Connection
 from sync.mqtt.dispatch import PacketDispatcher
 from sync.mqtt.endpoint import Endpoint
 from sync.mqtt.errors import ConnectionLost, MessageTooLarge, NotConnected, PublishRejected
-from sync.mqtt.link import BrokerLink
+from sync.mqtt.link import STABLE_AFTER, BrokerLink
+from sync.mqtt.refusals import RefusalLog
 from sync.mqtt.subscriptions import Subscription, Subscriptions
 from sync.mqtt.types import (
     ConnectionListener,
     Message,
     MessageHandler,
     MqttStats,
+    ProtocolChoice,
     TlsOptions,
     Will,
 )
@@ -52,6 +54,7 @@ __all__ = [
     "MqttClient",
     "MqttStats",
     "NotConnected",
+    "ProtocolChoice",
     "PublishRejected",
     "TlsOptions",
     "Will",
@@ -60,7 +63,7 @@ __all__ = [
 
 
 class MqttClient:
-    """An always-reconnecting MQTT 5 client; use as ``async with MqttClient(...) as client``."""
+    """An always-reconnecting MQTT 5 / 3.1.1 client; use as ``async with MqttClient(...)``."""
 
     def __init__(
         self,
@@ -78,8 +81,9 @@ class MqttClient:
         reconnect_min: float = 0.5,
         reconnect_max: float = 10.0,
         connect_timeout: float = 10.0,
-        protocol: int = 5,
+        protocol: ProtocolChoice = "auto",
         max_packet_size: int = wire.MAX_PACKET_SIZE,
+        stable_after: float = STABLE_AFTER,
         name: str = "mqtt",
     ) -> None:
         endpoint = Endpoint(
@@ -100,7 +104,11 @@ class MqttClient:
         self._name = name
         self._max_packet_size = endpoint.max_packet_size
         self._birth = birth
-        self._window = InflightWindow(max_inflight=max_inflight, stats=self.stats)
+        self._window = InflightWindow(
+            max_inflight=max_inflight,
+            stats=self.stats,
+            refusals=RefusalLog(stats=self.stats, name=name),
+        )
         self._link = BrokerLink(
             endpoint=endpoint,
             owner=self,
@@ -109,17 +117,19 @@ class MqttClient:
             on_up=self._connected,
             reconnect_min=reconnect_min,
             reconnect_max=reconnect_max,
+            stable_after=stable_after,
             name=name,
         )
         self._subscriptions = Subscriptions(name=name)
         self._dispatcher = PacketDispatcher(
             subscriptions=self._subscriptions,
-            stats=self.stats,
             on_connack=self._link.on_connack,
-            on_disconnect=self._link.mark_lost,
+            on_disconnect=self._link.on_disconnect,
         )
         self._loop: asyncio.AbstractEventLoop | None = None
         self._topic_bytes: dict[str, bytes] = {}
+        self._downgrade_warned = False  # retain or QoS lowered to the broker's limits
+        self._link.add_listener(self._on_link)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -172,6 +182,35 @@ class MqttClient:
         return self._link.broker_max_packet_size
 
     @property
+    def protocol_version(self) -> str | None:
+        """The MQTT version the broker accepted ("5" or "3.1.1"); None before the first
+        CONNACK."""
+        return self._link.protocol_in_use
+
+    @property
+    def retain_available(self) -> bool:
+        """Whether the broker takes retained messages (MQTT 5 CONNACK; True on 3.1.1)."""
+        return self._link.retain_available
+
+    @property
+    def maximum_qos(self) -> int:
+        """The highest QoS the broker takes in a PUBLISH (MQTT 5 CONNACK; 2 on 3.1.1)."""
+        return self._link.maximum_qos
+
+    @property
+    def refused_subscriptions(self) -> dict[str, str]:
+        """Topic filters the broker refused on this connection, with its reason."""
+        return dict(self._subscriptions.refused)
+
+    def is_subscribed(self, topic: str) -> bool:
+        """Whether the broker granted the subscription to `topic` on this connection."""
+        return self._subscriptions.is_granted(topic)
+
+    async def wait_subscribed(self, topic: str) -> None:
+        """Wait until the broker granted the subscription to `topic` (wrap in a timeout)."""
+        await self._subscriptions.wait_granted(topic)
+
+    @property
     def last_error(self) -> str | None:
         """Why the last connection attempt failed or the connection was lost."""
         return self._link.last_error
@@ -207,7 +246,9 @@ class MqttClient:
         self._subscriptions.add(subscription)
         connection = self._link.connection
         if connection is not None and self.is_connected:
-            self._subscriptions.subscribe(connection, subscription)
+            self._subscriptions.subscribe(
+                connection, subscription, shared_allowed=self._link.shared_subscriptions
+            )
 
     def unsubscribe(self, topic: str) -> None:
         """Drop a subscription (now and for later reconnects)."""
@@ -307,6 +348,9 @@ class MqttClient:
             self._topic_bytes[topic] = topic_bytes
         if qos not in (0, 1):
             raise ValueError("only QoS 0 and 1 are published by this client")
+        if (retain and not link.retain_available) or qos > link.maximum_qos:
+            # The broker would disconnect us for it (MQTT 5, 3.3.1.3 and 3.2.2.3.4).
+            retain, qos = self._downgrade(topic, retain, qos)
         if len(payload) > wire.MAX_REMAINING_LENGTH - len(topic_bytes) - 8:
             raise ValueError(f"payload of {len(payload)} bytes is too large for MQTT")
         limit = link.broker_max_packet_size
@@ -329,11 +373,32 @@ class MqttClient:
             return
         self._window.submit(connection, topic_bytes, payload, retain, future)
 
+    def _downgrade(self, topic: str, retain: bool, qos: int) -> tuple[bool, int]:
+        link = self._link
+        if not self._downgrade_warned:
+            self._downgrade_warned = True  # once: every live value would log
+            what = []
+            if retain and not link.retain_available:
+                what.append(
+                    "without retain (the broker's Retain Available is 0: a subscriber "
+                    "sees a value only once it changes)"
+                )
+            if qos > link.maximum_qos:
+                what.append(f"at QoS {link.maximum_qos} (the broker's Maximum QoS)")
+            log.warning("%s: publishing %s, first to %s", self._name, " and ".join(what), topic)
+        return retain and link.retain_available, min(qos, link.maximum_qos)
+
     # -- the link's and the connection's callbacks --------------------------------------------
+
+    def _on_link(self, up: bool) -> None:
+        if not up:
+            self._subscriptions.connection_lost()
 
     def _connected(self, connection: Connection) -> None:
         # A new connection knows no subscriptions (clean start); the birth message follows.
-        self._subscriptions.subscribe_all(connection)
+        self._subscriptions.subscribe_all(
+            connection, shared_allowed=self._link.shared_subscriptions
+        )
         if self._birth is not None:
             try:
                 self.publish(

@@ -64,7 +64,9 @@ class Connection(asyncio.Protocol):
         # Every connection starts clean (clean start, session expiry 0), so the packet
         # identifiers in use, and what waits for an answer under them, die with it.
         self.next_mid = 0
-        self.pending: dict[int, asyncio.Future[None] | None] = {}  # QoS 1 PUBLISH -> PUBACK
+        # QoS 1 PUBLISH in flight: packet identifier -> (its topic, the future its PUBACK
+        # resolves, if its publisher wants one).
+        self.pending: dict[int, tuple[bytes, asyncio.Future[None] | None]] = {}
         self.requests: dict[int, str] = {}  # SUBSCRIBE/UNSUBSCRIBE -> its topic filter
         self.incoming_qos2: set[int] = set()  # the broker's QoS 2 messages before PUBREL
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from sync.mqtt import wire
 from sync.mqtt.connection import Connection
 from sync.mqtt.subscriptions import Subscriptions
-from sync.mqtt.types import Message, MqttStats
+from sync.mqtt.types import Message
 
 
 @dataclass(frozen=True, slots=True)
@@ -17,19 +17,34 @@ class Connack:
     """The broker's answer to CONNECT: its reason code and the limits it sets (MQTT 5)."""
 
     code: int
+    session_present: bool = False
     server_keepalive: int | None = None  # overrides ours (MQTT 5, 3.2.2.3.14)
     receive_maximum: int | None = None  # QoS 1 messages it takes unacknowledged
     maximum_packet_size: int | None = None  # the largest packet it takes (None: no limit)
+    maximum_qos: int = 2  # the highest QoS it takes in a PUBLISH (3.2.2.3.4)
+    retain_available: bool = True  # whether it takes retained messages (3.2.2.3.5)
+    shared_subscriptions: bool = True  # whether it takes $share/ filters (3.2.2.3.13)
     reason_string: str | None = None  # why it refused, when it says
 
 
+def _flag(properties: dict[int, object], identifier: int, name: str) -> bool:
+    value = properties.get(identifier, 1)
+    if value not in (0, 1):  # a protocol error (MQTT 5, 3.2.2.3.5, 3.2.2.3.11-13)
+        raise wire.ProtocolError(f"CONNACK with {name} {value}")
+    return value == 1
+
+
 def parse_connack(body: memoryview, *, v5: bool) -> Connack:
-    """The CONNACK body: reason code and, for MQTT 5, the properties the client uses."""
+    """The CONNACK body: session present, reason code and, for MQTT 5, the properties the
+    client uses."""
     if len(body) < 2:
         raise wire.MalformedPacket("CONNACK too short")
+    if body[0] & 0xFE:
+        raise wire.MalformedPacket("CONNACK with reserved flags set")
+    session_present = bool(body[0] & 0x01)
     code = body[1]
     if not v5 or len(body) <= 2:
-        return Connack(code)
+        return Connack(code, session_present)
     properties, _ = wire.parse_properties(body, 2, len(body))
     keepalive = properties.get(wire.SERVER_KEEP_ALIVE)
     receive_maximum = properties.get(wire.RECEIVE_MAXIMUM)
@@ -38,12 +53,21 @@ def parse_connack(body: memoryview, *, v5: bool) -> Connack:
     maximum_packet_size = properties.get(wire.MAXIMUM_PACKET_SIZE)
     if maximum_packet_size == 0:  # a protocol error (MQTT 5, 3.2.2.3.6)
         raise wire.ProtocolError("CONNACK with Maximum Packet Size 0")
+    maximum_qos = properties.get(wire.MAXIMUM_QOS, 2)  # absent: every QoS
+    if wire.MAXIMUM_QOS in properties and maximum_qos not in (0, 1):
+        raise wire.ProtocolError(f"CONNACK with Maximum QoS {maximum_qos}")  # 3.2.2.3.4
     detail = properties.get(wire.REASON_STRING)
     return Connack(
         code,
+        session_present,
         server_keepalive=keepalive if isinstance(keepalive, int) and keepalive > 0 else None,
         receive_maximum=receive_maximum if isinstance(receive_maximum, int) else None,
         maximum_packet_size=(maximum_packet_size if isinstance(maximum_packet_size, int) else None),
+        maximum_qos=maximum_qos if isinstance(maximum_qos, int) else 2,
+        retain_available=_flag(properties, wire.RETAIN_AVAILABLE, "Retain Available"),
+        shared_subscriptions=_flag(
+            properties, wire.SHARED_SUBSCRIPTION_AVAILABLE, "Shared Subscription Available"
+        ),
         reason_string=detail if isinstance(detail, str) and detail else None,
     )
 
@@ -101,12 +125,10 @@ class PacketDispatcher:
         self,
         *,
         subscriptions: Subscriptions,
-        stats: MqttStats,
         on_connack: Callable[[Connack], None],
-        on_disconnect: Callable[[Connection, str], None],
+        on_disconnect: Callable[[Connection, int, str], None],
     ) -> None:
         self._subscriptions = subscriptions
-        self._stats = stats
         self._on_connack = on_connack
         self._on_disconnect = on_disconnect
 
@@ -130,8 +152,8 @@ class PacketDispatcher:
             connection.incoming_qos2.discard(mid)
             connection.write(wire.ack(wire.PUBCOMP, mid))
         elif kind == wire.DISCONNECT:
-            reason = disconnect_reason(body, v5=connection.v5)
-            self._on_disconnect(connection, f"disconnected by the broker: {reason}")
+            code = body[0] if len(body) >= 1 else 0
+            self._on_disconnect(connection, code, disconnect_reason(body, v5=connection.v5))
         elif kind == wire.PUBACK:
             raise wire.MalformedPacket("PUBACK shorter than a packet identifier")
         elif kind in (wire.PUBREC, wire.PUBCOMP, wire.AUTH):
@@ -148,5 +170,4 @@ class PacketDispatcher:
             if mid in connection.incoming_qos2:
                 return  # a re-sent QoS 2 message we already delivered
             connection.incoming_qos2.add(mid)
-        self._stats.received += 1
         self._subscriptions.deliver(message)

@@ -7,7 +7,7 @@ import asyncio
 
 from sync.mqtt import wire
 from sync.mqtt.connection import Connection
-from sync.mqtt.types import TlsOptions, Will
+from sync.mqtt.types import PROTOCOL_CHOICES, ProtocolChoice, TlsOptions, Will
 
 # Below this not even a CONNACK or SUBACK with a reason string is sure to fit.
 MIN_PACKET_SIZE = 256
@@ -27,7 +27,7 @@ class Endpoint:
         tls: TlsOptions | None = None,
         keepalive: float = 30.0,
         will: Will | None = None,
-        protocol: int = 5,
+        protocol: ProtocolChoice = "auto",
         connect_timeout: float = 10.0,
         max_packet_size: int = wire.MAX_PACKET_SIZE,
     ) -> None:
@@ -35,8 +35,8 @@ class Endpoint:
             raise ValueError("host is required")
         if not 0 < port < 65536:
             raise ValueError(f"invalid port {port}")
-        if protocol not in (4, 5):
-            raise ValueError("protocol must be 4 (MQTT 3.1.1) or 5")
+        if protocol not in PROTOCOL_CHOICES:
+            raise ValueError(f"protocol must be one of {', '.join(PROTOCOL_CHOICES)}")
         if not MIN_PACKET_SIZE <= max_packet_size <= wire.MAX_PACKET_SIZE:
             raise ValueError(
                 f"max_packet_size must be {MIN_PACKET_SIZE}..{wire.MAX_PACKET_SIZE} bytes, "
@@ -51,9 +51,14 @@ class Endpoint:
         self.tls_context = tls.context() if tls is not None else None
         self.keepalive = max(5, int(keepalive))  # seconds; the broker's Server Keep Alive wins
         self.will = will
-        # MQTT 5 is needed for shared subscriptions and for reason codes on PUBACK (a broker
-        # that refuses a message says so); 3.1.1 stays available for old brokers.
-        self.v5 = protocol == 5
+        # What the broker refused of the Will (MQTT 5 CONNACK 0x9A Retain not supported, 0x9B
+        # QoS not supported): the next CONNECT carries a Will it accepts.
+        self.will_retain_refused = False
+        self.will_qos_refused = False
+        # MQTT 5 gives shared subscriptions and reason codes on PUBACK (a broker that refuses a
+        # message says so); `auto` falls back to 3.1.1 for brokers without it (link.py).
+        self.protocol: ProtocolChoice = protocol
+        self.v5 = protocol != "3.1.1"  # the version the next CONNECT speaks
         self.connect_timeout = connect_timeout
         # The most one incoming packet may take, announced in CONNECT on MQTT 5 so that the
         # broker drops a larger message for us instead of sending it; enforced on either.
@@ -84,7 +89,10 @@ class Endpoint:
         will = None
         if self.will is not None:
             will = wire.WillMessage(
-                self.will.topic, self.will.payload(), self.will.qos, self.will.retain
+                self.will.topic,
+                self.will.payload(),
+                0 if self.will_qos_refused else self.will.qos,
+                self.will.retain and not self.will_retain_refused,
             )
         return wire.encode_connect(
             client_id=self.client_id,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import socket
 import ssl
 
@@ -47,9 +48,16 @@ def describe_error(exc: BaseException) -> str:
     if isinstance(exc, ssl.SSLCertVerificationError):
         return f"TLS certificate not trusted: {exc.verify_message}"
     if isinstance(exc, ssl.SSLError):
+        if exc.reason and "ALERT" in exc.reason:
+            # The broker refused the handshake or our certificate, e.g. TLSV13_ALERT_...
+            return f"TLS alert from the broker: {exc.reason}"
         return f"TLS error: {exc.reason or exc}"
     if isinstance(exc, ConnectionRefusedError) and exc.args and isinstance(exc.args[0], str):
         return exc.args[0]
+    if isinstance(exc, OSError) and exc.errno == errno.ECONNREFUSED:
+        return "connection refused (no broker listening on that port?)"
+    if isinstance(exc, ConnectionResetError):
+        return "connection reset by the broker (TCP RST)"
     if isinstance(exc, socket.gaierror):
         return f"cannot resolve host: {exc.strerror}"
     if isinstance(exc, OSError) and exc.strerror:

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import ssl
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 
 MessageHandler = Callable[["Message"], None]
 ConnectionListener = Callable[[bool], None]
+# `auto`: MQTT 5, and 3.1.1 when the broker does not speak 5 (docs/mqtt.md, "MQTT 3.1.1").
+ProtocolChoice = Literal["auto", "5", "3.1.1"]
+PROTOCOL_CHOICES: tuple[ProtocolChoice, ...] = ("auto", "5", "3.1.1")
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,19 +42,40 @@ class Will:
 
 @dataclass(frozen=True, slots=True)
 class TlsOptions:
-    """TLS for mqtts://: CA bundle (None: system CAs), client certificate for mutual TLS."""
+    """TLS for mqtts://: CA bundle (None: system CAs), client certificate for mutual TLS (its
+    key's passphrase, if any), and the ALPN protocols to offer (e.g. AWS IoT Core on 443)."""
 
     ca_file: str | None = None
     cert_file: str | None = None
     key_file: str | None = None
+    key_password: str | None = field(default=None, repr=False)
+    alpn: tuple[str, ...] = ()
 
     def context(self) -> ssl.SSLContext:
         """Build the verifying client context (hostname checked, TLS >= 1.2)."""
         context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=self.ca_file)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         if self.cert_file:
-            context.load_cert_chain(self.cert_file, self.key_file)
+            try:
+                # Always a callable: without one OpenSSL asks for an encrypted key's
+                # passphrase on the terminal, which a service under systemd does not have.
+                context.load_cert_chain(self.cert_file, self.key_file, password=self._passphrase)
+            except ssl.SSLError as exc:
+                key = self.key_file or self.cert_file
+                if self.key_password is not None:
+                    raise ValueError(f"{key}: the key's password is wrong ({exc.reason})") from None
+                raise ValueError(
+                    f"{key}: not a usable certificate and key ({exc.reason})"
+                ) from None
+        if self.alpn:
+            context.set_alpn_protocols(list(self.alpn))
         return context
+
+    def _passphrase(self) -> str:
+        if self.key_password is None:
+            key = self.key_file or self.cert_file
+            raise ValueError(f"{key}: the key is encrypted; set key_password_file")
+        return self.key_password
 
 
 @dataclass(slots=True)
@@ -59,8 +84,10 @@ class MqttStats:
 
     published: int = 0
     acked: int = 0
-    received: int = 0
     connects: int = 0
     connect_failures: int = 0
     lost: int = 0
     refused_packets: int = 0  # connections closed on a malformed or oversized incoming packet
+    # PUBACKs with a failure reason code, per reason code (MQTT 5 only: 3.1.1 has none).
+    publish_refused: dict[int, int] = field(default_factory=dict)
+    takeovers: int = 0  # connections closed because another client took our client id

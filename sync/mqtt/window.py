@@ -18,6 +18,7 @@ from collections import deque
 from sync.mqtt import wire
 from sync.mqtt.connection import Connection
 from sync.mqtt.errors import ConnectionLost, PublishRejected
+from sync.mqtt.refusals import RefusalLog
 from sync.mqtt.types import MqttStats
 
 # A QoS 1 publish waiting for a free slot: (topic, payload, retain, future of publish_acked).
@@ -39,13 +40,14 @@ class InflightWindow:
     """QoS 1 messages in flight on the current connection, at most `size` of them; the rest
     queued in order until PUBACKs free slots."""
 
-    def __init__(self, *, max_inflight: int, stats: MqttStats) -> None:
+    def __init__(self, *, max_inflight: int, stats: MqttStats, refusals: RefusalLog) -> None:
         if not 1 <= max_inflight <= 20000:
             # QoS 1 packet identifiers are 16-bit: the window must stay well inside 65,535.
             raise ValueError("max_inflight must be 1..20000")
         self.max_inflight = max_inflight
         self.size = max_inflight  # min(max_inflight, the broker's Receive Maximum)
         self._stats = stats
+        self._refusals = refusals
         self._connection: Connection | None = None
         self._queued: deque[QueuedPublish] = deque()
         self._space = asyncio.Event()
@@ -72,7 +74,7 @@ class InflightWindow:
         queued, self._queued = self._queued, deque()
         self._space.set()
         self._idle.set()
-        futures = [*pending.values(), *(future for *_, future in queued)]
+        futures = [*(future for _, future in pending.values()), *(future for *_, future in queued)]
         pending.clear()
         for future in futures:
             if future is not None and not future.done():
@@ -135,7 +137,7 @@ class InflightWindow:
             wire.publish_header(topic_bytes, len(payload), 1, retain, mid, connection.v5) + payload
         )
         self._stats.published += 1
-        connection.pending[mid] = future
+        connection.pending[mid] = (topic_bytes, future)
 
     def acknowledge(self, mid: int, reason: int) -> None:
         """A PUBACK: free its slot, send what the slot lets out of the queue, resolve its future
@@ -146,8 +148,7 @@ class InflightWindow:
         pending = connection.pending
         if mid not in pending:
             return
-        future = pending.pop(mid)
-        self._stats.acked += 1
+        topic, future = pending.pop(mid)
         queued = self._queued
         if queued:
             while queued and len(pending) < self.size:
@@ -156,8 +157,11 @@ class InflightWindow:
             self._idle.set()
         if not self._space.is_set() and self.free_slots > 0:
             self._space.set()  # waiters for more than one slot check again
-        if future is not None and not future.done():
-            if reason >= 0x80:
+        if reason >= 0x80:
+            self._refusals.refused(topic, reason, owned=future is not None)
+            if future is not None and not future.done():
                 future.set_exception(PublishRejected(reason=reason))
-            else:
-                future.set_result(None)
+            return
+        self._stats.acked += 1
+        if future is not None and not future.done():
+            future.set_result(None)
