@@ -183,9 +183,48 @@ def create_client_certificate(cert_path: Path, key_path: Path, application_uri: 
     )
     for path in (cert_path, key_path):
         _private_dir(path.parent)
-    _write_new(key_path, key_pem)
-    _write_new(cert_path, cert_der)
+    # Both files complete under their staging names (data and names fsynced) before either
+    # gets its real name: a power cut or kill -9 leaves the pair complete or absent, or the
+    # key renamed and the certificate still staged, which `finish_interrupted_pair` completes.
+    key_staged, cert_staged = _staged(key_path), _staged(cert_path)
+    for staged in (key_staged, cert_staged):
+        staged.unlink(missing_ok=True)  # left by a cut before anything was renamed
+    _write_new(key_staged, key_pem)
+    _write_new(cert_staged, cert_der)
+    _fsync_dirs(key_path, cert_path)
+    if key_path.exists() or cert_path.exists():
+        raise FileExistsError(f"{key_path} or {cert_path} appeared meanwhile: not overwritten")
+    os.replace(key_staged, key_path)
+    os.replace(cert_staged, cert_path)
+    _fsync_dirs(key_path, cert_path)
     return fingerprint(cert_der)
+
+
+def _staged(path: Path) -> Path:
+    """Where `path` is written before it gets its name."""
+    return path.with_name(f".{path.name}.new")
+
+
+def _fsync_dirs(*paths: Path) -> None:
+    """Make the names in the directories of `paths` durable (a rename is not, until then)."""
+    for directory in {path.parent for path in paths}:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def finish_interrupted_pair(cert_path: Path, key_path: Path) -> bool:
+    """Complete a pair whose creation was cut after the key got its name: the certificate
+    was written and fsynced under its staging name before that (create_client_certificate).
+    True when it was completed."""
+    cert_staged = _staged(cert_path)
+    if key_path.exists() and not cert_path.exists() and cert_staged.exists():
+        os.replace(cert_staged, cert_path)
+        _fsync_dirs(cert_path)
+        return True
+    return False
 
 
 def _private_dir(path: Path) -> None:
@@ -289,6 +328,8 @@ def _certificate_paths(config: OpcUaDeviceConfig, context: DriverContext) -> tup
 
 async def _ensure_client_certificate(cert_path: Path, key_path: Path, application_uri: str) -> None:
     """Create the pair when both files are absent; refuse when only one of them exists."""
+    if await asyncio.to_thread(finish_interrupted_pair, cert_path, key_path):
+        log.warning("OPC UA client certificate %s completed (its creation was cut)", cert_path)
     cert_exists, key_exists = await asyncio.to_thread(
         lambda: (cert_path.exists(), key_path.exists())
     )
