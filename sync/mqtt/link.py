@@ -107,6 +107,7 @@ class BrokerLink:
         self._up_logged = False
         self._failure_logged: str | None = None  # the last failure to connect in the log
         self._fallback_logged = False
+        self._v311_answered = False  # the broker made clear it does not speak MQTT 5
         self._refused = False  # the last connection was closed on what the broker sent
         self._takeover = False  # the last connection was taken over by another client
         self._short_sessions = 0  # connections in a row the broker closed soon after CONNACK
@@ -231,18 +232,25 @@ class BrokerLink:
                 self._teardown(self.connection, reason=describe_error(exc))
                 if self._adapt_connect(exc):
                     continue  # at once: the broker said what it takes
-                if self._endpoint.protocol == "auto" and self.protocol_in_use is None:
-                    self._endpoint.v5 = True  # not settled yet: MQTT 5 first again
+                self._v5_first_again()
                 self._failed(describe_error(exc))
             else:
                 started = time.monotonic()
                 await self._lost.wait()
+                self._v5_first_again()
                 if self._stayed_up(time.monotonic() - started):
                     attempt = 0
             # Full jitter: many gateways reconnecting after a broker restart spread out.
             delay = min(self._reconnect_max, self._reconnect_min * 2**attempt)
             attempt = min(attempt + 1, 16)
             await asyncio.sleep(random.uniform(delay / 2, delay))
+
+    def _v5_first_again(self) -> None:
+        # `auto` stays on 3.1.1 once the broker said (or showed by silence) that it does not
+        # speak 5. A close before CONNACK may be a load balancer whose broker is restarting:
+        # the next attempt tries 5 again, so that such a moment does not pin us to 3.1.1.
+        if self._endpoint.protocol == "auto" and not self._v311_answered:
+            self._endpoint.v5 = True
 
     def _failed(self, reason: str) -> None:
         # Logged when the reason changes, or when it follows a connection that was up.
@@ -269,9 +277,12 @@ class BrokerLink:
         closed = isinstance(exc, ClosedBeforeConnack) and not exc.tls
         silent = isinstance(exc, NoConnack)
         if endpoint.protocol == "auto" and endpoint.v5 and (unsupported or closed or silent):
+            # Settled for good on an answer, and on silence (a 3.1.1 broker that misread the
+            # CONNECT: waiting for it again would cost a connect timeout on every reconnect).
+            self._v311_answered = not closed
             # Some 3.1.1 brokers answer return code 1, others just close (RabbitMQ 3.x), and
             # some misread an MQTT 5 CONNECT with a Will and wait for bytes that never come
-            # (amqtt 0.11: "Will flag set, but will topic/message not present").
+            # (amqtt 0.12: "Will flag set, but will topic/message not present").
             endpoint.v5 = False
             if not self._fallback_logged:
                 self._fallback_logged = True
