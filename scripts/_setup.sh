@@ -90,8 +90,8 @@ ensure_venv() {
   want="$(cat pyproject.toml | sha256sum | cut -d' ' -f1) $spec"
   local have=""
   [ -f "$stamp" ] && have="$(cat "$stamp")"
-  # A venv set up for the tests also serves the demo (".[test]" includes ".").
-  if [ "$spec" = "." ] && [ "${have% *}" = "${want% *}" ] && [ "${have##* }" = ".[test]" ]; then
+  # A venv set up for the tests also serves the demo (".[test]" includes ".[demo]").
+  if [ "$spec" = ".[demo]" ] && [ "${have% *}" = "${want% *}" ] && [ "${have##* }" = ".[test]" ]; then
     return 0
   fi
   if [ "$have" != "$want" ]; then
