@@ -1,10 +1,11 @@
-"""`edge-agent demo`: private by default (its own broker on a free port, never the broker an
-EDGE_AGENT__MQTT__URL names), the whole path to a private PostgreSQL when it is installed,
+"""`edge-agent demo`: private by default (its own broker on a free port, mosquitto or else amqtt
+embedded, never the broker an EDGE_AGENT__MQTT__URL names), the whole path to a private PostgreSQL when it is installed,
 `--broker URL`, live only without PostgreSQL, and the screen."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import re
 import shutil
@@ -21,9 +22,13 @@ import pytest
 
 from agent.daemon.runtime import Runtime
 from agent.demo import broker as demo_broker
+from agent.demo import embedded as demo_embedded
 from agent.demo import servers
-from agent.demo.broker import NO_BROKER, private_mosquitto
+from agent.demo.broker import NO_BROKER, private_mosquitto, start_private_broker
+from agent.demo.central import ingest_config
 from agent.demo.config import load_demo_config
+from agent.demo.embedded import EmbeddedAmqtt
+from agent.demo.postgres import find_pg_bin_dir
 from agent.demo.run import temp_parent
 from agent.demo.screen import (
     WAITING_FOR_COUNTS,
@@ -42,16 +47,21 @@ from agent.settings.loader import ConfigError, load_agent_settings
 from tests.fixtures.collector import TopicCollector
 from tests.fixtures.mosquitto import MosquittoBroker
 from tests.fixtures.mqtt_client import MqttTestClient
-from tests.fixtures.ports import LOOPBACK, wait_until
+from tests.fixtures.ports import LOOPBACK, async_wait_until, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_TIMEOUT = 120  # seconds: a deadline for a whole demo run, never a wait
 
 
-def run_demo(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    """`edge-agent demo ARGS` as a process, its screens on a pipe (one frame after another)."""
+def run_demo(
+    *args: str, env: dict[str, str], without_amqtt: bool = False
+) -> subprocess.CompletedProcess[str]:
+    """`edge-agent demo ARGS` as a process, its screens on a pipe (one frame after another);
+    ``without_amqtt``: as where the demo extra is not installed (amqtt cannot be imported)."""
+    hide = "sys.modules['amqtt'] = None; " if without_amqtt else ""
+    main = f"import runpy, sys; {hide}runpy.run_module('agent.cli', run_name='__main__')"
     return subprocess.run(
-        [sys.executable, "-m", "agent.cli", "demo", *args],
+        [sys.executable, "-c", main, "demo", *args],
         cwd=REPO,
         env={**os.environ, **env},
         capture_output=True,
@@ -204,10 +214,62 @@ def test_broker_option_publishes_there_live_only_without_postgres(
     assert "nothing stored centrally (no central store: live only)" in out
 
 
-def test_without_mosquitto_the_demo_says_so_and_exits_2() -> None:
-    result = run_demo("--duration", "5", env={"EDGE_AGENT_MOSQUITTO": ""})
+def listening_on(port: int) -> list[str]:
+    """The local addresses (hex, as /proc/net/tcp writes them) of the sockets listening on
+    ``port`` (IPv4 and IPv6)."""
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+                found.append(local)
+    return found
+
+
+@pytest.mark.slow
+def test_without_mosquitto_the_demo_runs_amqtt_embedded() -> None:
+    # A fresh machine without root: no mosquitto, so the demo runs amqtt (the demo extra) in
+    # the demo's process, on a free loopback port, the agent and the ingest speaking MQTT 3.1.1;
+    # the same path as with mosquitto, and nothing listening or left on disk afterwards. Stopped
+    # as Ctrl-C would once the central store holds rows (live values without PostgreSQL).
+    central = find_pg_bin_dir() is not None
+    with DemoProcess("--duration", "60", env={"EDGE_AGENT_MOSQUITTO": ""}) as demo:
+        broker = re.search(
+            r"broker:  mqtt://127\.0\.0\.1:(\d+), private amqtt \S+, embedded, MQTT 3\.1\.1 "
+            r"\(mosquitto is not installed; log in ",
+            demo.line_with("broker:"),
+        )
+        assert broker is not None, demo.lines
+        port = int(broker.group(1))
+        assert port != 1883
+        assert listening_on(port) == [f"0100007F:{port:04X}"]  # 127.0.0.1 only
+        with MqttTestClient(LOOPBACK, port) as watcher:
+            watcher.subscribe("demo/assembly/line1/#")
+            assert watcher.wait_for_message(timeout=30).topic.startswith("demo/assembly/line1/")
+        ready = re.compile(r"stored centrally: [1-9]" if central else "uplink:  connected")
+        wait_until(lambda: any(ready.search(line) for line in demo.lines), timeout=60)
+        demo.proc.terminate()
+        code, out, stderr = demo.finish()
+    assert code == 0, out + stderr
+    assert "Traceback" not in stderr
+    assert "uplink:  connected, publishing live values" in out
+    if central:
+        assert re.search(r"edge-agent demo: stored centrally: [1-9][\d,]* rows", out), out
+    else:
+        assert "nothing stored centrally (no central store: live only)" in out
+    stopped = re.search(r"edge-agent demo: stopped; (\S+) deleted", out)
+    assert stopped is not None, out
+    assert not Path(stopped.group(1)).exists()
+    assert listening_on(port) == []
+
+
+def test_without_mosquitto_or_amqtt_the_demo_says_so_and_exits_2() -> None:
+    result = run_demo("--duration", "5", env={"EDGE_AGENT_MOSQUITTO": ""}, without_amqtt=True)
     assert result.returncode == 2, result.stdout + result.stderr
-    assert result.stdout.strip() == f"edge-agent demo: {NO_BROKER}"
+    said = result.stdout.strip()
+    assert said.startswith(f"edge-agent demo: {NO_BROKER} (mosquitto is not installed; "), said
+    assert "amqtt is not installed" in said
+    assert len(said.splitlines()) == 1
 
 
 def test_a_bad_broker_url_is_a_usage_error() -> None:
@@ -232,6 +294,21 @@ def test_the_demo_config_takes_its_broker_from_the_demo_only(
     assert settings.mqtt.url == "mqtt://127.0.0.1:41234"
     assert settings.mqtt.sync_prefix == "edge"
     assert settings.mqtt.sync_enabled is False
+
+
+def test_the_demo_config_speaks_the_protocol_the_demo_chose() -> None:
+    # amqtt misreads an MQTT 5 CONNECT with a Will: with "auto" the agent would wait one 10 s
+    # connect timeout before it falls back, so the demo tells it 3.1.1 for the embedded broker.
+    settings = load_demo_config(
+        broker_url="mqtt://127.0.0.1:41234", sync_enabled=False, sync_prefix="e", protocol="3.1.1"
+    )
+    assert settings.mqtt.protocol == "3.1.1"
+    assert (
+        ingest_config("mqtt://127.0.0.1:41234", "3.1.1", "e", "postgresql://x").count(
+            'protocol = "3.1.1"'
+        )
+        == 1
+    )
 
 
 def test_a_broker_url_with_credentials_is_refused_without_echoing_them() -> None:
@@ -306,6 +383,44 @@ async def test_the_private_broker_takes_another_port_when_it_loses_the_race(
         squatter.close()
         shutil.rmtree(folder)
     assert not broker.running
+
+
+async def test_without_mosquitto_the_private_broker_is_amqtt_on_the_loopback(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Another process binds the first port chosen: amqtt takes another one. Its log goes to
+    # the demo's folder, not to the screen, and the logging is as before once it stopped.
+    monkeypatch.setenv("EDGE_AGENT_MOSQUITTO", "")
+    amqtt_logger = logging.getLogger("amqtt")
+    handlers_before = list(amqtt_logger.handlers)
+    squatter = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    squatter.bind((LOOPBACK, 0))
+    squatter.listen()
+    taken = squatter.getsockname()[1]
+    choices = iter([taken])
+    real_free_port = servers.free_port
+    monkeypatch.setattr(demo_embedded, "free_port", lambda: next(choices, None) or real_free_port())
+    try:
+        broker, chosen = await start_private_broker(tmp_path / "broker")
+        try:
+            assert isinstance(broker, EmbeddedAmqtt)
+            assert broker.port not in (0, taken)
+            assert chosen.url == f"mqtt://127.0.0.1:{broker.port}"
+            assert chosen.protocol == "3.1.1"
+            assert listening_on(broker.port) == [f"0100007F:{broker.port:04X}"]
+            # A connection closed before its CONNECT: amqtt logs an error with a traceback.
+            _, writer = await asyncio.open_connection(LOOPBACK, broker.port)
+            writer.close()
+            await async_wait_until(lambda: "No data" in broker.log_path.read_text())
+            assert amqtt_logger.propagate is False
+        finally:
+            await broker.stop()
+    finally:
+        squatter.close()
+    assert not broker.running
+    assert listening_on(broker.port) == []
+    assert amqtt_logger.propagate is True
+    assert amqtt_logger.handlers == handlers_before
 
 
 class _Stubborn(servers.LoopbackServer):

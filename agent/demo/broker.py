@@ -1,19 +1,44 @@
 """The demo's private MQTT broker: mosquitto on a free loopback port, its config and log in the
-demo's temporary directory, so that nothing the demo publishes reaches another broker."""
+demo's temporary directory, else the embedded amqtt broker (agent/demo/embedded.py), so that
+nothing the demo publishes reaches another broker."""
 
 from __future__ import annotations
 
 import os
 import pwd
 import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
-from agent.demo.servers import LoopbackServer, ServerUnavailable, find_executable, read_from
+from agent.demo.embedded import PROTOCOL as AMQTT_PROTOCOL
+from agent.demo.embedded import EmbeddedAmqtt
+from agent.demo.servers import (
+    LoopbackServer,
+    ServerUnavailable,
+    find_executable,
+    read_from,
+    server_account,
+)
 
 MOSQUITTO_DIRS = ("/usr/sbin", "/usr/local/sbin")  # Debian installs it in /usr/sbin
 # Logged (type information) once the listeners are bound: from then on the port is ours.
 _RUNNING = re.compile(r"mosquitto version \S+ running")
-NO_BROKER = "no MQTT broker to run privately: install mosquitto, or pass --broker URL"
+NO_MOSQUITTO = "mosquitto is not installed"
+NO_BROKER = (
+    "no MQTT broker to run privately: install mosquitto, or amqtt (the demo extra: "
+    "pip install -e '.[demo]', as scripts/demo does), or pass --broker URL"
+)
+MqttProtocol = Literal["auto", "3.1.1"]  # what the demo's agent and ingest are told to speak
+
+
+@dataclass(frozen=True, slots=True)
+class DemoBroker:
+    """The broker the demo's agent and ingest use."""
+
+    url: str
+    description: str  # the screen's broker line after the URL
+    protocol: MqttProtocol = "auto"
 
 
 def find_mosquitto() -> str | None:
@@ -74,5 +99,32 @@ def private_mosquitto(workdir: Path, account: pwd.struct_passwd | None) -> Priva
     """A private mosquitto (not started); ServerUnavailable when it is not installed."""
     binary = find_mosquitto()
     if binary is None:
-        raise ServerUnavailable(NO_BROKER)
+        raise ServerUnavailable(NO_MOSQUITTO)
     return PrivateMosquitto(binary, workdir, account)
+
+
+PrivateBroker = PrivateMosquitto | EmbeddedAmqtt
+
+
+async def start_private_broker(workdir: Path) -> tuple[PrivateBroker, DemoBroker]:
+    """mosquitto when it is installed and starts, else the embedded amqtt broker; started.
+    ServerUnavailable (NO_BROKER and both reasons) when neither can run."""
+    try:
+        mosquitto = private_mosquitto(workdir, server_account())
+        await mosquitto.start()
+    except ServerUnavailable as exc:
+        without = str(exc)
+    else:
+        return mosquitto, DemoBroker(
+            mosquitto.url, f"private mosquitto (config and log in {workdir})"
+        )
+    amqtt = EmbeddedAmqtt(workdir)
+    try:
+        await amqtt.start()
+    except ServerUnavailable as exc:
+        raise ServerUnavailable(f"{NO_BROKER} ({without}; {exc})") from None
+    description = (
+        f"private amqtt {amqtt.version}, embedded, MQTT {AMQTT_PROTOCOL} "
+        f"({without}; log in {workdir})"
+    )
+    return amqtt, DemoBroker(amqtt.url, description, AMQTT_PROTOCOL)

@@ -39,11 +39,11 @@ class CentralFigures:
     acked: int | None = None  # the gateway's watermark, as the central store records it
 
 
-def ingest_config(broker_url: str, sync_prefix: str, dsn: str) -> str:
+def ingest_config(broker_url: str, protocol: str, sync_prefix: str, dsn: str) -> str:
     """The ingest's config file (what `edge-agent ingest -c FILE` reads)."""
     return (
         "# written by edge-agent demo: the central ingest of this run\n"
-        f'[mqtt]\nurl = "{broker_url}"\nsync_prefix = "{sync_prefix}"\n\n'
+        f'[mqtt]\nurl = "{broker_url}"\nprotocol = "{protocol}"\nsync_prefix = "{sync_prefix}"\n\n'
         f'[postgres]\ndsn = "{dsn}"\npool_size = 2\n\n'
         "[http]\nenabled = false\n"
     )
@@ -59,6 +59,7 @@ class CentralStore:
         workdir: Path,
         account: pwd.struct_passwd | None,
         broker_url: str,
+        protocol: str,
         sync_prefix: str,
         gateway: str,
     ) -> None:
@@ -66,6 +67,7 @@ class CentralStore:
         self.config_path = workdir / "ingest.toml"
         self.figures = CentralFigures()
         self._broker_url = broker_url
+        self._protocol = protocol
         self._sync_prefix = sync_prefix
         self._gateway = gateway
 
@@ -98,7 +100,7 @@ class CentralStore:
 
     def _write_config(self) -> CentralSettings:
         self.config_path.write_text(
-            ingest_config(self._broker_url, self._sync_prefix, self.postgres.dsn)
+            ingest_config(self._broker_url, self._protocol, self._sync_prefix, self.postgres.dsn)
         )
         return load_central_settings(self.config_path, environ={})
 

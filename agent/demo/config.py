@@ -21,9 +21,11 @@ def ignored_overrides(environ: dict[str, str] | None = None) -> list[str]:
     return sorted(name for name in env if name.upper().startswith("EDGE_AGENT__"))
 
 
-def load_demo_config(*, broker_url: str, sync_enabled: bool, sync_prefix: str) -> AgentSettings:
-    """The packaged demo config on ``broker_url``; a bad --broker URL is a ConfigError that
-    names --broker."""
+def load_demo_config(
+    *, broker_url: str, sync_enabled: bool, sync_prefix: str, protocol: str = "auto"
+) -> AgentSettings:
+    """The packaged demo config on ``broker_url``, speaking ``protocol`` (mqtt.protocol); a bad
+    --broker URL is a ConfigError that names --broker."""
     resource = importlib.resources.files("agent") / "data" / DEMO_CONFIG
     # Only the demo's own keys: a variable meant for a real agent on this machine (e.g. its
     # production broker's URL) must not redirect the demo.
@@ -31,6 +33,7 @@ def load_demo_config(*, broker_url: str, sync_enabled: bool, sync_prefix: str) -
         _URL: broker_url,
         "EDGE_AGENT__MQTT__SYNC_ENABLED": "true" if sync_enabled else "false",
         "EDGE_AGENT__MQTT__SYNC_PREFIX": sync_prefix,
+        "EDGE_AGENT__MQTT__PROTOCOL": protocol,
     }
     with importlib.resources.as_file(resource) as path:
         try:

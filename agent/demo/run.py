@@ -1,6 +1,6 @@
-"""The demo's run: a private broker (or --broker), the simulators, an agent, and when PostgreSQL
-is installed the central ingest on a private database; the screen every second; everything
-stopped in order at Ctrl-C or after --duration."""
+"""The demo's run: a private broker (mosquitto, else amqtt embedded; or --broker), the
+simulators, an agent, and when PostgreSQL is installed the central ingest on a private database;
+the screen every second; everything stopped in order at Ctrl-C or after --duration."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TextIO
 
 from agent.daemon.runtime import Runtime
-from agent.demo.broker import NO_BROKER, private_mosquitto
+from agent.demo.broker import DemoBroker, start_private_broker
 from agent.demo.central import CentralStore
 from agent.demo.config import (
     PRIVATE_SYNC_PREFIX,
@@ -65,20 +65,20 @@ def say(out: TextIO, line: str) -> None:
 @contextlib.asynccontextmanager
 async def broker_for(
     options: DemoOptions, workdir: Path, out: TextIO
-) -> AsyncIterator[tuple[str, str] | None]:
-    """(URL, description) of the demo's broker, stopped at exit; None when there is none."""
+) -> AsyncIterator[DemoBroker | None]:
+    """The demo's broker: --broker, else a private one, stopped at exit; None when there is
+    none."""
     if options.broker is not None:
-        yield options.broker, "your broker (--broker): the demo publishes there"
+        yield DemoBroker(options.broker, "your broker (--broker): the demo publishes there")
         return
     try:
-        broker = private_mosquitto(workdir / "broker", server_account())
-        await broker.start()
+        broker, chosen = await start_private_broker(workdir / "broker")
     except ServerUnavailable as exc:
-        say(out, str(exc) if str(exc) == NO_BROKER else f"{NO_BROKER} ({exc})")
+        say(out, str(exc))
         yield None
         return
     try:
-        yield broker.url, f"private mosquitto (config and log in {broker.workdir})"
+        yield chosen
     finally:
         await broker.stop()
 
@@ -102,7 +102,7 @@ def sync_prefix_for(options: DemoOptions) -> str:
 
 def make_plan(
     workdir: Path,
-    broker: tuple[str, str],
+    broker: DemoBroker,
     settings: AgentSettings,
     postgres: tuple[Path, pwd.struct_passwd | None] | str,
 ) -> Plan:
@@ -114,13 +114,14 @@ def make_plan(
             bin_dir=postgres[0],
             workdir=workdir,
             account=postgres[1],
-            broker_url=broker[0],
+            broker_url=broker.url,
+            protocol=broker.protocol,
             sync_prefix=settings.mqtt.sync_prefix,
             gateway=settings.gateway.id,
         )
     setup = Setup(
-        broker_url=broker[0],
-        broker=broker[1],
+        broker_url=broker.url,
+        broker=broker.description,
         data_dir=workdir,
         live_root=settings.mqtt.topic_root,
         no_central=postgres if isinstance(postgres, str) else "",
@@ -221,7 +222,8 @@ async def _run_in(workdir: Path, options: DemoOptions, out: TextIO, stop: asynci
             return EXIT_NO_BROKER
         postgres = postgres_here()
         settings = load_demo_config(
-            broker_url=broker[0],
+            broker_url=broker.url,
+            protocol=broker.protocol,
             sync_enabled=not isinstance(postgres, str),
             sync_prefix=sync_prefix_for(options),
         )
