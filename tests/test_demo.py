@@ -587,3 +587,17 @@ def test_the_watch_command_for_a_broker_given_with_broker(url: str, command: str
         no_central="",
     )
     assert setup.watch_command() == command
+
+
+def test_without_mosquitto_sub_the_watch_command_is_the_venvs_amqtt_sub() -> None:
+    setup = Setup(
+        broker_url="mqtt://127.0.0.1:41234",
+        broker="private amqtt",
+        data_dir=Path("/tmp/demo"),
+        live_root="demo",
+        no_central="",
+        amqtt_sub=Path("/opt/edge-agent/.venv/bin/amqtt_sub"),
+    )
+    assert setup.watch_command() == (
+        "/opt/edge-agent/.venv/bin/amqtt_sub --url mqtt://127.0.0.1:41234 -t 'demo/#'"
+    )

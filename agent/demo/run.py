@@ -9,6 +9,7 @@ import contextlib
 import logging
 import os
 import pwd
+import shutil
 import signal
 import stat
 import sys
@@ -125,8 +126,17 @@ def make_plan(
         data_dir=workdir,
         live_root=settings.mqtt.topic_root,
         no_central=postgres if isinstance(postgres, str) else "",
+        amqtt_sub=_amqtt_sub_instead(),
     )
     return Plan(setup=setup, central=central)
+
+
+def _amqtt_sub_instead() -> Path | None:
+    """The venv's amqtt_sub when mosquitto_sub is not on PATH (and amqtt is installed)."""
+    if shutil.which("mosquitto_sub") is not None:
+        return None
+    candidate = Path(sys.executable).parent / "amqtt_sub"
+    return candidate if candidate.exists() else None
 
 
 def central_view(plan: Plan) -> Central | None:

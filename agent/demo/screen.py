@@ -39,14 +39,21 @@ class Setup:
     broker_url: str
     broker: str  # "private mosquitto (config and log in DIR)" or "your broker (--broker)"
     data_dir: Path
-    live_root: str  # the live topics' root, for the mosquitto_sub line
+    live_root: str  # the live topics' root, for the watch line
     no_central: str  # why there is no central store ("" when there is one)
+    # The amqtt_sub of the demo's venv, shown when mosquitto_sub is not installed (a machine
+    # without mosquitto, where the demo's broker is the embedded amqtt).
+    amqtt_sub: Path | None = None
 
     def watch_command(self) -> str:
-        """The mosquitto_sub command that shows the live topics of this run."""
+        """The command that shows the live topics of this run (mosquitto_sub, else amqtt_sub)."""
         url = urlsplit(self.broker_url)
         tls = url.scheme == "mqtts"
         port = url.port or (8883 if tls else 1883)
+        if self.amqtt_sub is not None:
+            where = f"{url.scheme}://{url.hostname}:{port}"
+            options = " --ca-path /etc/ssl/certs" if tls else ""
+            return f"{self.amqtt_sub} --url {where}{options} -t '{self.live_root}/#'"
         options = " --capath /etc/ssl/certs" if tls else ""
         return f"mosquitto_sub -h {url.hostname} -p {port}{options} -t '{self.live_root}/#' -v"
 
