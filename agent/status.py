@@ -20,7 +20,11 @@ def fetch_status(settings: AgentSettings, *, timeout: float = 3.0) -> dict[str, 
     # A wildcard bind answers on loopback; an IPv6 address needs its brackets in a URL.
     host = "127.0.0.1" if http.host in ("0.0.0.0", "::") else http.host
     url = f"http://{f'[{host}]' if ':' in host else host}:{http.port}/status"
-    with urllib.request.urlopen(url, timeout=timeout) as response:
+    request = urllib.request.Request(url)
+    if http.token is not None:
+        # Off loopback /status needs the token (docs/page.md, "Access").
+        request.add_header("Authorization", f"Bearer {http.token.get_secret_value()}")
+    with urllib.request.urlopen(request, timeout=timeout) as response:
         document: dict[str, Any] = json.loads(response.read())
     return document
 

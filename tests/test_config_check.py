@@ -275,6 +275,14 @@ MESSAGES: list[tuple[str, str, str, str, str]] = [
         "http.port: unknown key; put the port in listen (HOST:PORT), e.g. '127.0.0.1:9108'",
     ),
     (
+        "http-off-loopback-without-token",
+        "[buffer]",
+        '[http]\nlisten = "0.0.0.0:9108"\n\n[buffer]',
+        'listen = "0.0.0.0:9108"',
+        "http.listen: 0.0.0.0:9108 is reachable from the network: set token_file "
+        "(docs/page.md, 'Access')",
+    ),
+    (
         "modbus-host",
         'poll_interval = "1s"',
         'poll_interval = "1s"\nhost = "10.0.0.5"',

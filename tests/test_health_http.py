@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import re
 import subprocess
@@ -129,3 +130,82 @@ async def test_every_documented_metric_is_served(
     served = {family.name for family in text_string_to_metric_families(body.decode())}
     assert code == 200
     assert documented - served == set()
+
+
+def get_with(port: int, path: str, authorization: str | None) -> tuple[int, dict[str, str], bytes]:
+    """Status, headers and body of GET path with this Authorization header."""
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}")
+    if authorization is not None:
+        request.add_header("Authorization", authorization)
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), exc.read()
+
+
+async def test_off_loopback_the_status_needs_the_token(
+    mosquitto: MosquittoBroker, tmp_path: Path
+) -> None:
+    token = "s3cret-page-token"
+    (tmp_path / "http.token").write_text(token + "\n")
+    async with ModbusSimulator(port=0, seed=5, speed=0.0) as sim:
+        text = config_text(mosquitto, tmp_path / "data", [("press1", sim.port)])
+        port = free_port()
+        text = text.replace(
+            '[http]\nlisten = "127.0.0.1:',
+            f'[http]\ntoken_file = "http.token"\nlisten = "0.0.0.0:{port}"\n# was "127.0.0.1:',
+        )
+        settings = settings_for(tmp_path, text)
+        assert settings.http.listen == f"0.0.0.0:{port}"
+        async with running(settings) as runtime:
+            await async_wait_until(lambda: runtime.pollers["press1"].state == "up", timeout=10)
+            basic = base64.b64encode(f"anyone:{token}".encode()).decode()
+            answers = {
+                (path, auth): await asyncio.to_thread(get_with, port, path, auth)
+                for path in ("/healthz", "/readyz", "/metrics", "/status")
+                for auth in (None, f"Bearer {token}", f"Basic {basic}", "Bearer wrong")
+            }
+            result = await asyncio.to_thread(status_command, tmp_path / "agent.toml")
+    for (path, auth), (code, headers, body) in answers.items():
+        assert headers["X-Content-Type-Options"] == "nosniff"
+        policy = headers["Content-Security-Policy"]
+        assert "default-src 'self'" in policy
+        assert "frame-ancestors 'none'" in policy
+        assert "unsafe-inline" not in policy
+        assert token not in body.decode()
+        if path == "/status" and auth in (None, "Bearer wrong"):
+            assert code == 401, (path, auth)
+            assert headers["WWW-Authenticate"].startswith('Basic realm="edge-agent"')
+        else:
+            assert code in (200, 503), (path, auth)  # /readyz may be 503 before the uplink
+    # `edge-agent status` sends the token from the same file.
+    assert result.returncode in (0, 1), result.stdout + result.stderr
+    assert "devices    1/1 up" in result.stdout
+
+
+async def test_metrics_may_need_the_token_too(mosquitto: MosquittoBroker, tmp_path: Path) -> None:
+    text = config_text(mosquitto, tmp_path / "data", [])
+    text = text.replace("[http]\n", '[http]\ntoken = "t0ken"\nmetrics_open = false\n')
+    settings = settings_for(tmp_path, text)
+    port = settings.http.port
+    async with running(settings):
+        closed = await asyncio.to_thread(get_with, port, "/metrics", None)
+        opened = await asyncio.to_thread(get_with, port, "/metrics", "Bearer t0ken")
+        probe = await asyncio.to_thread(get_with, port, "/healthz", None)
+        posted = await asyncio.to_thread(post, port, "/status", "Bearer t0ken")
+    assert closed[0] == 401
+    assert opened[0] == 200
+    assert (probe[0], probe[2]) == (200, b'{"status":"alive"}')
+    assert posted == 405  # read-only: no route takes anything but GET
+
+
+def post(port: int, path: str, authorization: str) -> int:
+    """The status of POST path."""
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=b"{}", method="POST")
+    request.add_header("Authorization", authorization)
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code

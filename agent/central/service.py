@@ -17,7 +17,7 @@ from typing import Any
 
 from agent.central.metrics import IngestMetrics
 from agent.central.settings import CentralSettings, IngestHttpConfig
-from agent.service.http import HttpServer, Response, Route, json_response
+from agent.service.http import HttpServer, Response, Route, guard_for, json_response
 from agent.service.mqtt import mqtt_client
 from agent.service.sdnotify import SdNotifier
 from agent.service.tasks import leaf_exceptions
@@ -106,7 +106,9 @@ async def serve_http(config: IngestHttpConfig, routes: dict[str, Route]) -> None
     """Serve ``routes`` on ``config.listen`` until cancelled; a port that cannot be bound is
     logged and the endpoint given up (the ingest runs on without it)."""
     try:
-        async with HttpServer(host=config.host, port=config.port, routes=routes):
+        token = None if config.token is None else config.token.get_secret_value()
+        guard = guard_for(token, metrics_open=config.metrics_open)
+        async with HttpServer(host=config.host, port=config.port, routes=routes, guard=guard):
             await asyncio.Event().wait()  # serves from the event loop until cancelled
     except OSError as exc:
         # The endpoint is for operators; the data path must run without it.

@@ -167,6 +167,8 @@ class CentralSettings(SettingsFile):
             yield (("postgres", *loc), reason)
         for loc, reason in self.events.problems():
             yield (("events", *loc), reason)
+        for loc, reason in self.http.problems():
+            yield (("http", *loc), reason)
 
     def warnings(self) -> Iterator[Problem]:
         """What is allowed but unsafe (a cleartext broker password)."""

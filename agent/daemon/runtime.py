@@ -24,7 +24,7 @@ from agent.daemon.health import (
 from agent.daemon.metrics import AgentMetrics
 from agent.daemon.poller import DevicePoller
 from agent.daemon.reload import apply_reload, needs_restart
-from agent.service.http import HttpServer, Response, Route, json_response
+from agent.service.http import HttpServer, Response, Route, guard_for, json_response
 from agent.service.sdnotify import SdNotifier
 from agent.service.shutdown import report_slow_shutdown
 from agent.service.tasks import cancel_and_wait
@@ -252,7 +252,13 @@ class Runtime:
         http = self.settings.http
         if not http.enabled:
             return
-        server = HttpServer(host=http.host, port=http.port, routes=self._routes())
+        token = None if http.token is None else http.token.get_secret_value()
+        server = HttpServer(
+            host=http.host,
+            port=http.port,
+            routes=self._routes(),
+            guard=guard_for(token, metrics_open=http.metrics_open),
+        )
         try:
             await stack.enter_async_context(server)
         except OSError as exc:

@@ -1,22 +1,45 @@
-"""Fixed GET routes (/healthz, /readyz, /status, /metrics) over a tiny asyncio HTTP/1.1 server.
+"""Both programs' HTTP endpoint: fixed GET routes (/healthz, /readyz, /status, /metrics, the
+status page and its document) served by aiohttp.
 
-Loopback by default (`http.listen`). Only GET, no keep-alive, bounded request size: it is a
-probe and scrape endpoint, not a web server.
+Loopback by default (`http.listen`). Every response carries a strict Content-Security-Policy
+and `nosniff`; with a token configured (required off loopback, docs/page.md "Access") every
+route but the open ones (probes, and /metrics unless `http.metrics_open = false`) needs it as
+`Authorization: Bearer TOKEN` or as the password of HTTP basic auth.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
+import base64
+import binascii
+import hmac
+import inspect
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from aiohttp import web
+
 log = logging.getLogger("edge_agent.http")
 
-MAX_REQUEST = 8192
+# Handlers get this long to finish when the server stops (a page fetch is milliseconds).
+SHUTDOWN_TIMEOUT = 1.0
+
+# No inline script or style, nothing from elsewhere, never framed, no form posts anywhere.
+CONTENT_SECURITY_POLICY = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; font-src 'none'; object-src 'none'; base-uri 'none'; "
+    "form-action 'none'; frame-ancestors 'none'"
+)
+SECURITY_HEADERS = {
+    "Content-Security-Policy": CONTENT_SECURITY_POLICY,
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",
+    "Cross-Origin-Resource-Policy": "same-origin",
+}
+REALM = 'Basic realm="edge-agent", charset="UTF-8"'
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,15 +51,7 @@ class Response:
     content_type: str = "application/json"
 
 
-Route = Callable[[], Response]
-
-_REASONS = {
-    200: "OK",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    400: "Bad Request",
-    503: "Service Unavailable",
-}
+Route = Callable[[], Response | Awaitable[Response]]
 
 
 def json_response(document: Any, status: int = 200) -> Response:
@@ -44,79 +59,146 @@ def json_response(document: Any, status: int = 200) -> Response:
     return Response(status, json.dumps(document, separators=(",", ":")).encode())
 
 
+@dataclass(frozen=True, slots=True)
+class Guard:
+    """Who may read what: every route but `open_paths` needs `token`."""
+
+    token: str
+    open_paths: frozenset[str]
+
+    def allows(self, path: str, authorization: str | None) -> bool:
+        """Whether a request for `path` with this Authorization header may be answered."""
+        if path in self.open_paths:
+            return True
+        offered = _offered_token(authorization)
+        return offered is not None and hmac.compare_digest(
+            offered.encode("utf-8", "surrogateescape"), self.token.encode()
+        )
+
+
+PROBES = frozenset({"/healthz", "/readyz"})
+
+
+def guard_for(token: str | None, *, metrics_open: bool) -> Guard | None:
+    """The guard of an endpoint with this token (None: no token, everything open)."""
+    if token is None:
+        return None
+    open_paths = PROBES | {"/metrics"} if metrics_open else PROBES
+    return Guard(token, open_paths)
+
+
+def _offered_token(authorization: str | None) -> str | None:
+    """The token of `Bearer TOKEN`, or the password of `Basic base64(user:password)`."""
+    if not authorization:
+        return None
+    scheme, _, credentials = authorization.strip().partition(" ")
+    scheme = scheme.lower()
+    if scheme == "bearer":
+        return credentials.strip()
+    if scheme == "basic":
+        try:
+            decoded = base64.b64decode(credentials.strip(), validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError):
+            return None
+        return decoded.partition(":")[2]
+    return None
+
+
 class HttpServer:
     """Serves fixed routes; ``async with HttpServer(host=..., port=..., routes=...)``."""
 
-    def __init__(self, *, host: str, port: int, routes: dict[str, Route]) -> None:
+    def __init__(
+        self,
+        *,
+        host: str,
+        port: int,
+        routes: Mapping[str, Route],
+        guard: Guard | None = None,
+    ) -> None:
         if not 0 <= port < 65536:
             raise ValueError(f"invalid port {port}")
         self._host = host
         self._port = port
         self._routes = dict(routes)
-        self._server: asyncio.Server | None = None
+        self._guard = guard
+        self._runner: web.AppRunner | None = None
+        self._bound = port
 
     @property
     def port(self) -> int:
         """The bound port (useful with port 0)."""
-        if self._server is None or not self._server.sockets:
-            return self._port
-        return int(self._server.sockets[0].getsockname()[1])
+        return self._bound
+
+    def _application(self) -> web.Application:
+        app = web.Application(middlewares=[self._guarded])
+        for path, route in self._routes.items():
+            app.router.add_get(path, _handler(route))
+        app.on_response_prepare.append(_secure_headers)
+        return app
 
     async def __aenter__(self) -> HttpServer:
-        self._server = await asyncio.start_server(self._handle, self._host, self._port)
+        runner = web.AppRunner(
+            self._application(), access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT
+        )
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, self._host, self._port, reuse_address=True)
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        addresses = runner.addresses
+        if addresses:
+            self._bound = int(addresses[0][1])
         log.info("http: serving %s on %s:%d", " ".join(self._routes), self._host, self.port)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        server, self._server = self._server, None
-        if server is not None:
-            server.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(server.wait_closed(), 2.0)
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            async with asyncio.timeout(5.0):
-                head = await reader.readuntil(b"\r\n\r\n")
-            response = self._respond(head)
-        except (
-            asyncio.IncompleteReadError,
-            asyncio.LimitOverrunError,
-            TimeoutError,
-            ConnectionError,
+    @web.middleware
+    async def _guarded(
+        self,
+        request: web.Request,
+        handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+    ) -> web.StreamResponse:
+        guard = self._guard
+        if guard is not None and not guard.allows(
+            request.path, request.headers.get("Authorization")
         ):
-            response = Response(400, b"bad request\n", "text/plain")
+            return web.Response(
+                status=401,
+                text="credentials required (docs/page.md, Access)\n",
+                headers={"WWW-Authenticate": REALM},
+            )
+        try:
+            return await handler(request)
+        except web.HTTPException as exc:
+            # aiohttp's own 404 / 405 as plain text, with the headers below.
+            allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+            return web.Response(status=exc.status, text=f"{exc.reason.lower()}\n", headers=allow)
         except Exception:  # a route's bug must not take the server down
             log.exception("http: handler failed")
-            response = Response(503, b"internal error\n", "text/plain")
-        header = (
-            f"HTTP/1.1 {response.status} {_REASONS.get(response.status, 'OK')}\r\n"
-            f"Content-Type: {response.content_type}\r\n"
-            f"Content-Length: {len(response.body)}\r\n"
-            "Connection: close\r\n\r\n"
-        ).encode()
-        try:
-            writer.write(header + response.body)
-            async with asyncio.timeout(5.0):
-                await writer.drain()
-        except (ConnectionError, TimeoutError):
-            pass
-        finally:
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+            return web.Response(status=503, text="internal error\n")
 
-    def _respond(self, head: bytes) -> Response:
-        if len(head) > MAX_REQUEST:
-            return Response(400, b"request too large\n", "text/plain")
-        request_line = head.split(b"\r\n", 1)[0].decode("latin-1")
-        parts = request_line.split()
-        if len(parts) != 3:
-            return Response(400, b"bad request\n", "text/plain")
-        method, target, _ = parts
-        if method != "GET":
-            return Response(405, b"only GET\n", "text/plain")
-        route = self._routes.get(target.split("?", 1)[0])
-        if route is None:
-            return Response(404, b"not found\n", "text/plain")
-        return route()
+
+def _handler(route: Route) -> Callable[[web.Request], Awaitable[web.Response]]:
+    async def handle(_request: web.Request) -> web.Response:
+        answer = route()
+        response = await answer if inspect.isawaitable(answer) else answer
+        # The content type goes in as a header: aiohttp's content_type= refuses parameters.
+        return web.Response(
+            status=response.status,
+            body=response.body,
+            headers={"Content-Type": response.content_type, "Cache-Control": "no-store"},
+        )
+
+    return handle
+
+
+async def _secure_headers(_request: web.Request, response: web.StreamResponse) -> None:
+    response.headers.update(SECURITY_HEADERS)
+    response.headers.pop("Server", None)

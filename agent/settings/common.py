@@ -3,6 +3,7 @@ connection keys, the HTTP endpoint."""
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -182,14 +183,26 @@ class TlsClientConfig(ConfigModel):
 
 
 class HttpConfig(ConfigModel):
-    """Health and metrics endpoint."""
+    """Health and metrics endpoint (docs/page.md)."""
 
     listen: str = Field(
         default="127.0.0.1:9108",
-        description="HOST:PORT of /healthz /readyz /metrics; keep it on loopback unless the "
-        "network is trusted.",
+        description="HOST:PORT of /healthz /readyz /status /metrics; an address other than "
+        "loopback needs token_file.",
     )
     enabled: bool = Field(default=True, description="Serve the endpoint at all.")
+    token: SecretStr | None = Field(default=None, description="Prefer token_file.")
+    token_file: Path | None = Field(
+        default=None,
+        description="File holding the access token of /status (HTTP basic auth password, any "
+        "user name, or 'Authorization: Bearer TOKEN'); required when listen is not loopback; "
+        "looked up like mqtt.password_file (docs/page.md, 'Access').",
+    )
+    metrics_open: bool = Field(
+        default=True,
+        description="Serve /metrics without the token (for scrapers); /healthz and /readyz "
+        "are always open.",
+    )
 
     @field_validator("listen")
     @classmethod
@@ -205,6 +218,30 @@ class HttpConfig(ConfigModel):
     def port(self) -> int:
         """The port to bind."""
         return int(self.listen.rpartition(":")[2])
+
+    @property
+    def loopback(self) -> bool:
+        """Whether `listen` is a loopback address (only this machine can connect)."""
+        return is_loopback(self.host)
+
+    def problems(self) -> Iterator[Problem]:
+        """An endpoint reachable from the network without credentials."""
+        if self.enabled and not self.loopback and self.token is None and self.token_file is None:
+            yield (
+                ("listen",),
+                f"{self.listen} is reachable from the network: set token_file "
+                "(docs/page.md, 'Access')",
+            )
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (a name or an address) is loopback; a name other than localhost is not."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class SettingsFile(BaseSettings):

@@ -94,6 +94,8 @@ class AgentSettings(SettingsFile):
         """Every cross-field problem, with locations from the file's root."""
         for loc, reason in self.mqtt.problems():
             yield (("mqtt", *loc), reason)
+        for loc, reason in self.http.problems():
+            yield (("http", *loc), reason)
         yield from _unique("devices", [device.name for device in self.devices], "device")
         yield from _unique("machines", [machine.name for machine in self.machines], "machine")
         yield from _unique("calendars", [cal.name for cal in self.calendars], "calendar")

@@ -22,7 +22,7 @@ from drivers.registry import DRIVER_TAG_PREFIX, DRIVERS
 from drivers.values import short
 
 STEP_TAG_PREFIX = "step:"
-SECRET_KEYS = ("password", "dsn", "key_password")
+SECRET_KEYS = ("password", "dsn", "key_password", "token")
 
 
 def dotted(loc: KeyPath) -> str:
