@@ -47,7 +47,7 @@ has_program() {
 
 ensure_system_packages() {
   # The tests' own peers, each started privately on free ports (never the system services):
-  # mosquitto and PostgreSQL; and the interop matrix's brokers nobody here wrote: nats-server,
+  # mosquitto and PostgreSQL; Chromium for the status page; and the interop matrix's brokers nobody here wrote: nats-server,
   # RabbitMQ (its MQTT plugin ships in the package; the start script is under
   # /usr/lib/rabbitmq), and node + npm for aedes (ensure_test_brokers).
   local missing=()
@@ -57,6 +57,9 @@ ensure_system_packages() {
   [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || missing+=(rabbitmq-server)
   has_program node || missing+=(nodejs)
   has_program npm || missing+=(npm)
+  # The status page's browser tests (tests/test_page.py): Debian's Chromium and its driver.
+  has_program chromium || missing+=(chromium)
+  has_program chromedriver || missing+=(chromium-driver)
   if [ "${#missing[@]}" -gt 0 ]; then apt_install "${missing[@]}"; fi
 }
 

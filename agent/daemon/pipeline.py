@@ -132,6 +132,11 @@ class Pipeline:
             )
         self._filters[(device, tag)] = new
 
+    def latest(self, device: str, tag: str) -> TagFilter | None:
+        """The filter of a tag: its last published value and quality, its last reading's time
+        (read-only, for the status page)."""
+        return self._filters.get((device, tag))
+
     def forget_device(self, device: str) -> None:
         """Drop the filters of a removed device."""
         for key in [key for key in self._filters if key[0] == device]:

@@ -60,6 +60,7 @@ class DevicePoller:
         self.reconnects = 0
         self.last_poll_duration = 0.0
         self.last_activity = clock()  # watchdog: the poller is alive
+        self.state_since = time.time()  # wall time of the last up/down transition (the page)
         self.on_poll: Callable[[str, float], None] | None = None  # metrics hook
         self._was_down_logged = False
         self._internal_logged: str | None = None  # the unexpected error last logged in full
@@ -265,11 +266,14 @@ class DevicePoller:
         self._was_down_logged = False
         self._internal_logged = None
         self._state = "up"
+        self.state_since = time.time()
         self.reason = None
 
     async def _went_down(self, reason: str) -> None:
         self.poll_errors += 1
         transition = self._state == "up" or not self._was_down_logged
+        if self._state == "up":
+            self.state_since = time.time()
         self._state = "down"
         if "circuit breaker" not in reason:
             self.reason = reason

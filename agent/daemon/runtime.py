@@ -22,9 +22,17 @@ from agent.daemon.health import (
     status_line,
 )
 from agent.daemon.metrics import AgentMetrics
+from agent.daemon.page import page_document
 from agent.daemon.poller import DevicePoller
 from agent.daemon.reload import apply_reload, needs_restart
-from agent.service.http import HttpServer, Response, Route, guard_for, json_response
+from agent.service.http import (
+    HttpServer,
+    Response,
+    Route,
+    guard_for,
+    json_response,
+    page_routes,
+)
 from agent.service.sdnotify import SdNotifier
 from agent.service.shutdown import report_slow_shutdown
 from agent.service.tasks import cancel_and_wait
@@ -32,7 +40,7 @@ from agent.service.watchdog import watchdog_loop
 from agent.settings.config_file import AgentSettings
 from agent.settings.loader import ConfigError, dotted, load_agent_settings
 from drivers.base import JsonValue, Reading
-from sync.events import Event, dumps
+from sync.events import Event, dumps, json_safe
 from sync.files import private_dir
 from sync.mqtt.client import MqttClient, NotConnected
 from sync.outbox.store import Outbox
@@ -201,7 +209,20 @@ class Runtime:
         def metrics_page() -> Response:
             return Response(200, self.metrics.render(), "text/plain; version=0.0.4; charset=utf-8")
 
-        return {"/healthz": healthz, "/readyz": readyz, "/status": status, "/metrics": metrics_page}
+        async def page() -> Response:
+            document = await page_document(self)
+            if document is None:
+                return json_response({"status": "starting"}, 503)
+            return Response(200, dumps(json_safe(document)))
+
+        return {
+            "/healthz": healthz,
+            "/readyz": readyz,
+            "/status": status,
+            "/metrics": metrics_page,
+            "/api/page": page,
+            **page_routes("page"),
+        }
 
     # -- running -------------------------------------------------------------------------------
 

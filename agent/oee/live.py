@@ -7,13 +7,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from agent.oee.counters import CounterName
 from agent.oee.engine import OeeDiagnostics, OeeEngine
 from agent.oee.records import OeeRecord
+from agent.oee.state_timeline import StateTimeline
 from agent.settings.config_file import AgentSettings
 from agent.settings.machines import CalendarConfig, MachineConfig
 from drivers.base import Reading
@@ -25,6 +27,9 @@ log = logging.getLogger("edge_agent.oee")
 Publish = Callable[[str, bytes], None]
 Emit = Callable[[list[Event]], Awaitable[None]]
 TagRole = Literal["state", "product"] | CounterName  # what a machine reads from a tag
+
+# Final shift records kept per machine for the status page.
+FINISHED_KEPT = 5
 
 # Re-anchor the engine clock to the wall clock only for big steps (a clock fixed after boot):
 # small NTP slews and steps must not create or remove production time.
@@ -68,6 +73,12 @@ class _Machine:
     product_ref: tuple[str, str] | None  # (device, tag) of the product tag, if any
     calendar: CalendarConfig
     last_report: OeeRecord | None = None
+    # What the status page shows: the reports of the last publish, the published states, the
+    # last finished shifts (newest last).
+    shift_report: OeeRecord | None = None
+    rolling_report: OeeRecord | None = None
+    timeline: StateTimeline = field(default_factory=StateTimeline)
+    finished: deque[OeeRecord] = field(default_factory=lambda: deque(maxlen=FINISHED_KEPT))
 
     @classmethod
     def start(cls, settings: AgentSettings, machine: MachineConfig) -> _Machine:
@@ -85,6 +96,18 @@ class _Machine:
         engine = OeeEngine.from_settings(settings, machine)
         product = None if machine.product is None else _device_tag(machine.product)
         return cls(machine, engine, _device_tag(machine.state.tag), counters, product, calendar)
+
+
+@dataclass(frozen=True, slots=True)
+class MachineView:
+    """What the status page reads of one machine."""
+
+    config: MachineConfig
+    engine: OeeEngine
+    shift: OeeRecord | None
+    rolling: OeeRecord | None
+    timeline: StateTimeline
+    finished: tuple[OeeRecord, ...]
 
 
 def _device_tag(ref: str) -> tuple[str, str]:
@@ -137,6 +160,20 @@ class LiveOee:
     def machines(self) -> dict[str, OeeRecord | None]:
         """The last shift (or rolling) report per machine, for the health data and the demo."""
         return {m.config.name: m.last_report for m in self._machines}
+
+    def page_machines(self) -> list[MachineView]:
+        """Each machine as the status page shows it (its engine, reports, states, shifts)."""
+        return [
+            MachineView(
+                config=m.config,
+                engine=m.engine,
+                shift=m.shift_report,
+                rolling=m.rolling_report,
+                timeline=m.timeline,
+                finished=tuple(m.finished),
+            )
+            for m in self._machines
+        ]
 
     def engine(self, name: str) -> OeeEngine | None:
         """The engine of one machine."""
@@ -193,7 +230,9 @@ class LiveOee:
     async def _flush(self, machine: _Machine) -> None:
         name = machine.config.name
         events: list[Event] = []
-        for change in machine.engine.pop_state_changes():
+        changes = machine.engine.pop_state_changes()
+        machine.timeline.add(changes)
+        for change in changes:
             payload = change.payload()
             self._publish(
                 machine_state_topic(self._root, name),
@@ -207,6 +246,7 @@ class LiveOee:
                 record["window"].get("name"),
                 record.get("oee"),
             )
+            machine.finished.append(record)
             events.append(Event(self._clock.now(), "oee", name, "oee", json_safe(record), "good"))
             self._publish(oee_topic(self._root, name), dumps(json_safe(record)))
         if events:
@@ -223,3 +263,4 @@ class LiveOee:
         if rolling is not None:
             self._publish(f"{topic}/rolling", dumps(json_safe(rolling)))
         machine.last_report = shift or rolling
+        machine.shift_report, machine.rolling_report = shift, rolling

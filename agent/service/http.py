@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hmac
 import inspect
 import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from importlib import resources
 from typing import Any
 
 from aiohttp import web
@@ -77,6 +79,32 @@ class Guard:
 
 
 PROBES = frozenset({"/healthz", "/readyz"})
+
+
+_CONTENT_TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".png": "image/png",
+}
+
+
+def page_routes(folder: str) -> dict[str, Route]:
+    """GET routes of a static page shipped in `agent/data/{folder}`: `/` is its index.html,
+    every other file `/{name}` (read once, here)."""
+    routes: dict[str, Route] = {}
+    for entry in (resources.files("agent") / "data" / folder).iterdir():
+        suffix = "." + entry.name.rpartition(".")[2]
+        if not entry.is_file() or suffix not in _CONTENT_TYPES:
+            continue
+        response = Response(200, entry.read_bytes(), _CONTENT_TYPES[suffix])
+        path = "/" if entry.name == "index.html" else f"/{entry.name}"
+        routes[path] = functools.partial(_fixed, response)
+    return routes
+
+
+def _fixed(response: Response) -> Response:
+    return response
 
 
 def guard_for(token: str | None, *, metrics_open: bool) -> Guard | None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
 from agent.workflows.commands import clip
@@ -14,6 +16,19 @@ from sync.events import Event, json_safe
 from sync.outbox.store import Outbox, OutboxUnavailable
 
 log = logging.getLogger("edge_agent.workflows")
+
+ALARMS_KEPT = 20  # the newest alarms the status page shows
+
+
+@dataclass(frozen=True, slots=True)
+class Alarm:
+    """An alarm raised since the start: when, which saga, what the person has to do."""
+
+    ts: float
+    workflow: str | None
+    saga: str | None
+    devices: tuple[str, ...]
+    message: str
 
 
 def audit_event(
@@ -70,6 +85,7 @@ class Audit:
     def __init__(self, *, outbox: Outbox, stats: EngineStats) -> None:
         self._outbox = outbox
         self._stats = stats
+        self.alarms: deque[Alarm] = deque(maxlen=ALARMS_KEPT)  # newest last
 
     async def append(self, events: list[Event]) -> None:
         """Commit events; a refusal is logged and counted, never raised."""
@@ -86,6 +102,15 @@ class Audit:
     ) -> None:
         """A critical ``alarm`` event: the line needs a person."""
         device = sorted(devices)[0] if devices and len(devices) == 1 else None
+        self.alarms.append(
+            Alarm(
+                time.time(),
+                saga.workflow if saga else None,
+                saga.id if saga else None,
+                tuple(sorted(devices or ())),
+                clip(message),
+            )
+        )
         await self.append(
             [
                 Event(

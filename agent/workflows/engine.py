@@ -124,6 +124,11 @@ class WorkflowEngine:
         """The open saga log (None before `run()` opened it, or when it cannot be used)."""
         return self._execution.saga_log if self._execution is not None else None
 
+    @property
+    def unavailable(self) -> str | None:
+        """Why no command can run (the saga log cannot be used); None while they can."""
+        return self._unavailable
+
     def observe(self, device: str, readings: list[Reading]) -> None:
         """Pipeline observer: every raw reading, for the waiting steps."""
         self.plc.observe(device, readings)

@@ -391,12 +391,14 @@ class SagaLog:
 
     # -- reading -------------------------------------------------------------------------------
 
-    async def _fetch(self, where: str, args: tuple[Any, ...]) -> list[SagaRecord]:
+    async def _fetch(
+        self, where: str, args: tuple[Any, ...], order: str = "created, id"
+    ) -> list[SagaRecord]:
         async with self._lock:
             db = self._conn()
             try:
                 async with db.execute(
-                    f"SELECT {_SAGA_COLUMNS} FROM sagas WHERE {where} ORDER BY created, id", args
+                    f"SELECT {_SAGA_COLUMNS} FROM sagas WHERE {where} ORDER BY {order}", args
                 ) as cursor:
                     rows = list(await cursor.fetchall())
                 sagas = [_saga_from_row(row) for row in rows]
@@ -436,6 +438,10 @@ class SagaLog:
     async def confirm_pending(self) -> list[SagaRecord]:
         """Sagas completed locally whose central confirmation is still to come."""
         return await self._fetch("confirm_pending = 1", ())
+
+    async def recent(self, limit: int) -> list[SagaRecord]:
+        """The `limit` sagas created last, newest first (the status page)."""
+        return await self._fetch("1 = 1", (), f"created DESC, id DESC LIMIT {int(limit)}")
 
     async def all(self) -> list[SagaRecord]:
         """Every saga (oldest first); for tests and inspection."""

@@ -28,6 +28,17 @@ def sample_payload(ts: float, value: Any, quality: str) -> bytes:
     return f'{{"ts":"{rfc3339(ts)}","value":{text},"quality":"{quality}"}}'.encode()
 
 
+def value_text(value: Any) -> str:
+    """The JSON text of a value as `sample_payload` writes it (the status page shows it)."""
+    if value is None or value is True or value is False:
+        return "null" if value is None else "true" if value else "false"
+    if type(value) is int:
+        return str(value)
+    if type(value) is float and math.isfinite(value):
+        return repr(value)
+    return dumps(json_safe(value)).decode()
+
+
 def status_topic(root: str) -> str:
     """R/_agent/status (retained; also the Last Will)."""
     return f"{root}/_agent/status"
