@@ -170,6 +170,7 @@ def test_demo_is_private_and_stores_centrally(mosquitto: MosquittoBroker) -> Non
     assert received == [], f"the other broker received {[m.topic for m in received][:5]}"
     assert "ignoring EDGE_AGENT__MQTT__URL" in out
     assert re.search(rf"broker:  mqtt://127\.0\.0\.1:{port}, private mosquitto", out), out
+    assert re.search(r"page:    http://127\.0\.0\.1:\d+/ \(status page", out), out
     rows = [line for line in out.splitlines() if line.startswith(("press ", "filler "))]
     assert rows
     bare = [row for row in rows if re.search(r"\s-(\s|$)", row)]

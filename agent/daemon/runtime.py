@@ -83,6 +83,7 @@ class Runtime:
         self._services: list[asyncio.Task[None]] = []
         self._workflows_task: asyncio.Task[None] | None = None
         self._reload_requested = asyncio.Event()
+        self.http_port: int | None = None  # the HTTP endpoint's bound port while it serves
         self.metrics = AgentMetrics(self)  # reads the fields above (also when it is created)
 
     # -- what the rest of the program reads ------------------------------------------------
@@ -282,6 +283,8 @@ class Runtime:
         )
         try:
             await stack.enter_async_context(server)
+            self.http_port = server.port
+            stack.callback(setattr, self, "http_port", None)
         except OSError as exc:
             # The endpoint is for operators; the data path must run without it.
             log.error("http: cannot listen on %s: %s", http.listen, exc)

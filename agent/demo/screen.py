@@ -174,6 +174,14 @@ def where_lines(setup: Setup) -> list[str]:
     ]
 
 
+def page_line(runtime: Runtime) -> str:
+    """Where the status page is (docs/page.md)."""
+    port = runtime.http_port
+    if port is None:
+        return "page:    not served (the HTTP endpoint is not listening)"
+    return f"page:    http://127.0.0.1:{port}/ (status page: devices, machines, workflows)"
+
+
 def render(
     runtime: Runtime,
     setup: Setup,
@@ -189,6 +197,7 @@ def render(
         f"{time.strftime('%H:%M:%S')}   {phase} "
         f"{now - runtime.started_at:4.0f} s",
         *where_lines(setup),
+        page_line(runtime),
         uplink_line(runtime, phase),
         *central_lines(setup, central),
         "",

@@ -183,20 +183,20 @@ class TlsClientConfig(ConfigModel):
 
 
 class HttpConfig(ConfigModel):
-    """Health and metrics endpoint (docs/page.md)."""
+    """Health and metrics endpoint, and the agent's status page (docs/page.md)."""
 
     listen: str = Field(
         default="127.0.0.1:9108",
-        description="HOST:PORT of /healthz /readyz /status /metrics; an address other than "
-        "loopback needs token_file.",
+        description="HOST:PORT of the status page at / and of /healthz /readyz /status "
+        "/metrics; an address other than loopback needs token_file.",
     )
     enabled: bool = Field(default=True, description="Serve the endpoint at all.")
     token: SecretStr | None = Field(default=None, description="Prefer token_file.")
     token_file: Path | None = Field(
         default=None,
-        description="File holding the access token of /status (HTTP basic auth password, any "
-        "user name, or 'Authorization: Bearer TOKEN'); required when listen is not loopback; "
-        "looked up like mqtt.password_file (docs/page.md, 'Access').",
+        description="File holding the access token of the page and /status (HTTP basic auth "
+        "password, any user name, or 'Authorization: Bearer TOKEN'); required when listen is "
+        "not loopback; looked up like mqtt.password_file (docs/page.md, 'Access').",
     )
     metrics_open: bool = Field(
         default=True,
