@@ -16,6 +16,7 @@ import pytest
 from selenium import webdriver
 from selenium.webdriver.common.by import By
 
+from agent.daemon import page
 from agent.daemon.runtime import Runtime
 from agent.oee.state_timeline import StateTimeline
 from agent.oee.states import StateChange
@@ -362,3 +363,30 @@ def test_the_timeline_cuts_its_segments_to_the_span() -> None:
         ("planned_stop", 25.0, 27.0)
     ]
     assert timeline.segments(0.0, 8.0) == []
+
+
+async def test_the_document_shows_a_bounded_number_of_tags(
+    mosquitto: MosquittoBroker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(page, "TAGS_SHOWN", 3)
+    async with ModbusSimulator(port=0, seed=5, speed=0.0) as sim:
+        settings = settings_for(
+            tmp_path, config_text(mosquitto, tmp_path / "data", [("press1", sim.port)])
+        )
+        base = f"http://127.0.0.1:{settings.http.port}/api/page"
+        async with running(settings) as runtime:
+            await async_wait_until(lambda: runtime.pollers["press1"].polls >= 1, timeout=10)
+            every = json.loads(await asyncio.to_thread(read, base))["devices"][0]
+            found = json.loads(await asyncio.to_thread(read, f"{base}?filter=TEMP"))["devices"][0]
+            by_device = json.loads(await asyncio.to_thread(read, f"{base}?filter=press"))
+    assert (every["tags_total"], every["tags_matching"], len(every["tags"])) == (6, 6, 3)
+    assert [tag["name"] for tag in found["tags"]] == ["temperature"]
+    assert (found["tags_total"], found["tags_matching"]) == (6, 1)
+    assert by_device["devices"][0]["tags_matching"] == 6  # the device's name matches
+
+
+def read(url: str) -> bytes:
+    """The body of GET url."""
+    with urllib.request.urlopen(url, timeout=5) as response:
+        body: bytes = response.read()
+    return body

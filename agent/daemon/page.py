@@ -26,6 +26,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("edge_agent.page")
 
 SAGAS_SHOWN = 20
+# Tags per device in one document: a person reads a few hundred rows, not 10,000, and the
+# document's cost stays bounded at line scale (the filter box finds the others).
+TAGS_SHOWN = 200
 # The page asks again this often: no slower than the fastest device's poll (within bounds), so
 # that a new value shows within one poll interval and one refresh (docs/page.md).
 MIN_REFRESH = 0.5
@@ -76,6 +79,8 @@ class DeviceRow(TypedDict):
     poll_errors: int
     skipped_ticks: int
     reconnects: int
+    tags_total: int
+    tags_matching: int  # of tags_total, those the filter keeps (the first TAGS_SHOWN shown)
     tags: list[TagRow]
 
 
@@ -149,8 +154,9 @@ class PageDocument(TypedDict):
     workflows: Workflows
 
 
-async def page_document(runtime: Runtime) -> PageDocument | None:
-    """The page's document now (None before the gateway runs)."""
+async def page_document(runtime: Runtime, *, tag_filter: str = "") -> PageDocument | None:
+    """The page's document now (None before the gateway runs); `tag_filter` keeps the devices
+    and tags whose name contains it (case-insensitive)."""
     gateway = runtime.gateway
     status = runtime.status()
     if gateway is None or status is None:
@@ -182,7 +188,8 @@ async def page_document(runtime: Runtime) -> PageDocument | None:
         "starting" if reasons == ["starting"] else "degraded" if reasons else "healthy"
     )
     pollers = gateway.devices.pollers
-    devices = [_device(poller, runtime) for poller in pollers.values()]
+    needle = tag_filter.strip().lower()
+    devices = [_device(poller, runtime, needle) for poller in pollers.values()]
     machines = [_machine(view, now) for view in gateway.oee.page_machines()]
     intervals = [poller.config.poll_interval for poller in pollers.values()]
     refresh = min(MAX_REFRESH, max(MIN_REFRESH, min(intervals, default=MAX_REFRESH)))
@@ -220,11 +227,17 @@ def health_reasons(runtime: Runtime) -> list[str]:
     return list(dict.fromkeys(reasons))  # the same reason once
 
 
-def _device(poller: DevicePoller, runtime: Runtime) -> DeviceRow:
+def _device(poller: DevicePoller, runtime: Runtime, needle: str) -> DeviceRow:
     config = poller.config
     pipeline = runtime.gateway.pipeline if runtime.gateway is not None else None
     tags: list[TagRow] = []
-    for tag in config.tag_list():
+    every = config.tag_list()
+    matching = (
+        every
+        if not needle or needle in config.name.lower()
+        else [tag for tag in every if needle in tag.name.lower()]
+    )
+    for tag in matching[:TAGS_SHOWN]:
         latest = None if pipeline is None else pipeline.latest(config.name, tag.name)
         seen = latest is not None and latest.quality is not None
         tags.append(
@@ -248,6 +261,8 @@ def _device(poller: DevicePoller, runtime: Runtime) -> DeviceRow:
         "poll_errors": poller.poll_errors,
         "skipped_ticks": poller.skipped_ticks,
         "reconnects": poller.reconnects,
+        "tags_total": len(every),
+        "tags_matching": len(matching),
         "tags": tags,
     }
 
@@ -269,9 +284,9 @@ def _machine(view: MachineView, now: float) -> MachineRow:
         "since": None if state is None else state.ts,
         "window": shift,
         "timeline": _json_segments(view.timeline.segments(start, min(end, now))),
-        "shift": view.shift,
-        "rolling": view.rolling,
-        "finished": list(reversed(view.finished)),  # newest first
+        "shift": json_safe(view.shift),
+        "rolling": json_safe(view.rolling),
+        "finished": [json_safe(record) for record in reversed(view.finished)],  # newest first
     }
 
 

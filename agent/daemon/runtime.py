@@ -8,6 +8,7 @@ import contextlib
 import logging
 import signal
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +41,7 @@ from agent.service.watchdog import watchdog_loop
 from agent.settings.config_file import AgentSettings
 from agent.settings.loader import ConfigError, dotted, load_agent_settings
 from drivers.base import JsonValue, Reading
-from sync.events import Event, dumps, json_safe
+from sync.events import Event, dumps
 from sync.files import private_dir
 from sync.mqtt.client import MqttClient, NotConnected
 from sync.outbox.store import Outbox
@@ -210,20 +211,20 @@ class Runtime:
         def metrics_page() -> Response:
             return Response(200, self.metrics.render(), "text/plain; version=0.0.4; charset=utf-8")
 
-        async def page() -> Response:
-            document = await page_document(self)
-            if document is None:
-                return json_response({"status": "starting"}, 503)
-            return Response(200, dumps(json_safe(document)))
-
         return {
             "/healthz": healthz,
             "/readyz": readyz,
             "/status": status,
             "/metrics": metrics_page,
-            "/api/page": page,
             **page_routes("page"),
         }
+
+    async def _page(self, query: Mapping[str, str]) -> Response:
+        """/api/page: the status page's document; ?filter=TEXT keeps the matching tags."""
+        document = await page_document(self, tag_filter=query.get("filter", ""))
+        if document is None:
+            return json_response({"status": "starting"}, 503)
+        return Response(200, dumps(document))
 
     # -- running -------------------------------------------------------------------------------
 
@@ -279,6 +280,7 @@ class Runtime:
             host=http.host,
             port=http.port,
             routes=self._routes(),
+            query_routes={"/api/page": self._page},
             guard=guard_for(token, metrics_open=http.metrics_open),
         )
         try:

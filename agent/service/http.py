@@ -54,6 +54,8 @@ class Response:
 
 
 Route = Callable[[], Response | Awaitable[Response]]
+# A route that reads the request's query string (`?filter=...`).
+QueryRoute = Callable[[Mapping[str, str]], Awaitable[Response]]
 
 
 def json_response(document: Any, status: int = 200) -> Response:
@@ -141,6 +143,7 @@ class HttpServer:
         host: str,
         port: int,
         routes: Mapping[str, Route],
+        query_routes: Mapping[str, QueryRoute] | None = None,
         guard: Guard | None = None,
     ) -> None:
         if not 0 <= port < 65536:
@@ -148,6 +151,7 @@ class HttpServer:
         self._host = host
         self._port = port
         self._routes = dict(routes)
+        self._query_routes = dict(query_routes or {})
         self._guard = guard
         self._runner: web.AppRunner | None = None
         self._bound = port
@@ -161,6 +165,8 @@ class HttpServer:
         app = web.Application(middlewares=[self._guarded])
         for path, route in self._routes.items():
             app.router.add_get(path, _handler(route))
+        for path, query_route in self._query_routes.items():
+            app.router.add_get(path, _query_handler(query_route))
         app.on_response_prepare.append(_secure_headers)
         return app
 
@@ -179,7 +185,8 @@ class HttpServer:
         addresses = runner.addresses
         if addresses:
             self._bound = int(addresses[0][1])
-        log.info("http: serving %s on %s:%d", " ".join(self._routes), self._host, self.port)
+        paths = " ".join([*self._routes, *self._query_routes])
+        log.info("http: serving %s on %s:%d", paths, self._host, self.port)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -218,6 +225,18 @@ def _handler(route: Route) -> Callable[[web.Request], Awaitable[web.Response]]:
         answer = route()
         response = await answer if inspect.isawaitable(answer) else answer
         # The content type goes in as a header: aiohttp's content_type= refuses parameters.
+        return web.Response(
+            status=response.status,
+            body=response.body,
+            headers={"Content-Type": response.content_type, "Cache-Control": "no-store"},
+        )
+
+    return handle
+
+
+def _query_handler(route: QueryRoute) -> Callable[[web.Request], Awaitable[web.Response]]:
+    async def handle(request: web.Request) -> web.Response:
+        response = await route(request.query)
         return web.Response(
             status=response.status,
             body=response.body,

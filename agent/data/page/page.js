@@ -147,6 +147,10 @@
       }
       table.append(body);
       card.append(el("div", { class: "scroll" }, table));
+      if (d.tags_matching > d.tags.length) {
+        card.append(el("p", { class: "muted", "data-role": "more", text:
+          `${d.tags.length} of ${d.tags_matching} tags shown (${d.tags_total} in all): type in the filter to find the others` }));
+      }
       list.append(card);
     }
     $("device-list").replaceWith(list);
@@ -280,9 +284,12 @@
 
   async function tick() {
     const controller = new AbortController();
-    const timer = setTimeout(() => controller.abort(), FETCH_TIMEOUT_MS);
+    const abortTimer = setTimeout(() => controller.abort(), FETCH_TIMEOUT_MS);
     try {
-      const response = await fetch(new URL(DOCUMENT, location.origin), { cache: "no-store", signal: controller.signal, credentials: "same-origin" });
+      const url = new URL(DOCUMENT, location.origin);  // never the credentials of location
+      const needle = $("filter").value.trim();
+      if (needle) url.searchParams.set("filter", needle);
+      const response = await fetch(url, { cache: "no-store", signal: controller.signal, credentials: "same-origin" });
       if (response.status === 401) {
         setLink("denied", "the agent asks for credentials: reload the page");
         failures += 1;
@@ -304,14 +311,27 @@
       const since = lastGood ? ` (last data ${clock(lastGood.now)})` : "";
       setLink("reconnecting", `reconnecting to the agent…${since}`);
     } finally {
-      clearTimeout(timer);
+      clearTimeout(abortTimer);
     }
     const wait = failures ? Math.min(MAX_RETRY_MS, refreshMs * 2 ** Math.min(failures - 1, 4)) : refreshMs;
-    setTimeout(tick, wait);
+    schedule(wait);
+  }
+
+  let timer = null;
+  function schedule(wait) {
+    clearTimeout(timer);
+    // A tab in the background asks for nothing: it costs the agent nothing.
+    timer = setTimeout(() => (document.hidden ? null : tick()), wait);
   }
 
   document.addEventListener("DOMContentLoaded", () => {
-    $("filter").addEventListener("input", applyFilter);
+    $("filter").addEventListener("input", () => {
+      applyFilter();
+      schedule(250);  // the agent filters too: tags beyond the first shown come in
+    });
+    document.addEventListener("visibilitychange", () => {
+      if (!document.hidden) schedule(0);
+    });
     tick();
   });
 })();
