@@ -100,9 +100,7 @@ ensure_venv() {
   if [ "$have" != "$want" ]; then
     echo "==> installing $spec into $VENV"
     "$VENV/bin/python" -m pip install -q --upgrade pip
-    # compat: a .pth with the checkout's path. The default editable mode here (a meta path
-    # finder, for a flat layout) prints a dozen lines of setuptools warnings on every install.
-    "$VENV/bin/python" -m pip install -q -e "$spec" --config-settings editable_mode=compat
+    "$VENV/bin/python" -m pip install -q -e "$spec"
     echo "$want" > "$stamp"
   fi
 }
