@@ -1,12 +1,18 @@
-"""Report by exception: deadband, heartbeat, quality transitions (pure, time passed in)."""
+"""Report by exception: deadband, heartbeat, quality transitions (pure, time passed in); the
+commit before publishing, which a poller does not wait for."""
 
 from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
 
 import pytest
 
 from agent.daemon.pipeline import Pipeline, TagFilter
 from drivers.base import Reading
 from sync.events import Event
+from sync.outbox.store import OnCommit, OutboxUnavailable
+from tests.fixtures.ports import async_wait_until
 from tests.fixtures.sinks import RecordingSink
 
 
@@ -81,27 +87,65 @@ def test_heartbeat_due() -> None:
     assert not tag_filter.heartbeat_due(100.0)
 
 
-async def test_pipeline_commits_before_publishing_and_feeds_observers() -> None:
-    order: list[str] = []
+class HeldCommits:
+    """A Durable whose commits return only when the test says so."""
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[list[Event], OnCommit]] = []
+        self.full = False
+        self.room_waits = 0
+        self._room = asyncio.Event()
+
+    def submit(self, events: Sequence[Event], on_commit: OnCommit) -> None:
+        self.pending.append((list(events), on_commit))
+
+    async def room(self) -> None:
+        while self.full:
+            self.room_waits += 1
+            self._room.clear()
+            await self._room.wait()
+
+    def free(self) -> None:
+        self.full = False
+        self._room.set()
+
+
+async def test_pipeline_does_not_wait_for_the_commit_but_publishes_only_after_it() -> None:
     published: list[Event] = []
     observed: list[int] = []
-
-    async def durable(events: list[Event]) -> None:
-        order.append(f"commit {len(events)}")
-
-    def live(events: list[Event]) -> None:
-        order.append(f"live {len(events)}")
-        published.extend(events)
-
-    now = [0.0]
-    pipeline = Pipeline(sinks=[RecordingSink(live)], durable=durable, clock=lambda: now[0])
+    durable = HeldCommits()
+    pipeline = Pipeline(sinks=[RecordingSink(published.extend)], durable=durable)
     pipeline.configure_tag("press", "t", deadband=None, max_interval=60.0)
     pipeline.add_observer(lambda device, readings: observed.append(len(readings)))
+    # Three polls return at once although nothing is committed yet (issue #22).
     await pipeline.submit("press", [good(1, ts=100.0), Reading("unknown", 1, "good", 100.0)])
-    await pipeline.submit("press", [good(1, ts=101.0)])
-    assert order == ["commit 1", "live 1"]
-    assert observed == [2, 1]  # observers see every reading, published or not
-    assert published == [Event(100.0, "sample", "press", "t", 1, "good")]
+    await pipeline.submit("press", [good(2, ts=101.0)])
+    await pipeline.submit("press", [good(3, ts=102.0)])
+    assert observed == [2, 1, 1]  # observers see every reading at once
+    assert published == []
+    assert len(durable.pending) == 3
+    # The second commit returns first: nothing is published ahead of the first.
+    durable.pending[1][1](None)
+    assert published == []
+    durable.pending[0][1](None)
+    assert [event.value for event in published] == [1, 2]
+    # A refused commit is not published, and its tag is offered again on the next reading.
+    durable.pending[2][1](OutboxUnavailable("disk full"))
+    assert [event.value for event in published] == [1, 2]
+    assert pipeline.durable_down
+    await pipeline.submit("press", [good(3, ts=103.0)])
+    durable.pending[3][1](None)
+    assert [event.value for event in published] == [1, 2, 3]
+    assert not pipeline.durable_down
+    await pipeline.settle()  # everything emitted is settled
+    # A full commit queue makes the poller wait (bounded memory), and only then.
+    durable.full = True
+    waiting = asyncio.create_task(pipeline.submit("press", [good(4, ts=104.0)]))
+    await async_wait_until(lambda: durable.room_waits == 1, message="the poller waits")
+    assert len(durable.pending) == 4
+    durable.free()
+    await waiting
+    assert len(durable.pending) == 5
 
 
 async def test_reconfigure_keeps_last_state() -> None:

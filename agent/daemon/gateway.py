@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from agent import __version__
@@ -16,7 +17,7 @@ from agent.settings.config_file import AgentSettings
 from agent.workflows.engine import WorkflowEngine
 from sync.events import Event
 from sync.mqtt.client import MqttClient, Will
-from sync.outbox.store import Outbox
+from sync.outbox.store import OnCommit, Outbox
 from sync.uplink.forwarder import Forwarder
 from sync.uplink.live import LivePublisher
 from sync.uplink.sink import Sink
@@ -62,20 +63,30 @@ def build_sinks(
     return tuple(sinks)
 
 
-def durable_for(settings: AgentSettings, outbox: Outbox) -> Durable:
-    """What the pipeline commits: every event, or in live-only mode every event but samples
-    (records of their own, OEE and workflow audits, stay in the outbox, capped by
-    buffer.max_size, and go to the central store if sync is enabled later;
-    docs/delivery.md, "Live only")."""
-    if settings.mqtt.sync_enabled:
-        return outbox.append
+class RecordsOnly:
+    """The outbox for live-only mode: every event but samples (records of their own, OEE and
+    workflow audits, stay in the outbox, capped by buffer.max_size, and go to the central
+    store if sync is enabled later; docs/delivery.md, "Live only")."""
 
-    async def append_records(events: list[Event]) -> None:
+    def __init__(self, outbox: Outbox) -> None:
+        self._outbox = outbox
+
+    def submit(self, events: Sequence[Event], on_commit: OnCommit) -> None:
+        """Queue the records among `events`; with none, `on_commit(None)` at once."""
         records = [event for event in events if event.kind != "sample"]
         if records:
-            await outbox.append(records)
+            self._outbox.submit(records, on_commit)
+        else:
+            on_commit(None)
 
-    return append_records
+    async def room(self) -> None:
+        """Wait while the outbox's commit queue is full."""
+        await self._outbox.room()
+
+
+def durable_for(settings: AgentSettings, outbox: Outbox) -> Durable:
+    """What the pipeline commits: every event, or in live-only mode every event but samples."""
+    return outbox if settings.mqtt.sync_enabled else RecordsOnly(outbox)
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,7 +2,10 @@
 
 The filter is pure (time is passed in); `Pipeline` commits events to the durable outbox first,
 then offers them to every sink (sync/uplink/sink.py), and hands every raw reading to observers
-(OEE, workflow wait steps), which need each value, not only the published ones.
+(OEE, workflow wait steps), which need each value, not only the published ones. A poller does
+not wait for the commit: its events are queued for the outbox's next group commit and offered
+to the sinks, in order, when it returned (docs/delivery.md, "Accepted means committed"); it
+waits only while the outbox's queue is full.
 
 An event carries the value at its tag's precision (`TagConfigBase.published_value`: 56.9, not
 56.900000000000006), and the filter compares those: a change finer than what is published
@@ -16,18 +19,42 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Protocol
 
 from drivers.base import JsonValue, Reading
 from sync.events import Event
+from sync.outbox.store import OnCommit
 from sync.uplink.sink import Sink
 
 log = logging.getLogger("edge_agent.pipeline")
 
 Observer = Callable[[str, list[Reading]], None]
-Durable = Callable[[list[Event]], Awaitable[object]]
 Precision = Callable[[JsonValue], JsonValue]
+
+
+class Durable(Protocol):
+    """Where events are committed before they are published: the outbox (`Outbox.submit`)."""
+
+    def submit(self, events: Sequence[Event], on_commit: OnCommit) -> None:
+        """Queue `events`; `on_commit` runs once they are committed (None) or refused."""
+        ...
+
+    async def room(self) -> None:
+        """Wait while the commit queue is full."""
+        ...
+
+
+@dataclass(slots=True, eq=False)
+class _Uncommitted:
+    """Events submitted to the outbox, published once they and all before them are done."""
+
+    events: list[Event]
+    done: bool = False
+    error: Exception | None = field(default=None)
 
 
 def as_read(value: JsonValue) -> JsonValue:
@@ -104,6 +131,9 @@ class Pipeline:
         self._observers: list[Observer] = []
         self.events_total = 0
         self._durable_down = False
+        # Submitted to the outbox and not yet published, in submit order.
+        self._uncommitted: deque[_Uncommitted] = deque()
+        self._settled = asyncio.Event()
 
     @property
     def durable_down(self) -> bool:
@@ -170,25 +200,48 @@ class Pipeline:
         await self.emit(events)
 
     async def emit(self, events: list[Event]) -> None:
-        """Commit ready-made events, then offer them to every sink.
+        """Queue ready-made events for the commit; they are offered to every sink once it
+        returned (waits only while the outbox's commit queue is full).
 
-        Nothing is published before its commit: if the outbox refuses the events (disk full),
-        they are not published live either, and their tags are offered again on the next
-        reading so that nothing is skipped once the outbox works again.
+        Nothing is published before its commit, and events are published in the order they
+        were emitted: if the outbox refuses the events (disk full), they are not published live
+        either, and their tags are offered again on the next reading so that nothing is
+        skipped once the outbox works again.
         """
         if not events:
             return
-        if self._durable is not None:
-            try:
-                await self._durable(events)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                self._refused(events, exc)
-                return
+        if self._durable is None:
+            self._publish(events)
+            return
+        await self._durable.room()
+        entry = _Uncommitted(events)
+        self._uncommitted.append(entry)
+        try:
+            self._durable.submit(events, partial(self._committed, entry))
+        except Exception as exc:  # closed, or an event that cannot be stored
+            self._committed(entry, exc)
+
+    async def settle(self) -> None:
+        """Wait until every event emitted so far is committed and published (or refused)."""
+        while self._uncommitted:
+            self._settled.clear()
+            await self._settled.wait()
+
+    def _committed(self, entry: _Uncommitted, error: Exception | None) -> None:
+        entry.done, entry.error = True, error
+        while self._uncommitted and self._uncommitted[0].done:
+            done = self._uncommitted.popleft()
+            if done.error is not None:
+                self._refused(done.events, done.error)
+                continue
             if self._durable_down:
                 log.info("the outbox accepts events again")
                 self._durable_down = False
+            self._publish(done.events)
+        if not self._uncommitted:
+            self._settled.set()
+
+    def _publish(self, events: list[Event]) -> None:
         self.events_total += len(events)
         for sink in self._sinks:
             try:

@@ -52,6 +52,8 @@ async def apply_reload(gateway: Gateway, old: AgentSettings, new: AgentSettings)
     for name in (*changes.removed, *changes.changed):
         await gateway.devices.stop(name)
         gateway.pipeline.forget_device(name)
+    # Their last events go live before their retained values are cleared, not after.
+    await gateway.pipeline.settle()
     for device in old.devices:
         if device.name in changes.removed:
             tags = [tag.name for tag in device.tag_list()]

@@ -341,7 +341,9 @@ class Runtime:
             await cancel_and_wait([self._workflows_task])
         await gateway.devices.stop_all()
         outbox = gateway.outbox
+        # Committed after every event the sources queued, which reach the sinks first.
         await outbox.append([_lifecycle("stop", outbox.stream)])
+        await gateway.pipeline.settle()
         # Bounded time for the last live values and the last acknowledgements.
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(SHUTDOWN_GRACE):

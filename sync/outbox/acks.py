@@ -1,6 +1,10 @@
 """The central store's acks (docs/delivery.md): delete what they cover, persist the watermark.
 
 An ack is idempotent: a lower or repeated ack, or an ack of another stream, changes nothing.
+An ack is taken at once (`note`: reads skip what it covers and waiters wake) and applied
+lazily: the DELETE and the ``acked_seq`` update ride in the writer's next insert transaction,
+or in a transaction of their own after ``ack_delay`` (sync/outbox/writer.py). One lost in a
+crash is harmless: those events are sent again and the central store absorbs duplicates.
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ import asyncio
 import heapq
 import itertools
 import logging
+import sqlite3
 
 from sync.outbox.database import Database
 from sync.outbox.errors import OutboxUnavailable
@@ -18,11 +23,11 @@ log = logging.getLogger("edge_agent.outbox")
 
 # Largest number of rows deleted per transaction when an ack covers a huge range, so that an
 # ack after a long outage does not hold up appends for seconds.
-_ACK_CHUNK = 50_000
+ACK_CHUNK = 50_000
 
 
 class Acks:
-    """Applies acks to the database and wakes the tasks waiting for a seq to be acked."""
+    """Takes acks, wakes the tasks waiting for a seq to be acked, and deletes acked rows."""
 
     def __init__(self, *, database: Database, state: OutboxState) -> None:
         self._database = database
@@ -31,8 +36,8 @@ class Acks:
         self._waiter_ids = itertools.count()
         self._foreign_streams: set[str] = set()
 
-    async def ack(self, stream: str, acked_seq: int) -> bool:
-        """Delete every event covered by the ack; False if nothing changed."""
+    def note(self, stream: str, acked_seq: int) -> bool:
+        """Take the central store's watermark (in memory); False if nothing changed."""
         if stream != self._state.stream:
             if stream not in self._foreign_streams:
                 self._foreign_streams.add(stream)
@@ -52,29 +57,31 @@ class Acks:
                 self._state.last_seq,
             )
             target = self._state.last_seq
-        changed = False
-        while self._state.acked_seq < target:
-            if await self._delete_upto(min(target, self._state.acked_seq + _ACK_CHUNK)):
-                changed = True
-        return changed
-
-    async def _delete_upto(self, upto: int) -> bool:
-        """Delete the events up to `upto` in one transaction; False if already done."""
-        database, state = self._database, self._state
-        async with database.lock:
-            if upto <= state.acked_seq:
-                return False  # a concurrent ack got there first
-            async with database.transaction(f"cannot record ack {upto} in {database.path}") as db:
-                cursor = await db.execute("DELETE FROM events WHERE seq <= ?", (upto,))
-                deleted = max(cursor.rowcount, 0)
-                await db.execute("UPDATE meta SET acked_seq = ? WHERE id = 1", (upto,))
-                oldest = await database.oldest_ts()
-        state.acked_seq = upto
-        state.events_count -= deleted
-        state.oldest_ts = oldest
-        state.commits += 1
+        if target <= self._state.acked_seq:
+            return False
+        self._state.acked_seq = target
         self._wake_waiters()
         return True
+
+    @property
+    def pending(self) -> bool:
+        """Whether acked rows wait to be deleted."""
+        return self._state.acked_seq > self._state.deleted_upto
+
+    def next_chunk(self) -> int | None:
+        """The seq to delete up to in the next transaction (None: nothing to delete)."""
+        state = self._state
+        if state.acked_seq <= state.deleted_upto:
+            return None
+        return min(state.acked_seq, state.deleted_upto + ACK_CHUNK)
+
+    @staticmethod
+    def delete_in(connection: sqlite3.Connection, upto: int) -> int:
+        """Delete the rows up to `upto` and persist the watermark (in the writer's transaction,
+        on the connection's thread); return the rows deleted."""
+        cursor = connection.execute("DELETE FROM events WHERE seq <= ?", (upto,))
+        connection.execute("UPDATE meta SET acked_seq = ? WHERE id = 1", (upto,))
+        return max(cursor.rowcount, 0)
 
     async def wait(self, seq: int) -> None:
         """Wait until `seq` is acked (the caller checked that it is not yet)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sqlite3
 import time
 from collections.abc import Sequence
 
@@ -37,12 +38,15 @@ class SizeCap:
         # drop transaction stays short.
         self._headroom = min(max(max_size // 32, 16 * 1024), 16 * 1024 * 1024)
 
-    async def enforce(self, seq: int, count: int, used: int) -> tuple[int, int, int, int]:
-        """Drop the oldest samples (inside the open transaction) until under the cap.
+    def enforce(
+        self, connection: sqlite3.Connection, seq: int, count: int, used: int
+    ) -> tuple[int, int, int, int]:
+        """Drop the oldest samples (inside the writer's transaction, on the connection's
+        thread) until under the cap.
 
         Returns (last seq incl. gap events, events count, samples dropped, bytes used).
         """
-        dropped, used = await self._drop_oldest_samples(count, used)
+        dropped, used = self._drop_oldest_samples(connection, count, used)
         if used > self.max_size:
             raise OutboxFull(
                 f"outbox {self._database.path} is over its cap of {self.max_size} bytes and "
@@ -57,7 +61,7 @@ class SizeCap:
         for value in buffer_full_gaps(dropped):
             seq += 1
             gap_rows.append((seq, *encode_event(Event(time.time(), "gap", value=value))))
-        await self._database.conn().executemany(INSERT_EVENT, gap_rows)
+        connection.executemany(INSERT_EVENT, gap_rows)
         log.warning(
             "outbox %s over its cap of %d bytes: dropped %d oldest samples (seq %d..%d)",
             self._database.path,
@@ -66,13 +70,12 @@ class SizeCap:
             dropped[0][0],
             dropped[-1][0],
         )
-        return seq, count + len(gap_rows), len(dropped), await self._database.measure()
+        return seq, count + len(gap_rows), len(dropped), self._database.measure_in(connection)
 
-    async def _drop_oldest_samples(
-        self, count: int, used: int
+    def _drop_oldest_samples(
+        self, connection: sqlite3.Connection, count: int, used: int
     ) -> tuple[list[tuple[int, float]], int]:
         """Delete the oldest samples down to the headroom; return their (seq, ts), bytes in use."""
-        db = self._database.conn()
         target = self.max_size - self._headroom
         dropped: list[tuple[int, float]] = []
         while used > target:
@@ -80,7 +83,7 @@ class SizeCap:
             want = max(16, math.ceil((used - target) / per_event))
             gone = [
                 (int(row[0]), float(row[1]))
-                for row in await db.execute_fetchall(
+                for row in connection.execute(
                     "DELETE FROM events WHERE seq IN (SELECT seq FROM events WHERE kind = ? "
                     "ORDER BY seq LIMIT ?) RETURNING seq, ts",
                     (SAMPLE_KIND, want),
@@ -90,7 +93,7 @@ class SizeCap:
                 break
             dropped.extend(gone)
             count -= len(gone)
-            used = await self._database.measure()
+            used = self._database.measure_in(connection)
         return dropped, used
 
 

@@ -2,7 +2,9 @@
 
 One aiosqlite connection in WAL mode with ``synchronous=FULL`` and ``locking_mode=EXCLUSIVE``
 (a second process on the same file fails at open instead of interleaving seqs). Each
-aiosqlite call costs about 100 µs here (bench/outbox_accept.py), so every step is one call.
+aiosqlite call is a round trip to the connection's thread, about 100 µs of CPU on a small VM
+(docs/performance.md, "Node-RED's job"), so a write transaction is ONE call: `transact` runs a
+plain function (BEGIN IMMEDIATE, the statements, COMMIT) on that thread.
 """
 
 from __future__ import annotations
@@ -13,9 +15,9 @@ import logging
 import sqlite3
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import aiosqlite
 
@@ -54,6 +56,8 @@ CREATE TABLE IF NOT EXISTS events (
     # without scanning the outbox. Gap events are rare, so the index stays tiny.
     f"CREATE INDEX IF NOT EXISTS events_gaps ON events (seq) WHERE kind = {KIND_CODES['gap']}",
 )
+
+T = TypeVar("T")
 
 INSERT_EVENT = (
     "INSERT INTO events (seq, ts, kind, device, tag, value, quality) VALUES (?,?,?,?,?,?,?)"
@@ -113,16 +117,51 @@ class Database:
             await _rollback(db)
             raise
 
-    async def update_meta(self, last_seq: int, dropped_total: int) -> int:
-        """Write the seq counter (in the open transaction); return the bytes in use."""
-        # One call instead of two: each aiosqlite call costs about 100 µs here
-        # (bench/outbox_accept.py).
-        rows = await self.conn().execute_fetchall(
+    async def transact(self, work: Callable[[sqlite3.Connection], T], failure: str) -> T:
+        """Run ``work(connection)`` between BEGIN IMMEDIATE and COMMIT in ONE call to the
+        connection's thread; roll back on any error.
+
+        An SQLite error becomes ``OutboxUnavailable(f"{failure}: {error}")``. The caller holds
+        `lock` where other tasks may use the connection; `work` runs on the connection's thread
+        and must touch nothing of the event loop's.
+        """
+        db = self.conn()
+
+        def transaction(connection: sqlite3.Connection) -> T:
+            connection.execute("BEGIN IMMEDIATE")
+            try:
+                result = work(connection)
+                connection.execute("COMMIT")
+            except BaseException:
+                _rollback_in(connection)
+                raise
+            return result
+
+        # aiosqlite's own way of running a function on its thread (the one its execute()
+        # uses); it has no public name for it.
+        call = cast(Callable[..., Awaitable[T]], db._execute)
+        try:
+            return await call(transaction, db._conn)
+        except sqlite3.Error as exc:
+            raise OutboxUnavailable(f"{failure}: {exc}") from exc
+        except ValueError as exc:  # aiosqlite: "Connection closed"
+            raise OutboxUnavailable(f"{failure}: {exc}") from exc
+
+    def update_meta_in(self, connection: sqlite3.Connection, last_seq: int, dropped: int) -> int:
+        """Write the seq counter (in `transact`); return the bytes in use."""
+        row = connection.execute(
             "UPDATE meta SET last_seq = ?, dropped_total = ? WHERE id = 1 RETURNING (SELECT "
             "page_count - freelist_count FROM pragma_page_count(), pragma_freelist_count())",
-            (last_seq, dropped_total),
-        )
-        return int(next(iter(rows))[0]) * self._page_size
+            (last_seq, dropped),
+        ).fetchone()
+        return int(row[0]) * self._page_size
+
+    def measure_in(self, connection: sqlite3.Connection) -> int:
+        """Bytes of database pages in use (in `transact`)."""
+        (pages,) = connection.execute(
+            "SELECT page_count - freelist_count FROM pragma_page_count(), pragma_freelist_count()"
+        ).fetchone()
+        return int(pages) * self._page_size
 
     async def measure(self) -> int:
         """Bytes of database pages in use (the quantity the cap applies to)."""
@@ -198,7 +237,7 @@ class Database:
         )
         state.stream = str(stream)
         state.last_seq = int(last_seq)
-        state.acked_seq = int(acked_seq)
+        state.acked_seq = state.deleted_upto = int(acked_seq)
         state.dropped_total = int(dropped)
         count, max_seq = await _one(db, "SELECT count(*), max(seq) FROM events")
         state.events_count = int(count)
@@ -213,6 +252,21 @@ class Database:
 async def _one(db: aiosqlite.Connection, sql: str) -> Any:
     rows = list(await db.execute_fetchall(sql))
     return rows[0]
+
+
+def oldest_ts_in(connection: sqlite3.Connection) -> float | None:
+    """Event time of the oldest stored event, None when empty (in `transact`)."""
+    row = connection.execute("SELECT ts FROM events ORDER BY seq LIMIT 1").fetchone()
+    return float(row[0]) if row is not None else None
+
+
+def _rollback_in(connection: sqlite3.Connection) -> None:
+    # SQLite may already have rolled back by itself (e.g. after SQLITE_FULL).
+    if connection.in_transaction:
+        try:
+            connection.execute("ROLLBACK")
+        except sqlite3.Error as exc:
+            log.error("outbox rollback failed: %s", exc)
 
 
 async def _rollback(db: aiosqlite.Connection) -> None:

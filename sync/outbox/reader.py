@@ -64,8 +64,13 @@ class BatchReader:
         if tail and tail[0][0] <= start + 1 <= tail[-1][0]:
             # A forwarder that keeps up reads what was just committed: serve it from memory
             # instead of querying SQLite for every batch (the rows are the same).
+            # From the right end, where a forwarder that keeps up reads: islice from the left
+            # walks the whole deque (20,000 rows) to reach it.
+            size = len(tail)
             first = start + 1 - tail[0][0]
-            rows = list(itertools.islice(tail, first, first + limit))
+            end = min(first + limit, size)
+            rows = list(itertools.islice(reversed(tail), size - end, size - first))
+            rows.reverse()
         else:
             async with self._database.lock:
                 rows = list(

@@ -5,11 +5,13 @@ each concern lives in its own module:
 
 * database.py: the one aiosqlite connection in WAL mode with ``synchronous=FULL`` and
   ``locking_mode=EXCLUSIVE``, the schema and the ``meta`` row (the seq counter).
-* writer.py: group commit; a commit is published (futures, tail, listeners) only after its
-  COMMIT returned. Seqs are gapless, strictly increasing and never reused.
+* writer.py: group commit, one call to the connection's thread per transaction; a commit is
+  published (futures, callbacks, tail, listeners) only after its COMMIT returned. Seqs are
+  gapless, strictly increasing and never reused.
 * cap.py: past ``max_size`` the oldest *sample* events are deleted in the same transaction
   and ``gap`` events with the exact seq ranges are inserted.
-* reader.py and acks.py: the forwarder's lease interface (batches, then acks).
+* reader.py and acks.py: the forwarder's lease interface (batches, then acks, which are
+  taken at once and deleted lazily with the next write).
 * recovery.py: at open, ``PRAGMA quick_check``; a corrupt file is moved aside and a new
   stream starts with a ``corruption_recovery`` gap event.
 * codec.py: the row and wire encoding of events.
@@ -38,11 +40,17 @@ from sync.outbox.errors import OutboxFull, OutboxUnavailable
 from sync.outbox.reader import Batch, BatchReader
 from sync.outbox.recovery import Recovery, recover_if_corrupt
 from sync.outbox.state import OutboxState
-from sync.outbox.writer import GroupCommitWriter
+from sync.outbox.writer import GroupCommitWriter, OnCommit
 
-__all__ = ["TAIL_EVENTS", "Batch", "Outbox", "OutboxFull", "OutboxUnavailable"]
+__all__ = ["TAIL_EVENTS", "Batch", "OnCommit", "Outbox", "OutboxFull", "OutboxUnavailable"]
 
 TAIL_EVENTS = 20_000  # recent committed events kept in memory for the forwarder
+# Defaults measured in docs/performance.md ("Node-RED's job"); the agent's come from
+# buffer.commit_interval and buffer.commit_max_events.
+COMMIT_INTERVAL = 0.25
+COMMIT_MAX_EVENTS = 5000
+# Acks taken with nothing appended are deleted this many seconds later at the latest.
+ACK_DELAY = 2.0
 
 
 class Outbox:
@@ -53,13 +61,15 @@ class Outbox:
         path: Path,
         *,
         max_size: int,
-        commit_interval: float = 0.05,
-        commit_max_events: int = 1000,
+        commit_interval: float = COMMIT_INTERVAL,
+        commit_max_events: int = COMMIT_MAX_EVENTS,
+        ack_delay: float = ACK_DELAY,
     ) -> None:
         self._path = Path(path)
         self._database = Database(path=self._path, max_size=max_size)
         self._state = OutboxState()
         self._cap = SizeCap(database=self._database, max_size=max_size)
+        self._acks = Acks(database=self._database, state=self._state)
         # The most recent committed rows, in seq order without holes: the writer appends what
         # it committed, the reader serves a forwarder that keeps up from here.
         self._tail: deque[StoredRow] = deque(maxlen=TAIL_EVENTS)
@@ -67,12 +77,13 @@ class Outbox:
             database=self._database,
             state=self._state,
             cap=self._cap,
+            acks=self._acks,
             tail=self._tail,
             commit_interval=commit_interval,
             commit_max_events=commit_max_events,
+            ack_delay=ack_delay,
         )
         self._reader = BatchReader(database=self._database, state=self._state, tail=self._tail)
-        self._acks = Acks(database=self._database, state=self._state)
         self._closed = False
         self._recovery: Recovery | None = None
 
@@ -136,6 +147,21 @@ class Outbox:
         # Encoded on the caller's side: the writer task only runs transactions.
         return await self._writer.append([encode_event(event) for event in events])
 
+    def submit(self, events: Sequence[Event], on_commit: OnCommit) -> None:
+        """Queue `events` for the next group commit and return at once (the pipeline: a
+        poller must not wait out commit_interval). ``on_commit(None)`` runs on the event loop
+        once their COMMIT returned, ``on_commit(error)`` if it failed (OutboxUnavailable: the
+        events are not stored); callbacks run in submit order. Raises OutboxUnavailable
+        (closed) or ValueError (an event that cannot be stored) at once. Await `room` first.
+        """
+        if not events:
+            raise ValueError("submit needs at least one event")
+        self._writer.submit([encode_event(event) for event in events], on_commit)
+
+    async def room(self) -> None:
+        """Wait while the commit queue is full: memory stays bounded when the disk is slow."""
+        await self._writer.room()
+
     async def read_batch(self, after_seq: int, max_events: int, max_bytes: int) -> Batch:
         """The oldest committed events after `after_seq` (raised to the acked seq when lower):
         a run of consecutive seqs, cut by events, wire bytes or a hole the cap left. An event
@@ -147,12 +173,24 @@ class Outbox:
         """The oldest gap events after `after_seq` (the forwarder sends them early)."""
         return await self._reader.read_gaps(after_seq, limit)
 
-    async def ack(self, stream: str, acked_seq: int) -> bool:
-        """Delete every event covered by the central store's ack; False if nothing changed.
+    def take_ack(self, stream: str, acked_seq: int) -> bool:
+        """Take the central store's ack now and delete what it covers lazily: with the next
+        appended events, or ``ack_delay`` seconds later; False if nothing changed.
 
+        Reads and `wait_acked` see it at once. An ack not yet deleted when the process dies is
+        harmless: those events are sent again and the central store absorbs the duplicates.
         Idempotent: a lower or repeated ack, or an ack of another stream, changes nothing.
         """
-        return await self._acks.ack(stream, acked_seq)
+        changed = self._acks.note(stream, acked_seq)
+        if changed:
+            self._writer.acks_taken()
+        return changed
+
+    async def ack(self, stream: str, acked_seq: int) -> bool:
+        """`take_ack`, then delete what it covers now; False if nothing changed."""
+        changed = self._acks.note(stream, acked_seq)
+        await self._writer.apply_acks()
+        return changed
 
     async def wait_acked(self, seq: int) -> None:
         """Wait until the central store acknowledged `seq` (raises OutboxUnavailable on close)."""
@@ -189,12 +227,12 @@ class Outbox:
 
     @property
     def acked_seq(self) -> int:
-        """The central store's watermark as persisted here (survives restarts)."""
+        """The central store's watermark (persisted with the next write, within ack_delay)."""
         return self._state.acked_seq
 
     @property
     def events_count(self) -> int:
-        """Events stored (not yet acknowledged)."""
+        """Events stored (acknowledged ones until their deletion, within ack_delay)."""
         return self._state.events_count
 
     @property
@@ -209,8 +247,11 @@ class Outbox:
 
     @property
     def oldest_unacked_ts(self) -> float | None:
-        """Event time of the oldest stored event, None when empty."""
-        return self._state.oldest_ts if self._state.events_count else None
+        """Event time of the oldest stored event, None when empty or all acknowledged."""
+        state = self._state
+        if not state.events_count or state.acked_seq >= state.last_seq:
+            return None
+        return state.oldest_ts
 
     @property
     def dropped_total(self) -> int:
@@ -224,7 +265,7 @@ class Outbox:
 
     @property
     def commits(self) -> int:
-        """Write transactions committed since open (group commits and acks)."""
+        """Write transactions committed since open (group commits, and acks alone)."""
         return self._state.commits
 
     @property

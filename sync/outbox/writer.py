@@ -1,9 +1,16 @@
 """Group commit (docs/delivery.md): nothing is published before its COMMIT returned.
 
-`append` encodes its events on the caller's side and queues them; one writer task collects
-queued appends for at most ``commit_interval`` seconds or until ``commit_max_events`` are
-pending, writes them in ONE transaction and then resolves every waiter. The fsync rate stays
-low and producers never wait on each other's transactions.
+`append` (awaited) and `submit` (a callback, for the pipeline, which must not wait out the
+commit) queue encoded rows; one writer task collects queued appends for at most
+``commit_interval`` seconds or until ``commit_max_events`` are pending, writes them in ONE
+transaction that is ONE call to the connection's thread (`Database.transact`), and then, in
+append order, resolves every waiter and calls every callback. The fsync rate stays low and
+producers never wait on each other's transactions. The queue is bounded (`room`): past
+``QUEUED_COMMITS * commit_max_events`` queued events producers wait, so a slow disk slows the
+pollers down instead of growing memory.
+
+Acks the outbox took (sync/outbox/acks.py) are applied in the next insert transaction, or in
+one of their own ``ack_delay`` seconds after the first of them when nothing is appended.
 
 ``seq`` comes from the counter in the ``meta`` row, updated in the same transaction as the
 insert; SQLite never chooses a seq (rowids of an emptied table are reused), so seqs are
@@ -14,28 +21,48 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from sync.events import Event
+from sync.outbox.acks import Acks
 from sync.outbox.cap import SizeCap
 from sync.outbox.codec import Row, StoredRow, encode_event, ts_text
-from sync.outbox.database import INSERT_EVENT, Database
+from sync.outbox.database import INSERT_EVENT, Database, oldest_ts_in
 from sync.outbox.errors import OutboxUnavailable
 from sync.outbox.state import OutboxState
 
 log = logging.getLogger("edge_agent.outbox")
 
 SeqRange = tuple[int, int]  # (first_seq, last_seq) of one append
+# Called on the event loop once a submitted append's COMMIT returned (None) or failed.
+OnCommit = Callable[[OutboxUnavailable | None], None]
+
+# Producers wait while this many full commits (commit_max_events each) are queued.
+QUEUED_COMMITS = 4
 
 
 @dataclass(slots=True, eq=False)
 class _Pending:
     rows: list[Row]
-    future: asyncio.Future[SeqRange]
+    future: asyncio.Future[SeqRange] | None  # append(): awaited
+    on_commit: OnCommit | None  # submit(): called back
     queued_at: float
+
+
+@dataclass(slots=True, frozen=True)
+class _Written:
+    """What one insert transaction changed, read on the connection's thread."""
+
+    last_seq: int
+    count: int
+    dropped: int
+    used: int
+    oldest: float | None
+    deleted_upto: int
 
 
 class RefusedEvents:
@@ -88,24 +115,35 @@ class GroupCommitWriter:
         database: Database,
         state: OutboxState,
         cap: SizeCap,
+        acks: Acks,
         tail: deque[StoredRow],
         commit_interval: float,
         commit_max_events: int,
+        ack_delay: float,
     ) -> None:
         if not 0 < commit_interval <= 10:
             raise ValueError("commit_interval must be in (0, 10] seconds")
         if not isinstance(commit_max_events, int) or commit_max_events < 1:
             raise ValueError("commit_max_events must be an int >= 1")
+        if not ack_delay > 0:
+            raise ValueError("ack_delay must be > 0")
         self._database = database
         self._state = state
         self._cap = cap
+        self._acks = acks
         self._tail = tail  # the most recent committed rows, for BatchReader
         self._commit_interval = commit_interval
         self._commit_max_events = commit_max_events
+        self._max_queued = QUEUED_COMMITS * commit_max_events
+        self._ack_delay = ack_delay
+        self._ack_due: float | None = None  # loop time when pending acks get their own commit
+        self._ack_error: str | None = None
         self._queue: deque[_Pending] = deque()
         self._queued_events = 0
         self._wakeup = asyncio.Event()
         self._full = asyncio.Event()
+        self._room = asyncio.Event()
+        self._room.set()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._refused = RefusedEvents()
@@ -118,12 +156,18 @@ class GroupCommitWriter:
         )
 
     async def finish(self) -> None:
-        """Commit every queued append, then let the writer task end."""
+        """Commit every queued append and the acks taken, then let the writer task end."""
         self._closing = True
         self._wakeup.set()
         self._full.set()
+        self._room.set()
         if self._task is not None:
             await self._task
+            if self._task.exception() is None and self._database.connection is not None:
+                try:
+                    await self.apply_acks()
+                except OutboxUnavailable as exc:
+                    log.warning("outbox: acks not persisted at close (resent later): %s", exc)
 
     async def stop(self, error: OutboxUnavailable) -> None:
         """End the writer task if `finish` did not, and fail the appends still queued."""
@@ -136,21 +180,42 @@ class GroupCommitWriter:
         pending = list(self._queue)
         self._queue.clear()
         self._queued_events = 0
+        self._room.set()
         self._fail(pending, error)
 
     async def append(self, rows: list[Row]) -> SeqRange:
         """Queue `rows`; return their (first_seq, last_seq) once their COMMIT returned."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[SeqRange] = loop.create_future()
+        self._enqueue(_Pending(rows, future, None, loop.time()))
+        return await future
+
+    def submit(self, rows: list[Row], on_commit: OnCommit) -> None:
+        """Queue `rows` and return at once; `on_commit` is called on the event loop after
+        their COMMIT returned (None) or when it failed (the error), in queue order."""
+        self._enqueue(_Pending(rows, None, on_commit, asyncio.get_running_loop().time()))
+
+    async def room(self) -> None:
+        """Wait while the queue is full (QUEUED_COMMITS groups of commit_max_events)."""
+        while self._queued_events >= self._max_queued and not self._closing:
+            self._room.clear()
+            await self._room.wait()
+
+    def acks_taken(self) -> None:
+        """The outbox took an ack: delete its rows with the next commit, or alone soon."""
+        if self._ack_due is None:
+            self._ack_due = asyncio.get_running_loop().time() + self._ack_delay
+            self._wakeup.set()  # the idle writer sets its timer
+
+    def _enqueue(self, item: _Pending) -> None:
         if self._closing or self._task is None or self._task.done():
             self._state.append_failures += 1
             raise OutboxUnavailable("outbox is not open")
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[SeqRange] = loop.create_future()
-        self._queue.append(_Pending(rows, future, loop.time()))
-        self._queued_events += len(rows)
+        self._queue.append(item)
+        self._queued_events += len(item.rows)
         self._wakeup.set()
         if self._queued_events >= self._commit_max_events:
             self._full.set()
-        return await future
 
     def add_listener(self, listener: Callable[[], None]) -> None:
         """Call `listener()` (on the event loop) after every commit of new events."""
@@ -162,39 +227,85 @@ class GroupCommitWriter:
             self._listeners.remove(listener)
 
     async def commit(self, batches: Sequence[Sequence[Row]]) -> list[SeqRange]:
-        """Insert `batches` with the next seqs in one transaction, enforce the cap, commit.
+        """Insert `batches` with the next seqs in one transaction, with the pending acks'
+        deletion and the cap; return each batch's (first_seq, last_seq).
 
-        Returns each batch's (first_seq, last_seq). The tail, the state and the listeners see
-        the rows only after the COMMIT returned.
+        The tail, the state and the listeners see the rows only after the COMMIT returned.
         """
         rows, ranges = _number_rows(self._state.last_seq, batches)
-        database, state = self._database, self._state
+        database, state, cap = self._database, self._state, self._cap
         seq = state.last_seq + len(rows)
-        async with (
-            database.lock,
-            database.transaction(f"cannot commit {len(rows)} events to {database.path}") as db,
-        ):
-            await db.executemany(INSERT_EVENT, rows)
-            count = state.events_count + len(rows)
-            dropped = 0
-            oldest = state.oldest_ts if state.events_count else rows[0][1]
-            used = await database.update_meta(seq, state.dropped_total)
-            if used > self._cap.max_size:
-                seq, count, dropped, used = await self._cap.enforce(seq, count, used)
-                oldest = await database.oldest_ts()
-                used = await database.update_meta(seq, state.dropped_total + dropped)
-        if dropped:
+        ack_upto = self._acks.next_chunk()
+        events_count, dropped_total, oldest_before = (
+            state.events_count,
+            state.dropped_total,
+            state.oldest_ts,
+        )
+
+        def write(connection: sqlite3.Connection) -> _Written:
+            # Acked rows go first: their pages are free again before the cap measures.
+            deleted = 0 if ack_upto is None else Acks.delete_in(connection, ack_upto)
+            count = events_count - deleted
+            connection.executemany(INSERT_EVENT, rows)
+            oldest = oldest_before if count else (rows[0][1] if rows else None)
+            count += len(rows)
+            last, dropped = seq, 0
+            used = database.update_meta_in(connection, last, dropped_total)
+            if used > cap.max_size:
+                last, count, dropped, used = cap.enforce(connection, last, count, used)
+                used = database.update_meta_in(connection, last, dropped_total + dropped)
+            if deleted or dropped:
+                oldest = oldest_ts_in(connection)
+            upto = state.deleted_upto if ack_upto is None else ack_upto
+            return _Written(last, count, dropped, used, oldest, upto)
+
+        async with database.lock:
+            written = await database.transact(
+                write, f"cannot commit {len(rows)} events to {database.path}"
+            )
+        if written.dropped:
             self._tail.clear()  # the cache must never serve an event the cap dropped
         else:
             self._tail.extend(rows)
-        state.last_seq = seq
-        state.events_count = count
-        state.bytes_used = used
-        state.oldest_ts = oldest
-        state.dropped_total += dropped
+        state.last_seq = written.last_seq
+        state.events_count = written.count
+        state.bytes_used = written.used
+        state.oldest_ts = written.oldest
+        state.dropped_total += written.dropped
         state.commits += 1
+        self._acks_applied(written.deleted_upto)
         self._notify()
         return ranges
+
+    async def apply_acks(self) -> None:
+        """Delete what the acks taken cover now, in transactions of their own."""
+        while (upto := self._acks.next_chunk()) is not None:
+            database, state = self._database, self._state
+
+            def delete(
+                connection: sqlite3.Connection, upto: int = upto
+            ) -> tuple[int, float | None]:
+                deleted = Acks.delete_in(connection, upto)
+                return deleted, oldest_ts_in(connection)
+
+            async with database.lock:
+                if upto <= state.deleted_upto:
+                    continue  # an insert transaction got there first
+                deleted, oldest = await database.transact(
+                    delete, f"cannot record ack {upto} in {database.path}"
+                )
+            state.events_count -= deleted
+            state.oldest_ts = oldest
+            state.commits += 1
+            self._acks_applied(upto)
+
+    def _acks_applied(self, upto: int) -> None:
+        self._state.deleted_upto = max(self._state.deleted_upto, upto)
+        if not self._acks.pending:
+            self._ack_due = None
+            self._ack_error = None
+        elif self._ack_due is None:  # taken while the transaction ran
+            self._ack_due = asyncio.get_running_loop().time() + self._ack_delay
 
     async def _write_loop(self) -> None:
         while True:
@@ -202,11 +313,31 @@ class GroupCommitWriter:
                 if self._closing:
                     return
                 self._wakeup.clear()
-                await self._wakeup.wait()
+                if self._ack_due is None:
+                    await self._wakeup.wait()
+                else:
+                    await self._acks_alone(self._ack_due)
                 continue
             if self._queued_events < self._commit_max_events and not self._closing:
                 await self._collect()
             await self._commit_group(self._take_group())
+
+    async def _acks_alone(self, due: float) -> None:
+        # Nothing to insert: apply the acks taken in a transaction of their own once due,
+        # unless an append comes first and takes them along.
+        try:
+            async with asyncio.timeout_at(due):
+                await self._wakeup.wait()
+            return
+        except TimeoutError:
+            pass
+        try:
+            await self.apply_acks()
+        except OutboxUnavailable as exc:
+            self._ack_due = asyncio.get_running_loop().time() + self._ack_delay
+            if self._ack_error != str(exc):
+                self._ack_error = str(exc)
+                log.warning("outbox: acked events not deleted yet (retrying): %s", exc)
 
     async def _collect(self) -> None:
         # Collect more appends for up to commit_interval after the oldest one queued.
@@ -227,6 +358,8 @@ class GroupCommitWriter:
             group.append(item)
             taken += len(item.rows)
         self._queued_events -= taken
+        if self._queued_events < self._max_queued:
+            self._room.set()
         return group
 
     async def _commit_group(self, group: list[_Pending]) -> None:
@@ -252,13 +385,17 @@ class GroupCommitWriter:
             )
             self._refused = RefusedEvents()
         for item, seqs in zip(group, ranges, strict=True):
-            if not item.future.done():
+            if item.on_commit is not None:
+                _call_back(item.on_commit, None)
+            elif item.future is not None and not item.future.done():
                 item.future.set_result(seqs)
 
     def _fail(self, items: Sequence[_Pending], error: OutboxUnavailable) -> None:
         self._state.append_failures += len(items)
         for item in items:
-            if not item.future.done():
+            if item.on_commit is not None:
+                _call_back(item.on_commit, error)
+            elif item.future is not None and not item.future.done():
                 item.future.set_exception(error)
 
     def _notify(self) -> None:
@@ -267,6 +404,13 @@ class GroupCommitWriter:
                 listener()
             except Exception:  # a listener's bug must not fail the appends
                 log.exception("outbox commit listener failed")
+
+
+def _call_back(on_commit: OnCommit, error: OutboxUnavailable | None) -> None:
+    try:
+        on_commit(error)
+    except Exception:  # a caller's bug must not stop the writer
+        log.exception("outbox commit callback failed")
 
 
 def _number_rows(

@@ -5,7 +5,14 @@ Contract (docs/topics.md, docs/delivery.md): ``{sync_prefix}/{gateway}/sync`` ca
 its events, a run of consecutive seqs; seqs the cap dropped are skipped and declared by the
 cap's gap event later in the stream. The central store answers on
 ``{sync_prefix}/{gateway}/ack`` with ``{"stream","acked_seq"}``, its contiguous watermark; only
-that deletes events here — a PUBACK only means the broker has the message.
+that deletes events here — a PUBACK only means the broker has the message. An ack is taken
+at once and its rows are deleted lazily, with the outbox's next insert transaction or a few
+seconds later (`Outbox.take_ack`), never one transaction per ack.
+
+Steady state: while no backlog waits, events are sent about once per ``linger`` (1 s) or as
+soon as ``batch_events`` of them are committed, whichever comes first, so that a gateway
+whose events trickle in sends one batch (and gets one ack) per second rather than one per
+outbox commit. A backlog, a resend and a full batch go at once.
 
 Flow control: at most ``window`` batches are unacknowledged. Without progress for
 ``ack_timeout`` seconds, and after every reconnect (the MQTT client forgets in-flight
@@ -67,6 +74,8 @@ _SPACE_WAIT = 0.5
 _RETRY_AFTER = 1.0
 # Longest wait between resends while no central store listens (see Forwarder._resend_after).
 _BLIND_RESEND_MAX = 300.0
+# In steady state, the longest an event waits for more to fill its batch.
+LINGER = 1.0
 
 
 @dataclass(slots=True)
@@ -94,6 +103,7 @@ class Forwarder:
         max_rate: int = 0,
         max_bytes: int = DEFAULT_MAX_BYTES,
         warn_after: float = 120.0,
+        linger: float = LINGER,
     ) -> None:
         if not gateway_id or any(char in gateway_id for char in "/+#"):
             raise ValueError(f"invalid gateway_id {gateway_id!r}: no '/', '+' or '#'")
@@ -109,6 +119,8 @@ class Forwarder:
             raise ValueError("max_rate must be >= 0 (0: unlimited)")
         if not warn_after > 0:
             raise ValueError("warn_after must be > 0")
+        if linger < 0:
+            raise ValueError("linger must be >= 0")
         self._outbox = outbox
         self._client = client
         self.sync_topic = f"{sync_prefix}/{gateway_id}/sync"
@@ -135,7 +147,9 @@ class Forwarder:
         self._high_sent = 0  # highest seq ever sent: a batch at or below it is a resend
         self._central_acked = 0  # central watermark, already applied to the window
         self._ack_target = 0  # central watermark received, maybe not yet applied
-        self._ack_retry_at = 0.0
+        self._linger = linger
+        # Since when committed events have waited to be sent in steady state (None: none wait).
+        self._unsent_since: float | None = None
         self._last_progress = time.monotonic()
         self._stalls = 0  # consecutive stalls without progress
         self._reconnected = False
@@ -183,6 +197,8 @@ class Forwarder:
     async def drain(self) -> None:
         """Wait until the central store acknowledged everything committed, while connected and
         while a central store listens (a stop never waits for acks that cannot come)."""
+        self._linger = 0.0  # what waits for a fuller batch goes now
+        self._wake.set()
         if self._client.is_connected and self._central_listens() and not self._silence_reported:
             await self._outbox.wait_acked(self._outbox.committed_seq)
 
@@ -233,7 +249,7 @@ class Forwarder:
         self._client.subscribe(self.ack_topic, self._on_ack_message, qos=1)
         self._client.subscribe(self.central_topic, self._on_central_status, qos=1)
         self._client.add_listener(self._on_connection)
-        outbox.add_commit_listener(self._wake.set)
+        outbox.add_commit_listener(self._on_commit)
         try:
             while True:
                 self._wake.clear()
@@ -245,7 +261,7 @@ class Forwarder:
                 except TimeoutError:
                     pass
         finally:
-            outbox.remove_commit_listener(self._wake.set)
+            outbox.remove_commit_listener(self._on_commit)
 
     async def _step(self, now: float) -> float | None:
         """Do what can be done now; return when to look again (None: on the next event)."""
@@ -255,8 +271,6 @@ class Forwarder:
             self._check_silence(now)
             self._check_stalls(now)
             wake_at = await self._send(now)
-            # Deleting comes last: the next batch should not wait for this transaction's fsync.
-            await self._delete_acked(time.monotonic())
         except OutboxUnavailable as exc:
             self._report_outbox_error(exc)
             return time.monotonic() + _RETRY_AFTER
@@ -265,8 +279,6 @@ class Forwarder:
             deadlines.append(self._last_progress + self._resend_after())
         if self._waiting() and self._client.is_connected and not self._silence_reported:
             deadlines.append(self._quiet_since + self._warn_after)
-        if self._central_acked > self._outbox.acked_seq:
-            deadlines.append(self._ack_retry_at)
         return min(deadlines) if deadlines else None
 
     async def _commit_ack_alarm(self) -> None:
@@ -282,6 +294,8 @@ class Forwarder:
             while self._inflight and self._inflight[0].last <= target:
                 self._budget.acked(self._inflight.popleft().size)
             self._next_after = max(self._next_after, target)
+            # Taken at once, deleted with the outbox's next write (not one transaction per ack).
+            self._outbox.take_ack(self._outbox.stream, target)
             self._last_progress = now
             self._quiet_since = now
             if self._silence_reported:
@@ -290,16 +304,6 @@ class Forwarder:
             self._stalls = 0
             self._refusal_logged = False
             self._budget.maybe_grow(now)
-
-    async def _delete_acked(self, now: float) -> None:
-        """Delete what the central store acknowledged (several acks in one transaction)."""
-        if self._central_acked > self._outbox.acked_seq and now >= self._ack_retry_at:
-            try:
-                await self._outbox.ack(self._outbox.stream, self._central_acked)
-            except OutboxUnavailable as exc:
-                # The window moves on anyway; the deletion is retried shortly.
-                self._ack_retry_at = now + _RETRY_AFTER
-                self._report_outbox_error(exc)
 
     def _waiting(self) -> bool:
         """Whether committed events wait for the central store's acknowledgement."""
@@ -423,6 +427,9 @@ class Forwarder:
                 continue
             if self._max_rate and now < self._send_at:
                 return self._send_at
+            linger_until = self._linger_until(now)
+            if linger_until is not None:
+                return linger_until
             epoch = self._epoch
             batch = await self._outbox.read_batch(
                 self._next_after,
@@ -451,6 +458,8 @@ class Forwarder:
                 self._last_progress = now  # the ack timer starts with the first batch out
             self._inflight.append(sent)
             self._next_after = batch.last_seq
+            if self._next_after >= self._outbox.committed_seq:
+                self._unsent_since = None
             self.batches_sent += 1
             self.events_sent += len(batch.events)
             if batch.first_seq <= self._high_sent:
@@ -459,6 +468,32 @@ class Forwarder:
             if self._max_rate:
                 self._send_at = max(self._send_at, now) + len(batch.events) / self._max_rate
         return None
+
+    def _linger_until(self, now: float) -> float | None:
+        """When a short batch may go (None: now): in steady state, ``linger`` after the first
+        event waiting, unless ``batch_events`` wait; a resend or a backlog goes at once."""
+        unsent = self._outbox.committed_seq - self._next_after
+        if unsent <= 0:
+            self._unsent_since = None
+            return None  # read_batch finds nothing
+        if unsent >= self._batch_events or self._next_after < self._high_sent:
+            return None
+        if self._unsent_since is None:
+            self._unsent_since = now
+        due = self._unsent_since + self._linger
+        return due if now < due else None
+
+    def _on_commit(self) -> None:
+        # Wake for the first event waiting (to set the linger timer) and for a full batch that
+        # the window has room for, not for every commit in between.
+        if self._unsent_since is None:
+            self._unsent_since = time.monotonic()
+            self._wake.set()
+        elif (
+            self._outbox.committed_seq - self._next_after >= self._batch_events
+            and len(self._inflight) < self._window
+        ):
+            self._wake.set()
 
     async def _declare_drops(self) -> None:
         """Send the gap events above the watermark ahead of the batches, once per epoch and

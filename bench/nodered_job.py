@@ -1,0 +1,551 @@
+"""The integrator's everyday alternative, side by side on its own job (issue #22).
+
+The job: a Modbus TCP server on libmodbus with 100 holding registers that all change every
+100 ms (tests/fixtures/libmodbus_server.c); poll them every 100 ms; publish each change
+retained at QoS 1 to a private mosquitto as ``{"ts","value","quality"}``. Measured: CPU
+seconds of the process (every thread) over `--seconds` (30) after a `--warmup` (10) from the
+first value at the subscriber, and its voluntary context switches (every thread) per second.
+
+Peers, each on its own fresh mosquitto:
+
+* Node-RED 4 with node-red-contrib-modbustcp (bench/nodered/package.json, installed with npm
+  into ./.cache/node-red): modbustcp-read (FC 3, 100 registers every 100 ms) -> a function
+  splitting them into one message per register -> rbe (report by exception per topic) -> a
+  function building the payload -> mqtt out (QoS 1, retained). No durability, no central.
+  Skipped with a message where node or npm is missing or the install fails.
+* edge-agent with sync enabled and no central ingest running (every event committed to the
+  outbox, S/sync batches sent, nothing acknowledges).
+* edge-agent with `edge-agent ingest` and a private PostgreSQL acknowledging every event.
+
+It prints one table per run with the ratio of each agent configuration to Node-RED and the
+targets of issue #22 (agent <= 0.8x Node-RED with no central store, <= 1.0x with an ingest).
+
+    .venv/bin/python bench/nodered_job.py                 # one run (~3 min)
+    .venv/bin/python bench/nodered_job.py --runs 3
+    .venv/bin/python bench/nodered_job.py --idle          # also: 100 tags that never change
+    .venv/bin/python bench/nodered_job.py --quick         # smoke: the agent alone, 2 s
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from bench.line_scale import (  # noqa: E402
+    PYTHON,
+    accepts,
+    central_config,
+    cpu_seconds,
+    host_reference_ms,
+    http_get,
+    wait_for,
+)
+from tests.fixtures import ChildProcess, MosquittoBroker, PostgresServer, free_port  # noqa: E402
+from tests.fixtures.libmodbus import LibmodbusServer, LibmodbusUnavailable  # noqa: E402
+
+REGISTERS = 100
+PERIOD_MS = 100
+NODERED_SOURCE = REPO / "bench" / "nodered"
+NODERED_DIR = REPO / ".cache" / "node-red"
+AGENT_ROOT = "bench/agent"
+NODERED_ROOT = "bench/nodered"
+# issue #22: agent CPU as a multiple of Node-RED's on the same job
+TARGET_NO_CENTRAL = 0.8
+TARGET_INGEST = 1.0
+
+
+# ---------------------------------------------------------------------- measuring a process
+
+
+def switches(pid: int) -> int:
+    """Voluntary context switches of every thread of `pid` so far (each is a wake-up)."""
+    total = 0
+    for status in Path(f"/proc/{pid}/task").glob("*/status"):
+        try:
+            text = status.read_text()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            if line.startswith("voluntary_ctxt_switches:"):
+                total += int(line.split()[1])
+    return total
+
+
+class Counter:
+    """A subscriber counting the messages under a topic root (paho in its own thread)."""
+
+    def __init__(self, broker: MosquittoBroker, root: str) -> None:
+        self.count = 0
+        self.first = threading.Event()
+        self._lock = threading.Lock()
+        self._client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-{root}")
+        self._client.on_connect = lambda client, *_: client.subscribe(f"{root}/#", 0)
+        self._client.on_message = self._on_message
+        self._client.connect(broker.host, broker.port)
+        self._client.loop_start()
+
+    def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
+        if message.retain:
+            return  # a retained copy sent on subscribe
+        with self._lock:
+            self.count += 1
+        self.first.set()
+
+    def close(self) -> None:
+        """Disconnect."""
+        self._client.loop_stop()
+        self._client.disconnect()
+
+
+@dataclass(frozen=True, slots=True)
+class Figures:
+    """One process measured over the window."""
+
+    name: str
+    cpu: float  # seconds over the window
+    seconds: float
+    messages: int  # at the subscriber
+    wakeups: float  # voluntary context switches per second, every thread
+    note: str = ""
+
+    @property
+    def per_event_us(self) -> float:
+        """CPU per message delivered."""
+        return self.cpu / self.messages * 1e6 if self.messages else float("nan")
+
+
+async def measure(
+    name: str, pid: int, counter: Counter, warmup: float, seconds: float, note: str = ""
+) -> Figures:
+    """CPU and wake-ups of `pid` over `seconds` after `warmup` from the first message."""
+    await wait_for(counter.first.is_set, 60, f"{name}: the first value at the subscriber")
+    await asyncio.sleep(warmup)
+    cpu0, wake0, count0, start = cpu_seconds(pid), switches(pid), counter.count, time.monotonic()
+    await asyncio.sleep(seconds)
+    cpu1, wake1, count1, took = cpu_seconds(pid), switches(pid), counter.count, time.monotonic()
+    took -= start
+    return Figures(name, cpu1 - cpu0, took, count1 - count0, (wake1 - wake0) / took, note)
+
+
+# ---------------------------------------------------------------------- Node-RED
+
+
+def install_nodered() -> Path | str:
+    """red.js of Node-RED installed into ./.cache/node-red, or why it cannot be."""
+    if shutil.which("node") is None or shutil.which("npm") is None:
+        return "node or npm is not installed (Debian: apt-get install nodejs npm)"
+    wanted = (NODERED_SOURCE / "package.json").read_text()
+    stamp = NODERED_DIR / ".installed"
+    red = NODERED_DIR / "node_modules" / "node-red" / "red.js"
+    if red.exists() and stamp.exists() and stamp.read_text() == wanted:
+        return red
+    NODERED_DIR.mkdir(parents=True, exist_ok=True)
+    (NODERED_DIR / "package.json").write_text(wanted)
+    done = subprocess.run(
+        ["npm", "install", "--no-audit", "--no-fund", "--loglevel=error"],
+        cwd=NODERED_DIR,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0 or not red.exists():
+        return f"npm install failed: {(done.stderr or done.stdout).strip()[-500:]}"
+    stamp.write_text(wanted)
+    return red
+
+
+def nodered_flow(modbus_port: int, broker: MosquittoBroker) -> list[dict[str, Any]]:
+    """The flow: read 100 registers, one message per register, report by exception, publish."""
+    split = (
+        "const out = [];\n"
+        "for (let i = 0; i < msg.payload.length; i++) {\n"
+        f"  out.push({{topic: '{NODERED_ROOT}/plc/r' + i, payload: msg.payload[i]}});\n"
+        "}\n"
+        "return [out];"
+    )
+    payload = (
+        "msg.payload = {ts: new Date().toISOString(), value: msg.payload, quality: 'good'};\n"
+        "return msg;"
+    )
+    return [
+        {"id": "tab", "type": "tab", "label": "job"},
+        {
+            "id": "plc",
+            "type": "modbustcp-server",
+            "host": "127.0.0.1",
+            "port": str(modbus_port),
+            "unit_id": "1",
+            "reconnecttimeout": "",
+        },
+        {
+            "id": "read",
+            "type": "modbustcp-read",
+            "z": "tab",
+            "dataType": "HoldingRegister",
+            "adr": "0",
+            "quantity": str(REGISTERS),
+            "rate": str(PERIOD_MS),
+            "rateUnit": "ms",
+            "server": "plc",
+            "ieeeType": "off",
+            "ieeeBE": True,
+            "wires": [["split"]],
+        },
+        {
+            "id": "split",
+            "type": "function",
+            "z": "tab",
+            "func": split,
+            "outputs": 1,
+            "wires": [["rbe"]],
+        },
+        {
+            "id": "rbe",
+            "type": "rbe",
+            "z": "tab",
+            "func": "rbe",
+            "gap": "",
+            "start": "",
+            "inout": "out",
+            "septopics": True,
+            "property": "payload",
+            "topi": "topic",
+            "wires": [["payload"]],
+        },
+        {
+            "id": "payload",
+            "type": "function",
+            "z": "tab",
+            "func": payload,
+            "outputs": 1,
+            "wires": [["out"]],
+        },
+        {
+            "id": "out",
+            "type": "mqtt out",
+            "z": "tab",
+            "topic": "",
+            "qos": "1",
+            "retain": "true",
+            "broker": "broker",
+            "wires": [],
+        },
+        {
+            "id": "broker",
+            "type": "mqtt-broker",
+            "broker": broker.host,
+            "port": str(broker.port),
+            "clientid": "bench-nodered",
+            "usetls": False,
+            "protocolVersion": "4",
+            "keepalive": "60",
+            "cleansession": True,
+        },
+    ]
+
+
+def nodered_process(
+    red: Path, workdir: Path, modbus_port: int, broker: MosquittoBroker
+) -> ChildProcess:
+    """Node-RED with the job's flow, its editor and HTTP nodes off."""
+    user_dir = workdir / "nodered"
+    user_dir.mkdir(parents=True, exist_ok=True)
+    (user_dir / "flows.json").write_text(json.dumps(nodered_flow(modbus_port, broker)))
+    (user_dir / "settings.js").write_text(
+        "module.exports = {\n"
+        f"  uiPort: {free_port()}, uiHost: '127.0.0.1', flowFile: 'flows.json',\n"
+        "  httpAdminRoot: false, httpNodeRoot: false, credentialSecret: false,\n"
+        "  logging: {console: {level: 'warn', metrics: false, audit: false}},\n"
+        "};\n"
+    )
+    return ChildProcess(
+        "node-red",
+        ["node", str(red), "--userDir", str(user_dir), "--settings", str(user_dir / "settings.js")],
+        workdir / "node-red.log",
+    )
+
+
+# ---------------------------------------------------------------------- edge-agent
+
+
+def agent_config(
+    workdir: Path, broker: MosquittoBroker, modbus_port: int, http_port: int, registers: int
+) -> str:
+    """100 uint16 holding registers polled every 100 ms, live under AGENT_ROOT."""
+    tags = "\n".join(
+        f'[[devices.tags]]\nname = "r{i}"\naddress = "hr:{i}"\ntype = "uint16"'
+        for i in range(registers)
+    )
+    return (
+        f'[gateway]\nid = "nodered-job"\ndata_dir = "{workdir / "data"}"\n'
+        f'[mqtt]\nurl = "{broker.url}"\ntopic_root = "{AGENT_ROOT}"\n'
+        f'[http]\nlisten = "127.0.0.1:{http_port}"\n'
+        f'[[devices]]\nname = "plc"\ndriver = "modbus"\nurl = "tcp://127.0.0.1:{modbus_port}"\n'
+        f'unit_id = 1\npoll_interval = "{PERIOD_MS}ms"\n{tags}\n'
+    )
+
+
+async def agent_status(http_port: int) -> dict[str, Any] | None:
+    """The agent's /status (None while it does not answer)."""
+    body = await http_get(http_port, "/status")
+    return None if body is None else dict(json.loads(body))
+
+
+# ---------------------------------------------------------------------- one run
+
+
+@dataclass(slots=True)
+class Job:
+    """The server, a broker per peer, PostgreSQL for the ingest; what each run needs."""
+
+    args: argparse.Namespace
+    workdir: Path
+    modbus: LibmodbusServer
+    postgres: PostgresServer | None = None
+    red: Path | str | None = None
+
+    async def run_peer(
+        self,
+        name: str,
+        root: str,
+        start: Callable[[MosquittoBroker], Awaitable[list[ChildProcess]]],
+        note: Callable[[], Awaitable[str]] | None = None,
+    ) -> Figures:
+        """Start the peer's processes on a fresh broker, measure the last one started."""
+        broker = MosquittoBroker()
+        broker.start()
+        counter = Counter(broker, root)
+        processes: list[ChildProcess] = []
+        try:
+            processes = await start(broker)
+            pid = processes[-1].pid
+            assert pid is not None
+            figures = await measure(name, pid, counter, self.args.warmup, self.args.seconds)
+            if note is not None:
+                figures = Figures(**{**_fields(figures), "note": await note()})
+            return figures
+        finally:
+            counter.close()
+            for process in reversed(processes):
+                process.ensure_dead()
+            broker.close()
+
+    async def nodered(self) -> Figures | str:
+        """Node-RED's figures, or why it was skipped."""
+        if not isinstance(self.red, Path):
+            return f"Node-RED skipped: {self.red}"
+        red = self.red
+
+        async def start(broker: MosquittoBroker) -> list[ChildProcess]:
+            process = nodered_process(red, self.workdir, self.modbus.port, broker)
+            process.start()
+            return [process]
+
+        return await self.run_peer("Node-RED 4 + node-red-contrib-modbustcp", NODERED_ROOT, start)
+
+    async def agent(self, *, ingest: bool) -> Figures:
+        """The agent's figures, with an ingest acknowledging or with none running."""
+        tag = "ingest" if ingest else "alone"
+        workdir = self.workdir / f"agent-{tag}-{time.monotonic_ns()}"
+        workdir.mkdir()
+        http_port = free_port()
+        cli = [PYTHON, "-m", "agent.cli", "--log-level", "warning"]
+
+        async def start(broker: MosquittoBroker) -> list[ChildProcess]:
+            started: list[ChildProcess] = []
+            if ingest:
+                assert self.postgres is not None
+                dsn = await asyncio.to_thread(
+                    self.postgres.create_database, f"job{tag}{len(list(self.workdir.iterdir()))}"
+                )
+                (workdir / "central.toml").write_text(central_config(broker, dsn, free_port()))
+                central = ChildProcess(
+                    "ingest",
+                    [*cli, "ingest", "-c", str(workdir / "central.toml")],
+                    workdir / "ingest.log",
+                )
+                central.start()
+                started.append(central)
+            (workdir / "agent.toml").write_text(
+                agent_config(workdir, broker, self.modbus.port, http_port, self.args.registers)
+            )
+            agent = ChildProcess(
+                "agent", [*cli, "run", "-c", str(workdir / "agent.toml")], workdir / "agent.log"
+            )
+            agent.start()
+            started.append(agent)
+            return started
+
+        async def note() -> str:
+            status = await agent_status(http_port)
+            if status is None:
+                return "no /status"
+            return f"committed {status['committed_seq']}, acked {status['acked_seq']}"
+
+        name = "edge-agent, edge-agent ingest acking" if ingest else "edge-agent, no central ingest"
+        return await self.run_peer(name, AGENT_ROOT, start, note)
+
+
+def _fields(figures: Figures) -> dict[str, Any]:
+    return {name: getattr(figures, name) for name in Figures.__slots__}
+
+
+def table(results: list[Figures | str], reference: Figures | None) -> str:
+    """The run's figures, one line per peer, with the ratio to Node-RED."""
+    lines = [
+        f"  {'':40} {'CPU s':>7} {'window s':>8} {'msgs/s':>7} {'µs/msg':>7} "
+        f"{'wakeups/s':>9} {'ratio':>6}"
+    ]
+    for item in results:
+        if isinstance(item, str):
+            lines.append(f"  {item}")
+            continue
+        ratio = f"{item.cpu / reference.cpu:6.2f}" if reference is not None else "     -"
+        lines.append(
+            f"  {item.name:40} {item.cpu:7.2f} {item.seconds:8.1f} "
+            f"{item.messages / item.seconds:7.0f} {item.per_event_us:7.1f} "
+            f"{item.wakeups:9.0f} {ratio}" + (f"  ({item.note})" if item.note else "")
+        )
+    return "\n".join(lines)
+
+
+def verdicts(results: list[Figures | str], reference: Figures | None) -> list[str]:
+    """Issue #22's targets, met or missed and by how much."""
+    if reference is None:
+        return ["  targets: not judged (no Node-RED figures in this run)"]
+    out = []
+    for item in results:
+        if isinstance(item, str) or item is reference:
+            continue
+        target = TARGET_INGEST if "ingest acking" in item.name else TARGET_NO_CENTRAL
+        ratio = item.cpu / reference.cpu
+        verdict = "met" if ratio <= target else f"missed by {ratio / target - 1:.0%}"
+        out.append(f"  target {item.name}: <= {target}x Node-RED: {ratio:.2f}x, {verdict}")
+    return out
+
+
+async def idle_cost(job: Job) -> str:
+    """The agent with the job's 100 tags that never change (a server whose period is an hour):
+    share of one core over the window."""
+    server = LibmodbusServer(
+        job.workdir / "idle-modbus.log", registers=REGISTERS, period_ms=3_600_000
+    )
+    server.start()
+    await wait_for(lambda: accepts(server.port), 30, "the idle libmodbus server")
+    idle = Job(job.args, job.workdir, server)
+    broker = MosquittoBroker()
+    broker.start()
+    workdir = job.workdir / "agent-idle"
+    workdir.mkdir()
+    http_port = free_port()
+    (workdir / "agent.toml").write_text(
+        agent_config(workdir, broker, server.port, http_port, REGISTERS)
+    )
+    agent = ChildProcess(
+        "agent",
+        [
+            PYTHON,
+            "-m",
+            "agent.cli",
+            "--log-level",
+            "warning",
+            "run",
+            "-c",
+            str(workdir / "agent.toml"),
+        ],
+        workdir / "agent.log",
+    )
+    agent.start()
+    try:
+        await wait_for(lambda: agent_status(http_port), 60, "the idle agent's /status", proc=agent)
+        await asyncio.sleep(idle.args.warmup)
+        pid = agent.pid
+        assert pid is not None
+        cpu0, wake0, start = cpu_seconds(pid), switches(pid), time.monotonic()
+        await asyncio.sleep(idle.args.seconds)
+        took = time.monotonic() - start
+        cpu = cpu_seconds(pid) - cpu0
+        return (
+            f"  idle: 100 tags that do not change, polled every {PERIOD_MS} ms, no central: "
+            f"{cpu:.2f} CPU s over {took:.0f} s = {cpu / took:.2%} of one core "
+            f"(target < 0.5 %), {(switches(pid) - wake0) / took:.0f} wake-ups/s"
+        )
+    finally:
+        agent.ensure_dead()
+        broker.close()
+        server.stop()
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--warmup", type=float, default=10.0)
+    parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument("--registers", type=int, default=REGISTERS)
+    parser.add_argument("--no-nodered", action="store_true", help="the agent alone")
+    parser.add_argument("--no-ingest", action="store_true", help="skip the ingest configuration")
+    parser.add_argument("--idle", action="store_true", help="also the idle cost (100 still tags)")
+    parser.add_argument("--quick", action="store_true", help="smoke: the agent alone, 2 s")
+    args = parser.parse_args()
+    if args.quick:
+        args.runs, args.warmup, args.seconds = 1, 1.0, 2.0
+        args.no_nodered = args.no_ingest = True
+    workdir = Path(tempfile.mkdtemp(prefix="edge-agent-nodered-job-"))
+    try:
+        modbus = LibmodbusServer(workdir / "modbus.log", registers=REGISTERS, period_ms=PERIOD_MS)
+    except LibmodbusUnavailable as exc:
+        print(f"nodered_job: skipped: the libmodbus server cannot be built: {exc}")
+        return
+    print(
+        f"Node-RED's job (issue #22): {args.registers} holding registers on a libmodbus server "
+        f"changing every {PERIOD_MS} ms, polled every {PERIOD_MS} ms, each change published "
+        f"retained at QoS 1 to a private mosquitto; CPU of the process over {args.seconds:g} s "
+        f"after a {args.warmup:g} s warm-up"
+    )
+    print(f"host reference: {host_reference_ms():.0f} ms (CPU of a plain Python loop)")
+    modbus.start()
+    job = Job(args, workdir, modbus)
+    try:
+        await wait_for(lambda: accepts(modbus.port), 30, "the libmodbus server")
+        job.red = "--no-nodered" if args.no_nodered else await asyncio.to_thread(install_nodered)
+        if not args.no_ingest:
+            job.postgres = PostgresServer()
+            await asyncio.to_thread(job.postgres.start)
+        for run in range(1, args.runs + 1):
+            results: list[Figures | str] = [await job.nodered()]
+            results.append(await job.agent(ingest=False))
+            if not args.no_ingest:
+                results.append(await job.agent(ingest=True))
+            reference = results[0] if isinstance(results[0], Figures) else None
+            print(f"run {run} of {args.runs}:")
+            print(table(results, reference))
+            print("\n".join(verdicts(results, reference)))
+            sys.stdout.flush()
+        if args.idle:
+            print(await idle_cost(job))
+    finally:
+        modbus.stop()
+        if job.postgres is not None:
+            job.postgres.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
