@@ -132,16 +132,19 @@ class Figures:
 
 
 async def measure(
-    name: str, pid: int, counter: Counter, warmup: float, seconds: float, note: str = ""
+    name: str, process: ChildProcess, counter: Counter, warmup: float, seconds: float
 ) -> Figures:
-    """CPU and wake-ups of `pid` over `seconds` after `warmup` from the first message."""
-    await wait_for(counter.first.is_set, 60, f"{name}: the first value at the subscriber")
+    """CPU and wake-ups of `process` over `seconds` after `warmup` from the first message."""
+    what = f"{name}: the first value at the subscriber"
+    await wait_for(counter.first.is_set, 60, what, proc=process)
+    pid = process.pid
+    assert pid is not None
     await asyncio.sleep(warmup)
     cpu0, wake0, count0, start = cpu_seconds(pid), switches(pid), counter.count, time.monotonic()
     await asyncio.sleep(seconds)
     cpu1, wake1, count1, took = cpu_seconds(pid), switches(pid), counter.count, time.monotonic()
     took -= start
-    return Figures(name, cpu1 - cpu0, took, count1 - count0, (wake1 - wake0) / took, note)
+    return Figures(name, cpu1 - cpu0, took, count1 - count0, (wake1 - wake0) / took)
 
 
 # ---------------------------------------------------------------------- Node-RED
@@ -172,7 +175,9 @@ def install_nodered() -> Path | str:
 
 
 def nodered_flow(modbus_port: int, broker: MosquittoBroker) -> list[dict[str, Any]]:
-    """The flow: read 100 registers, one message per register, report by exception, publish."""
+    """The flow: read 100 registers, one message per register, report by exception, publish.
+    (Node ids are unlike any property value: Node-RED takes a property equal to a node's id
+    for a reference to that node.)"""
     split = (
         "const out = [];\n"
         "for (let i = 0; i < msg.payload.length; i++) {\n"
@@ -185,9 +190,9 @@ def nodered_flow(modbus_port: int, broker: MosquittoBroker) -> list[dict[str, An
         "return msg;"
     )
     return [
-        {"id": "tab", "type": "tab", "label": "job"},
+        {"id": "job-tab", "type": "tab", "label": "job"},
         {
-            "id": "plc",
+            "id": "job-plc",
             "type": "modbustcp-server",
             "host": "127.0.0.1",
             "port": str(modbus_port),
@@ -195,31 +200,31 @@ def nodered_flow(modbus_port: int, broker: MosquittoBroker) -> list[dict[str, An
             "reconnecttimeout": "",
         },
         {
-            "id": "read",
+            "id": "job-read",
             "type": "modbustcp-read",
-            "z": "tab",
+            "z": "job-tab",
             "dataType": "HoldingRegister",
             "adr": "0",
             "quantity": str(REGISTERS),
             "rate": str(PERIOD_MS),
             "rateUnit": "ms",
-            "server": "plc",
+            "server": "job-plc",
             "ieeeType": "off",
             "ieeeBE": True,
-            "wires": [["split"]],
+            "wires": [["job-split"]],
         },
         {
-            "id": "split",
+            "id": "job-split",
             "type": "function",
-            "z": "tab",
+            "z": "job-tab",
             "func": split,
             "outputs": 1,
-            "wires": [["rbe"]],
+            "wires": [["job-rbe"]],
         },
         {
-            "id": "rbe",
+            "id": "job-rbe",
             "type": "rbe",
-            "z": "tab",
+            "z": "job-tab",
             "func": "rbe",
             "gap": "",
             "start": "",
@@ -227,28 +232,28 @@ def nodered_flow(modbus_port: int, broker: MosquittoBroker) -> list[dict[str, An
             "septopics": True,
             "property": "payload",
             "topi": "topic",
-            "wires": [["payload"]],
+            "wires": [["job-payload"]],
         },
         {
-            "id": "payload",
+            "id": "job-payload",
             "type": "function",
-            "z": "tab",
+            "z": "job-tab",
             "func": payload,
             "outputs": 1,
-            "wires": [["out"]],
+            "wires": [["job-out"]],
         },
         {
-            "id": "out",
+            "id": "job-out",
             "type": "mqtt out",
-            "z": "tab",
+            "z": "job-tab",
             "topic": "",
             "qos": "1",
             "retain": "true",
-            "broker": "broker",
+            "broker": "job-broker",
             "wires": [],
         },
         {
-            "id": "broker",
+            "id": "job-broker",
             "type": "mqtt-broker",
             "broker": broker.host,
             "port": str(broker.port),
@@ -294,7 +299,8 @@ def agent_config(
         for i in range(registers)
     )
     return (
-        f'[gateway]\nid = "nodered-job"\ndata_dir = "{workdir / "data"}"\n'
+        f'[gateway]\nid = "nodered-job"\nsite = "bench"\narea = "job"\nline = "nodered"\n'
+        f'data_dir = "{workdir / "data"}"\n'
         f'[mqtt]\nurl = "{broker.url}"\ntopic_root = "{AGENT_ROOT}"\n'
         f'[http]\nlisten = "127.0.0.1:{http_port}"\n'
         f'[[devices]]\nname = "plc"\ndriver = "modbus"\nurl = "tcp://127.0.0.1:{modbus_port}"\n'
@@ -335,9 +341,9 @@ class Job:
         processes: list[ChildProcess] = []
         try:
             processes = await start(broker)
-            pid = processes[-1].pid
-            assert pid is not None
-            figures = await measure(name, pid, counter, self.args.warmup, self.args.seconds)
+            figures = await measure(
+                name, processes[-1], counter, self.args.warmup, self.args.seconds
+            )
             if note is not None:
                 figures = Figures(**{**_fields(figures), "note": await note()})
             return figures
@@ -503,6 +509,7 @@ async def main() -> None:
     parser.add_argument("--no-ingest", action="store_true", help="skip the ingest configuration")
     parser.add_argument("--idle", action="store_true", help="also the idle cost (100 still tags)")
     parser.add_argument("--quick", action="store_true", help="smoke: the agent alone, 2 s")
+    parser.add_argument("--keep", action="store_true", help="keep the work dir (logs)")
     args = parser.parse_args()
     if args.quick:
         args.runs, args.warmup, args.seconds = 1, 1.0, 2.0
@@ -544,7 +551,10 @@ async def main() -> None:
         modbus.stop()
         if job.postgres is not None:
             job.postgres.close()
-        shutil.rmtree(workdir, ignore_errors=True)
+        if args.keep:
+            print(f"logs kept in {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":
