@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -88,6 +89,21 @@ def switches(pid: int) -> int:
     return total
 
 
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds so far of each thread of `pid` by thread name (the main thread: "main")."""
+    seconds: dict[str, float] = {}
+    for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
+        try:
+            head, _, rest = stat.read_text().rpartition(")")
+        except OSError:
+            continue
+        name = "main" if stat.parent.name == str(pid) else head.split("(", 1)[1]
+        fields = rest.split()
+        used = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        seconds[name] = seconds.get(name, 0.0) + used
+    return seconds
+
+
 class Counter:
     """A subscriber counting the messages under a topic root (paho in its own thread)."""
 
@@ -132,19 +148,40 @@ class Figures:
 
 
 async def measure(
-    name: str, process: ChildProcess, counter: Counter, warmup: float, seconds: float
+    name: str,
+    process: ChildProcess,
+    counter: Counter,
+    warmup: float,
+    seconds: float,
+    profile: Path | None = None,
 ) -> Figures:
-    """CPU and wake-ups of `process` over `seconds` after `warmup` from the first message."""
+    """CPU and wake-ups of `process` over `seconds` after `warmup` from the first message
+    (recorded by py-spy into `profile` if given: its CPU figures are then not comparable)."""
     what = f"{name}: the first value at the subscriber"
     await wait_for(counter.first.is_set, 60, what, proc=process)
     pid = process.pid
     assert pid is not None
     await asyncio.sleep(warmup)
     cpu0, wake0, count0, start = cpu_seconds(pid), switches(pid), counter.count, time.monotonic()
+    threads0 = thread_cpu(pid)
+    if profile is not None:
+        py_spy = Path(sys.executable).parent / "py-spy"
+        await asyncio.create_subprocess_exec(
+            str(py_spy), "record", "--pid", str(pid), "--duration", str(int(seconds)),
+            "--format", "raw", "--threads", "--nonblocking", "--rate", "250",
+            "-o", str(profile),
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
     await asyncio.sleep(seconds)
     cpu1, wake1, count1, took = cpu_seconds(pid), switches(pid), counter.count, time.monotonic()
     took -= start
-    return Figures(name, cpu1 - cpu0, took, count1 - count0, (wake1 - wake0) / took)
+    threads = {name: used - threads0.get(name, 0.0) for name, used in thread_cpu(pid).items()}
+    busy = ", ".join(
+        f"{name} {used:.2f}" for name, used in sorted(threads.items(), key=lambda kv: -kv[1])
+        if used >= 0.01
+    )  # fmt: skip
+    wakeups = (wake1 - wake0) / took
+    return Figures(name, cpu1 - cpu0, took, count1 - count0, wakeups, f"threads: {busy}")
 
 
 # ---------------------------------------------------------------------- Node-RED
@@ -291,9 +328,16 @@ def nodered_process(
 
 
 def agent_config(
-    workdir: Path, broker: MosquittoBroker, modbus_port: int, http_port: int, registers: int
+    workdir: Path,
+    broker: MosquittoBroker,
+    modbus_port: int,
+    http_port: int,
+    registers: int,
+    commit_interval: str | None = None,
 ) -> str:
-    """100 uint16 holding registers polled every 100 ms, live under AGENT_ROOT."""
+    """100 uint16 holding registers polled every 100 ms, live under AGENT_ROOT (and the
+    outbox's commit_interval when given: the tuning of issue #22)."""
+    buffer = "" if commit_interval is None else f'[buffer]\ncommit_interval = "{commit_interval}"\n'
     tags = "\n".join(
         f'[[devices.tags]]\nname = "r{i}"\naddress = "hr:{i}"\ntype = "uint16"'
         for i in range(registers)
@@ -302,7 +346,7 @@ def agent_config(
         f'[gateway]\nid = "nodered-job"\nsite = "bench"\narea = "job"\nline = "nodered"\n'
         f'data_dir = "{workdir / "data"}"\n'
         f'[mqtt]\nurl = "{broker.url}"\ntopic_root = "{AGENT_ROOT}"\n'
-        f'[http]\nlisten = "127.0.0.1:{http_port}"\n'
+        f'[http]\nlisten = "127.0.0.1:{http_port}"\n{buffer}'
         f'[[devices]]\nname = "plc"\ndriver = "modbus"\nurl = "tcp://127.0.0.1:{modbus_port}"\n'
         f'unit_id = 1\npoll_interval = "{PERIOD_MS}ms"\n{tags}\n'
     )
@@ -341,11 +385,14 @@ class Job:
         processes: list[ChildProcess] = []
         try:
             processes = await start(broker)
+            profile = None
+            if self.args.py_spy is not None and "edge-agent" in name:
+                profile = Path(f"{self.args.py_spy}-{root.rsplit('/', 1)[-1]}-{len(processes)}.txt")
             figures = await measure(
-                name, processes[-1], counter, self.args.warmup, self.args.seconds
+                name, processes[-1], counter, self.args.warmup, self.args.seconds, profile
             )
             if note is not None:
-                figures = Figures(**{**_fields(figures), "note": await note()})
+                figures = Figures(**{**_fields(figures), "note": f"{await note()}; {figures.note}"})
             return figures
         finally:
             counter.close()
@@ -390,7 +437,14 @@ class Job:
                 central.start()
                 started.append(central)
             (workdir / "agent.toml").write_text(
-                agent_config(workdir, broker, self.modbus.port, http_port, self.args.registers)
+                agent_config(
+                    workdir,
+                    broker,
+                    self.modbus.port,
+                    http_port,
+                    self.args.registers,
+                    self.args.commit_interval,
+                )
             )
             agent = ChildProcess(
                 "agent", [*cli, "run", "-c", str(workdir / "agent.toml")], workdir / "agent.log"
@@ -505,11 +559,15 @@ async def main() -> None:
     parser.add_argument("--warmup", type=float, default=10.0)
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--registers", type=int, default=REGISTERS)
+    parser.add_argument(
+        "--commit-interval", help="the agent's buffer.commit_interval (default: the product's)"
+    )
     parser.add_argument("--no-nodered", action="store_true", help="the agent alone")
     parser.add_argument("--no-ingest", action="store_true", help="skip the ingest configuration")
     parser.add_argument("--idle", action="store_true", help="also the idle cost (100 still tags)")
     parser.add_argument("--quick", action="store_true", help="smoke: the agent alone, 2 s")
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs)")
+    parser.add_argument("--py-spy", help="record each agent with py-spy into PREFIX-*.txt")
     args = parser.parse_args()
     if args.quick:
         args.runs, args.warmup, args.seconds = 1, 1.0, 2.0

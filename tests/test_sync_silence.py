@@ -1,6 +1,6 @@
 """When nothing acknowledges (issues #21, item 3, and #22): with no ingest running the forwarder
-neither blames the broker's message size nor cuts batches, and its resends back off until an
-ingest announces itself; after `warn_after` connected without an acknowledgement it says, once,
+neither blames the broker's message size nor cuts batches, keeps one batch in flight, and its
+resends back off until an ingest announces itself, which gets the window at once; after `warn_after` connected without an acknowledgement it says, once,
 that no central store acknowledges and what to check; a stop does not wait for acks that cannot
 come. docs/delivery.md, "When nothing acknowledges"."""
 
@@ -89,6 +89,11 @@ async def test_no_ingest_cuts_nothing_says_so_once_and_a_stop_does_not_wait(
             # of one every 0.1 s (about 30 in these 3 s).
             await asyncio.sleep(3.0)  # the premise: a while with nobody listening
             assert forwarder.stalls_total <= 6
+            # Nor is the outbox read into a broker nobody reads: one batch in flight (a probe
+            # that an ingest without presence would acknowledge), sent once per stall.
+            figures = {figure.name: figure.value for figure in forwarder.figures()}
+            assert figures["sync_batches_in_flight"] == 1
+            assert forwarder.batches_sent <= forwarder.stalls_total + 1
             # An ingest starts: it announces itself, the window goes at once (not after the
             # current backoff of seconds), and the log says so once.
             with FakeCentral(mosquitto) as central:
@@ -100,6 +105,8 @@ async def test_no_ingest_cuts_nothing_says_so_once_and_a_stop_does_not_wait(
     warnings = [text for text in messages if "no central acknowledgement" in text]
     assert len(warnings) == 1, warnings
     assert [text for text in messages if "acknowledges again" in text]
+    # The window went because the ingest announced itself, not because a backoff expired.
+    assert "forwarder: resending from seq 1 (the central store is back online)" in messages
 
 
 async def test_an_ingest_online_that_never_acks_points_at_the_broker(

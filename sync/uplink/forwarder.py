@@ -34,8 +34,9 @@ resent, unless four stalls in a row make that knowledge stale. Every 32 acknowle
 the budget doubles again; after a cut that followed successful batches only up to the size
 known to pass, for 10 minutes, so that a real limit is probed once per 10 minutes and not every
 few batches. A stall is evidence of a size limit only while a central store listens (an ingest
-replica announces itself online, or acknowledged something): with no ingest running, nothing is
-cut, resends back off (ack_timeout doubled per stall, at most 5 minutes) until an ingest
+replica announces itself online, or acknowledged something): with no ingest running, one batch
+at a time is in flight (a probe, which an ingest without presence would acknowledge), nothing
+is cut, resends back off (ack_timeout doubled per stall, at most 5 minutes) until an ingest
 announces itself, and after ``warn_after`` seconds connected without an acknowledgement the log,
 status and /readyz say that no central store acknowledges (docs/delivery.md, "When nothing
 acknowledges").
@@ -416,7 +417,7 @@ class Forwarder:
         """Send batches while the window has room; return a pacing/poll time if one applies."""
         client = self._client
         await self._declare_drops()
-        while len(self._inflight) < self._window and client.is_connected:
+        while len(self._inflight) < self._window_now() and client.is_connected:
             if not client.has_bulk_room:  # a backlog drain must not hold up live values
                 try:
                     async with asyncio.timeout(_SPACE_WAIT):
@@ -491,7 +492,7 @@ class Forwarder:
             self._wake.set()
         elif (
             self._outbox.committed_seq - self._next_after >= self._batch_events
-            and len(self._inflight) < self._window
+            and len(self._inflight) < self._window_now()
         ):
             self._wake.set()
 
@@ -540,9 +541,19 @@ class Forwarder:
         # A retained announcement, delivered because we (re)subscribed, tells who is online;
         # only a live one means a replica has just (re)started: resend what may have gone
         # nowhere.
+        listened = self._central_listens()
         if self._presence.observe(message):
             self._central_back = True
             self._wake.set()
+        elif self._central_listens() and not listened:
+            self._wake.set()  # a retained "online": the whole window may go now
+
+    def _window_now(self) -> int:
+        """Batches that may be in flight now: the window while a central store listens; one
+        (a probe) while none is known to, so that the outbox is not read and sent into a
+        broker nobody reads (an ingest that announces itself, or an ack of the probe from one
+        that does not, opens the window)."""
+        return self._window if self._central_listens() else 1
 
     def _on_connection(self, up: bool) -> None:
         if up:
