@@ -501,49 +501,43 @@ def verdicts(results: list[Figures | str], reference: Figures | None) -> list[st
     return out
 
 
-async def idle_cost(job: Job) -> str:
-    """The agent with the job's 100 tags that never change (a server whose period is an hour):
-    share of one core over the window."""
+async def idle_cost(job: Job, poll_ms: int) -> str:
+    """The agent with the job's 100 tags that never change (a server whose period is an hour),
+    polled every `poll_ms`: share of one core over the window."""
     server = LibmodbusServer(
-        job.workdir / "idle-modbus.log", registers=REGISTERS, period_ms=3_600_000
+        job.workdir / f"idle-modbus-{poll_ms}.log", registers=REGISTERS, period_ms=3_600_000
     )
     server.start()
     await wait_for(lambda: accepts(server.port), 30, "the idle libmodbus server")
-    idle = Job(job.args, job.workdir, server)
     broker = MosquittoBroker()
     broker.start()
-    workdir = job.workdir / "agent-idle"
+    workdir = job.workdir / f"agent-idle-{poll_ms}"
     workdir.mkdir()
     http_port = free_port()
-    (workdir / "agent.toml").write_text(
-        agent_config(workdir, broker, server.port, http_port, REGISTERS)
-    )
-    agent = ChildProcess(
-        "agent",
-        [
-            PYTHON,
-            "-m",
-            "agent.cli",
-            "--log-level",
-            "warning",
-            "run",
-            "-c",
-            str(workdir / "agent.toml"),
-        ],
-        workdir / "agent.log",
-    )
+    config = agent_config(workdir, broker, server.port, http_port, REGISTERS)
+    config = config.replace(f'poll_interval = "{PERIOD_MS}ms"', f'poll_interval = "{poll_ms}ms"')
+    (workdir / "agent.toml").write_text(config)
+    cli = [PYTHON, "-m", "agent.cli", "--log-level", "warning", "run"]
+    agent = ChildProcess("agent", [*cli, "-c", str(workdir / "agent.toml")], workdir / "agent.log")
     agent.start()
     try:
         await wait_for(lambda: agent_status(http_port), 60, "the idle agent's /status", proc=agent)
-        await asyncio.sleep(idle.args.warmup)
+        await asyncio.sleep(job.args.warmup)
         pid = agent.pid
         assert pid is not None
         cpu0, wake0, start = cpu_seconds(pid), switches(pid), time.monotonic()
-        await asyncio.sleep(idle.args.seconds)
+        if job.args.py_spy is not None:
+            await asyncio.create_subprocess_exec(
+                str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(pid),
+                "--duration", str(int(job.args.seconds)), "--format", "raw", "--nonblocking",
+                "-o", f"{job.args.py_spy}-idle-{poll_ms}.txt",
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+            )  # fmt: skip
+        await asyncio.sleep(job.args.seconds)
         took = time.monotonic() - start
         cpu = cpu_seconds(pid) - cpu0
         return (
-            f"  idle: 100 tags that do not change, polled every {PERIOD_MS} ms, no central: "
+            f"  idle: 100 tags that do not change, polled every {poll_ms} ms, no central: "
             f"{cpu:.2f} CPU s over {took:.0f} s = {cpu / took:.2%} of one core "
             f"(target < 0.5 %), {(switches(pid) - wake0) / took:.0f} wake-ups/s"
         )
@@ -564,7 +558,9 @@ async def main() -> None:
     )
     parser.add_argument("--no-nodered", action="store_true", help="the agent alone")
     parser.add_argument("--no-ingest", action="store_true", help="skip the ingest configuration")
-    parser.add_argument("--idle", action="store_true", help="also the idle cost (100 still tags)")
+    parser.add_argument(
+        "--idle", action="store_true", help="also the idle cost (100 still tags, 100 ms and 1 s)"
+    )
     parser.add_argument("--quick", action="store_true", help="smoke: the agent alone, 2 s")
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs)")
     parser.add_argument("--py-spy", help="record each agent with py-spy into PREFIX-*.txt")
@@ -604,7 +600,8 @@ async def main() -> None:
             print("\n".join(verdicts(results, reference)))
             sys.stdout.flush()
         if args.idle:
-            print(await idle_cost(job))
+            for poll_ms in (PERIOD_MS, 1000):
+                print(await idle_cost(job, poll_ms))
     finally:
         modbus.stop()
         if job.postgres is not None:

@@ -45,10 +45,11 @@ from sync.outbox.writer import GroupCommitWriter, OnCommit
 __all__ = ["TAIL_EVENTS", "Batch", "OnCommit", "Outbox", "OutboxFull", "OutboxUnavailable"]
 
 TAIL_EVENTS = 20_000  # recent committed events kept in memory for the forwarder
-# Defaults measured in docs/performance.md ("Node-RED's job"); the agent's come from
-# buffer.commit_interval and buffer.commit_max_events.
-COMMIT_INTERVAL = 0.25
-COMMIT_MAX_EVENTS = 5000
+# The agent's come from buffer.commit_interval and buffer.commit_max_events (the same
+# defaults). A window longer than a device's poll interval would merge that device's
+# successive values on the live topics (docs/performance.md, "Node-RED's job").
+COMMIT_INTERVAL = 0.05
+COMMIT_MAX_EVENTS = 1000
 # Acks taken with nothing appended are deleted this many seconds later at the latest.
 ACK_DELAY = 2.0
 
