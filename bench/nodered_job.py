@@ -52,6 +52,8 @@ sys.path.insert(0, str(REPO))
 from bench.line_scale import (  # noqa: E402
     PYTHON,
     accepts,
+    add_broker_inflight,
+    broker_extra_config,
     central_config,
     cpu_seconds,
     host_reference_ms,
@@ -379,7 +381,7 @@ class Job:
         note: Callable[[], Awaitable[str]] | None = None,
     ) -> Figures:
         """Start the peer's processes on a fresh broker, measure the last one started."""
-        broker = MosquittoBroker()
+        broker = MosquittoBroker(extra_config=broker_extra_config(self.args.broker_inflight))
         broker.start()
         counter = Counter(broker, root)
         processes: list[ChildProcess] = []
@@ -553,6 +555,7 @@ async def main() -> None:
     parser.add_argument("--warmup", type=float, default=10.0)
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--registers", type=int, default=REGISTERS)
+    add_broker_inflight(parser)
     parser.add_argument(
         "--commit-interval", help="the agent's buffer.commit_interval (default: the product's)"
     )
