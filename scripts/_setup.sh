@@ -60,6 +60,11 @@ ensure_system_packages() {
   # The status page's browser tests (tests/test_page.py): Debian's Chromium and its driver.
   has_program chromium || missing+=(chromium)
   has_program chromedriver || missing+=(chromium-driver)
+  # bench/nodered_job.py's Modbus server (tests/fixtures/libmodbus_server.c; the bench smoke
+  # test builds and runs it).
+  has_program cc || missing+=(gcc)
+  has_program pkg-config || missing+=(pkg-config)
+  [ -f /usr/include/modbus/modbus.h ] || missing+=(libmodbus-dev)
   if [ "${#missing[@]}" -gt 0 ]; then apt_install "${missing[@]}"; fi
 }
 

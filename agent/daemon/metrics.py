@@ -113,7 +113,9 @@ class _RuntimeCollector(Collector):
         outbox = gateway.outbox
         oldest_ts = outbox.oldest_unacked_ts
         yield _simple(
-            _gauge("outbox_events", "Events in the outbox (not yet acknowledged)."),
+            _gauge(
+                "outbox_events", "Events in the outbox (acknowledged ones until deleted, <= 2 s)."
+            ),
             outbox.events_count,
         )
         yield _simple(_gauge("outbox_bytes", "Bytes the outbox database uses."), outbox.bytes_used)
