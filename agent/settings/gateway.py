@@ -114,7 +114,9 @@ class BufferConfig(ConfigModel):
         default=as_written("50ms"),
         gt=0,
         le=10,
-        description="Appends are grouped into one transaction for at most this long.",
+        description="Appends are grouped into one transaction for at most this long; live "
+        "values wait for it, and a window longer than a device's poll_interval merges that "
+        "device's successive live values (docs/performance.md, 'Node-RED's job').",
     )
     commit_max_events: int = Field(
         default=1000, ge=1, le=100000, description="...or until this many are pending."

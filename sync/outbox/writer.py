@@ -377,6 +377,9 @@ class GroupCommitWriter:
             log.exception("outbox writer: unexpected error")
             self._fail(group, OutboxUnavailable(f"outbox write failed: {exc!r}"))
             return
+        except BaseException:  # cancelled (a cancelled close): no waiter may hang either
+            self._fail(group, OutboxUnavailable("outbox closed"))
+            raise
         if refused:
             ranges = ranges[1:]
             log.warning(
