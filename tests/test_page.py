@@ -303,6 +303,38 @@ async def check_workflow(session: webdriver.Chrome, mosquitto: MosquittoBroker) 
     assert "timeout" in cells  # the wait step's outcome
 
 
+async def test_the_page_comes_back_when_the_agent_restarts(
+    mosquitto: MosquittoBroker, tmp_path: Path, browser: webdriver.Chrome
+) -> None:
+    settings = settings_for(tmp_path, config_text(mosquitto, tmp_path / "data", []))
+    live = "document.querySelector('#link').dataset.state === 'live'"
+    async with running(settings) as first:
+        await asyncio.to_thread(browser.get, f"http://127.0.0.1:{settings.http.port}/")
+        await until(browser, live, 10, "live")
+        await asyncio.to_thread(browser.execute_script, "window.__kept = true;")
+        uptime_before = await asyncio.to_thread(texts, browser, '[data-fact="uptime"]')
+    await until(
+        browser,
+        "document.querySelector('#link').dataset.state === 'reconnecting'",
+        10,
+        "reconnecting while the agent is away",
+    )
+    # The last data stays on screen while the agent is away.
+    assert await asyncio.to_thread(texts, browser, '[data-fact="uptime"]') == uptime_before
+    # A new agent on the same listen address: the page's retries (backoff of at most 5 s,
+    # docs/page.md "Live updates") find it, without a reload.
+    async with running(settings) as second:
+        assert second is not first
+        await until(browser, live, 5 + 10, "live again after the restart")
+        assert await asyncio.to_thread(browser.execute_script, "return window.__kept;")
+        assert await asyncio.to_thread(
+            browser.find_element(By.ID, "banner").get_attribute, "hidden"
+        )
+    # The fetches refused while the agent was away are logged by Chromium; nothing else is.
+    errors = await asyncio.to_thread(console_errors, browser)
+    assert [e for e in errors if "ERR_CONNECTION_REFUSED" not in e] == []
+
+
 def get(url: str) -> int:
     """The status of GET url."""
     try:
