@@ -216,7 +216,7 @@ class Runtime:
             "/readyz": readyz,
             "/status": status,
             "/metrics": metrics_page,
-            **page_routes("page"),
+            **page_routes("index.html", "page.css", "common.js", "page.js"),
         }
 
     async def _page(self, query: Mapping[str, str]) -> Response:

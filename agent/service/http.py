@@ -91,16 +91,14 @@ _CONTENT_TYPES = {
 }
 
 
-def page_routes(folder: str) -> dict[str, Route]:
-    """GET routes of a static page shipped in `agent/data/{folder}`: `/` is its index.html,
-    every other file `/{name}` (read once, here)."""
+def page_routes(index: str, *assets: str) -> dict[str, Route]:
+    """GET routes of a page shipped in `agent/data/page/`: `/` is the file `index`, each of
+    `assets` is `/{name}` (read once, here)."""
+    folder = resources.files("agent") / "data" / "page"
     routes: dict[str, Route] = {}
-    for entry in (resources.files("agent") / "data" / folder).iterdir():
-        suffix = "." + entry.name.rpartition(".")[2]
-        if not entry.is_file() or suffix not in _CONTENT_TYPES:
-            continue
-        response = Response(200, entry.read_bytes(), _CONTENT_TYPES[suffix])
-        path = "/" if entry.name == "index.html" else f"/{entry.name}"
+    for path, name in (("/", index), *((f"/{asset}", asset) for asset in assets)):
+        suffix = "." + name.rpartition(".")[2]
+        response = Response(200, (folder / name).read_bytes(), _CONTENT_TYPES[suffix])
         routes[path] = functools.partial(_fixed, response)
     return routes
 
