@@ -1,8 +1,9 @@
 """`edge-agent ingest`: the central ingest service, wired from its config file.
 
 One TaskGroup owns the service's tasks: the ingest, its HTTP endpoint (/healthz /readyz
-/status /metrics) and the systemd watchdog. SIGTERM/SIGINT stop them through an Event (exit
-code 0); anything else that ends one of them ends the service, each cause logged (exit code 1).
+/status /metrics and the status page, docs/page.md) and the systemd watchdog. SIGTERM/SIGINT
+stop them through an Event (exit code 0); anything else that ends one of them ends the service,
+each cause logged (exit code 1).
 A cancellation from outside propagates.
 """
 
@@ -12,12 +13,22 @@ import asyncio
 import logging
 import signal
 import uuid
+from collections.abc import Mapping
 from dataclasses import asdict
 from typing import Any
 
 from agent.central.metrics import IngestMetrics
-from agent.central.settings import CentralSettings, IngestHttpConfig
-from agent.service.http import HttpServer, Response, Route, guard_for, json_response
+from agent.central.page import IngestPage
+from agent.central.settings import CentralSettings
+from agent.service.http import (
+    HttpServer,
+    QueryRoute,
+    Response,
+    Route,
+    guard_for,
+    json_response,
+    page_routes,
+)
 from agent.service.mqtt import mqtt_client
 from agent.service.sdnotify import SdNotifier
 from agent.service.tasks import leaf_exceptions
@@ -25,6 +36,8 @@ from agent.service.watchdog import dead_tasks, watchdog_loop
 from agent.settings.loader import dotted
 from sync.central.commit import describe, is_orphaned_asyncpg_waiter, reported_by_server
 from sync.central.ingest import Ingest, presence_payload, presence_topic
+from sync.central.overview import OverviewReader
+from sync.events import dumps
 from sync.mqtt.client import Will
 
 log = logging.getLogger("edge_agent.ingest")
@@ -76,7 +89,8 @@ def asyncio_report(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> 
 
 
 def http_routes(ingest: Ingest) -> dict[str, Route]:
-    """/healthz (alive), /readyz (200 only while consuming), /status (JSON), /metrics."""
+    """/healthz (alive), /readyz (200 only while consuming), /status (JSON), /metrics, and the
+    status page's files (its document is `page_route`)."""
     metrics = IngestMetrics(ingest)
 
     def health() -> dict[str, bool]:
@@ -99,20 +113,48 @@ def http_routes(ingest: Ingest) -> dict[str, Route]:
     def metrics_page() -> Response:
         return Response(200, metrics.render(), "text/plain; version=0.0.4; charset=utf-8")
 
-    return {"/healthz": healthz, "/readyz": readyz, "/status": status, "/metrics": metrics_page}
+    return {
+        "/healthz": healthz,
+        "/readyz": readyz,
+        "/status": status,
+        "/metrics": metrics_page,
+        **page_routes("ingest.html", "page.css", "common.js", "ingest.js"),
+    }
 
 
-async def serve_http(config: IngestHttpConfig, routes: dict[str, Route]) -> None:
-    """Serve ``routes`` on ``config.listen`` until cancelled; a port that cannot be bound is
-    logged and the endpoint given up (the ingest runs on without it)."""
+def page_route(page: IngestPage) -> QueryRoute:
+    """/api/page: the status page's document; ?filter=TEXT keeps the matching gateways."""
+
+    async def document(query: Mapping[str, str]) -> Response:
+        return Response(200, dumps(await page.document(query.get("filter", ""))))
+
+    return document
+
+
+async def serve_http(settings: CentralSettings, ingest: Ingest) -> None:
+    """Serve the ingest's routes on ``http.listen`` until cancelled; a port that cannot be bound
+    is logged and the endpoint given up (the ingest runs on without it)."""
+    config = settings.http
+    dsn = settings.postgres.dsn
+    assert dsn is not None  # checked at load
+    reader = OverviewReader(dsn.get_secret_value())
+    page = IngestPage(ingest, reader, broker=f"{settings.mqtt.host}:{settings.mqtt.port}")
     try:
         token = None if config.token is None else config.token.get_secret_value()
         guard = guard_for(token, metrics_open=config.metrics_open)
-        async with HttpServer(host=config.host, port=config.port, routes=routes, guard=guard):
+        async with HttpServer(
+            host=config.host,
+            port=config.port,
+            routes=http_routes(ingest),
+            query_routes={"/api/page": page_route(page)},
+            guard=guard,
+        ):
             await asyncio.Event().wait()  # serves from the event loop until cancelled
     except OSError as exc:
         # The endpoint is for operators; the data path must run without it.
         log.error("http: cannot listen on %s: %s", config.listen, exc)
+    finally:
+        await reader.close()
 
 
 async def consume(ingest: Ingest) -> None:
@@ -129,9 +171,7 @@ async def serve(
         tasks = [group.create_task(consume(ingest), name="ingest")]
         ingest_task = tasks[0]
         if settings.http.enabled:
-            tasks.append(
-                group.create_task(serve_http(settings.http, http_routes(ingest)), name="http")
-            )
+            tasks.append(group.create_task(serve_http(settings, ingest), name="http"))
         # Ready as soon as it runs: waiting for PostgreSQL here would let a database outage at
         # boot fail the start (TimeoutStartSec) instead of being retried by the ingest.
         notifier.ready(status="starting")

@@ -24,6 +24,8 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
 import asyncpg  # type: ignore[import-untyped, unused-ignore]
@@ -48,7 +50,7 @@ from sync.central.commit import (
 )
 from sync.central.maintenance import PartitionMaintenance, maintenance_connection
 from sync.central.schema import SCHEMA_VERSION, migrate
-from sync.central.stats import IngestStats
+from sync.central.stats import IngestStats, Senders
 from sync.events import dumps, rfc3339
 from sync.mqtt.client import Message, MqttClient, NotConnected
 
@@ -102,6 +104,7 @@ class Ingest:
         if pool_size < 1 or queue_size < 1:
             raise ValueError("need pool_size >= 1, queue_size >= 1")
         self.stats = IngestStats()
+        self.senders = Senders()
         self._database = DatabaseAvailability(
             stats=self.stats, retry_min=retry_min, retry_max=retry_max
         )
@@ -169,17 +172,27 @@ class Ingest:
     @property
     def ready(self) -> bool:
         """Consuming: schema in place, database up, subscribed on a live broker connection."""
-        return (
-            self._ready.is_set()
-            and self.db_up
-            and self.mqtt_connected
-            and self._mqtt.is_subscribed(self.topic)
-        )
+        return self._ready.is_set() and self.db_up and self.mqtt_connected and self.subscribed
+
+    @property
+    def subscribed(self) -> bool:
+        """Whether the broker granted the subscription on the current connection."""
+        return self._mqtt.is_subscribed(self.topic)
 
     @property
     def queued(self) -> int:
         """Messages received and not yet taken by a worker."""
         return self._queue.qsize()
+
+    @property
+    def queue_size(self) -> int:
+        """The queue's bound (the oldest message is dropped unacked past it)."""
+        return self._queue.maxsize
+
+    def acks_sent(self) -> Mapping[tuple[str, uuid.UUID], int]:
+        """(gateway, stream) -> the highest watermark this replica sent in an S/ack (a live,
+        read-only view of the newest 100,000 streams)."""
+        return MappingProxyType(self._acked)
 
     async def wait_ready(self) -> None:
         """Wait until the schema exists and the MQTT client runs (subscribed on connect)."""
@@ -255,6 +268,8 @@ class Ingest:
     def _on_message(self, message: Message) -> None:
         # Runs on the loop thread inside the MQTT client's read callback: queue and return at once.
         self.stats.messages += 1
+        sender = self._sender(message.topic)
+        self.senders.message(sender, time.time())
         if self._queue.full():
             # The oldest is the likeliest to have been resent already by its gateway.
             with contextlib.suppress(asyncio.QueueEmpty):
@@ -267,7 +282,7 @@ class Ingest:
                     "(their gateways resend them)",
                     self._queue.maxsize,
                 )
-        self._queue.put_nowait((self._sender(message.topic), message.payload))
+        self._queue.put_nowait((sender, message.payload))
 
     def _count_malformed(self, sender: str, reason: str) -> None:
         if self.stats.count_malformed(sender):
@@ -347,3 +362,4 @@ class Ingest:
             self.stats.acks_unsent += 1
             return
         self.stats.acks_published += 1
+        self.senders.acked(batch.gateway, time.time())
