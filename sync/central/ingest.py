@@ -191,7 +191,7 @@ class Ingest:
 
     def acks_sent(self) -> Mapping[tuple[str, uuid.UUID], int]:
         """(gateway, stream) -> the highest watermark this replica sent in an S/ack (a live,
-        read-only view of the newest 100,000 streams)."""
+        read-only view of at most 100,000 streams)."""
         return MappingProxyType(self._acked)
 
     async def wait_ready(self) -> None:
