@@ -192,6 +192,15 @@ class TagConfigBase(ConfigModel):
         '(docs/topics.md, "Values").',
     )
 
+    unit: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=16,
+        description="Engineering unit shown beside the value on the status page (e.g. 'degC', "
+        "'bar', 'parts/min'); not part of the MQTT payload.",
+        examples=["degC"],
+    )
+
     def value_kind(self) -> ValueKind:
         """The JSON type of the tag's value when the config tells it, else 'unknown'."""
         return "unknown"

@@ -126,6 +126,7 @@ async def test_the_page_shows_the_line_live(
 ) -> None:
     async with ModbusSimulator(port=0, seed=5, speed=0.0) as sim:
         text = config_text(mosquitto, tmp_path / "data", [("press1", sim.port)]) + LINE
+        text = text.replace('name = "temperature"\n', 'name = "temperature"\n  unit = "degC"\n')
         settings = settings_for(tmp_path, text)
         url = f"http://127.0.0.1:{settings.http.port}/"
         async with running(settings) as runtime:
@@ -209,6 +210,12 @@ async def check_sections(session: webdriver.Chrome, runtime: Runtime) -> None:
         assert latest is not None
         shown = await asyncio.to_thread(tag_value, session, "press1", tag)
         assert json.loads(shown) == latest.value, tag
+    # The unit where the config names one (temperature's), nothing where it does not.
+    units = {
+        tag: await asyncio.to_thread(texts, session, f'{device} tr[data-tag="{tag}"] td.unit')
+        for tag in ("temperature", "state_code")
+    }
+    assert units == {"temperature": ["degC"], "state_code": [""]}
     # The filter box hides the tags that do not match.
     box = session.find_element(By.ID, "filter")
     await asyncio.to_thread(box.send_keys, "temp")

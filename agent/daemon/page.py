@@ -56,10 +56,11 @@ class Overview(TypedDict):
 
 
 class TagRow(TypedDict):
-    """One tag: its value as on MQTT (JSON text), quality and last reading's time."""
+    """One tag: its value as on MQTT (JSON text), unit, quality and last reading's time."""
 
     name: str
     value: str | None
+    unit: str | None
     quality: str | None
     ts: float | None
     writable: bool
@@ -244,6 +245,7 @@ def _device(poller: DevicePoller, runtime: Runtime, needle: str) -> DeviceRow:
             {
                 "name": tag.name,
                 "value": value_text(latest.value) if latest is not None and seen else None,
+                "unit": tag.unit,
                 "quality": latest.quality if latest is not None else None,
                 "ts": latest.ts if latest is not None and seen else None,
                 "writable": tag.writable,

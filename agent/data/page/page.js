@@ -77,13 +77,15 @@
         `${d.polls} polls, ${d.poll_errors} errors, ${d.skipped_ticks} skipped ticks, ${d.reconnects} reconnects` }));
       const table = el("table", {},
         el("thead", {}, el("tr", {},
-          el("th", { text: "Tag" }), el("th", { text: "Value" }), el("th", { text: "Quality" }),
+          el("th", { text: "Tag" }), el("th", { text: "Value" }), el("th", { text: "Unit" }),
+          el("th", { text: "Quality" }),
           el("th", { class: "num", text: "Age" }))));
       const body = el("tbody");
       for (const t of d.tags) {
         body.append(el("tr", { "data-tag": t.name, class: t.quality || "" },
           el("td", { text: t.name + (t.writable ? " ✎" : ""), title: t.writable ? "writable by workflows" : null }),
           el("td", { class: "value", text: t.value === null ? "–" : t.value }),
+          el("td", { class: "unit", text: t.unit || "" }),
           el("td", { text: t.quality || "not read yet" }),
           el("td", { class: "num", text: t.ts === null ? "–" : duration(Math.max(0, doc.now - t.ts)) })));
       }
