@@ -476,3 +476,49 @@ async def test_mqtt_311_has_no_receive_maximum(mosquitto: MosquittoBroker) -> No
         async with asyncio.timeout(10):
             await client.wait_connected()
         assert client.window == 100
+
+
+async def test_bulk_room_wakes_once_a_quarter_of_the_window_is_free() -> None:
+    # Issue #22: the live publisher and the forwarder used to wake on every PUBACK that freed
+    # a slot beyond the reserve, and send one message per wake-up.
+    held: list[bytes] = []
+    acks: asyncio.Queue[int] = asyncio.Queue()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_packet(reader)  # CONNECT
+        writer.write(b"\x20\x06\x00\x00\x03\x21\x00\x14")  # CONNACK, Receive Maximum 20
+
+        async def release() -> None:
+            while True:
+                count = await acks.get()
+                for _ in range(count):
+                    writer.write(b"\x40\x02" + held.pop(0))
+                await writer.drain()
+
+        releaser = asyncio.create_task(release())
+        while packet := await read_packet(reader):
+            kind, body = packet
+            if kind & 0xF0 == 0x30:
+                topic_end = 2 + int.from_bytes(body[:2], "big")
+                held.append(body[topic_end : topic_end + 2])
+        releaser.cancel()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server, MqttClient(host="127.0.0.1", port=port, client_id="b") as client:
+        async with asyncio.timeout(10):
+            await client.wait_connected()
+        assert client.window == 20
+        for index in range(20):
+            client.publish(f"t/{index}", b"x")
+        await async_wait_until(lambda: len(held) == 20)
+        room = asyncio.create_task(client.wait_bulk_room())
+        # bulk_reserve(20) = 2 slots stay for the others; the waiter wants 5 more beyond them.
+        acks.put_nowait(6)
+        await async_wait_until(lambda: client.free_slots == 6)
+        assert not room.done()
+        acks.put_nowait(1)
+        async with asyncio.timeout(5):
+            await room
+        assert client.free_slots == 7
