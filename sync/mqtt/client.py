@@ -296,11 +296,8 @@ class MqttClient:
         return self._window.has_bulk_room
 
     async def wait_bulk_room(self) -> None:
-        """Wait until `has_bulk_room` with a quarter of the window to spare (or the connection
-        is lost): an owner of bulk data wakes once per few PUBACKs, not per PUBACK, and sends
-        a few messages per socket write (issue #22)."""
-        size = self._window.size
-        await self.wait_space(bulk_reserve(size) + max(1, size // 4))
+        """Wait until `has_bulk_room` (or the connection is lost)."""
+        await self.wait_space(bulk_reserve(self._window.size) + 1)
 
     # -- publishing ----------------------------------------------------------------------------
 
