@@ -47,9 +47,11 @@ has_program() {
 
 ensure_system_packages() {
   # The tests' own peers, each started privately on free ports (never the system services):
-  # mosquitto and PostgreSQL; Chromium for the status page; and the interop matrix's brokers nobody here wrote: nats-server,
+  # mosquitto and PostgreSQL; the interop matrix's brokers nobody here wrote: nats-server,
   # RabbitMQ (its MQTT plugin ships in the package; the start script is under
-  # /usr/lib/rabbitmq), and node + npm for aedes (ensure_test_brokers).
+  # /usr/lib/rabbitmq), and node + npm for aedes (ensure_test_brokers); and below, Chromium,
+  # the bench's libmodbus server and fuse3 (libfuse3 and fusermount3) for the power-cut
+  # harness (tests/fixtures/powercut.py, through mfusepy).
   local missing=()
   has_program mosquitto || missing+=(mosquitto)
   find_pg_bin >/dev/null || missing+=(postgresql)
@@ -65,6 +67,8 @@ ensure_system_packages() {
   has_program cc || missing+=(gcc)
   has_program pkg-config || missing+=(pkg-config)
   [ -f /usr/include/modbus/modbus.h ] || missing+=(libmodbus-dev)
+  # The power-cut harness (tests/fixtures/powercut.py).
+  has_program fusermount3 || missing+=(fuse3)
   if [ "${#missing[@]}" -gt 0 ]; then apt_install "${missing[@]}"; fi
 }
 
