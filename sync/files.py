@@ -1,9 +1,11 @@
 """Files only the agent's user may read, whatever the umask (docs/install.md, "File modes").
 
-A file is created 0600 and a directory 0700. A file found with a wider mode is tightened to its
-owner's bits, logged once (when it happens). An existing directory keeps its mode: it may be a
-configured path that is not ours alone (the shipped unit makes the data directory 0750 with
-StateDirectoryMode=), and the files in it are private anyway.
+A file is created 0600 and a directory 0700, and the new name is made durable (an fsync of the
+directory it was created in): after a power cut a directory or file created here is there,
+or the call had not returned (docs/reliability.md). A file found with a wider mode is tightened
+to its owner's bits, logged once (when it happens). An existing directory keeps its mode: it
+may be a configured path that is not ours alone (the shipped unit makes the data directory 0750
+with StateDirectoryMode=), and the files in it are private anyway.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ def private_dir(path: Path) -> None:
                 raise
             continue  # created meanwhile by someone else
         os.chmod(directory, PRIVATE_DIR)  # the umask only removes bits; make it exact
+        fsync_directory(directory.parent)
 
 
 def private_file(path: Path) -> None:
@@ -48,6 +51,17 @@ def private_file(path: Path) -> None:
         return
     try:
         os.fchmod(fd, PRIVATE_FILE)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    fsync_directory(path.parent)
+
+
+def fsync_directory(path: Path) -> None:
+    """Make the names in directory `path` durable (a new or renamed entry is not, until then)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
     finally:
         os.close(fd)
 

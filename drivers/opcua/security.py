@@ -241,6 +241,7 @@ def _private_dir(path: Path) -> None:
                 raise
             continue
         os.chmod(directory, _PRIVATE_DIR)  # the umask only removes bits; make it exact
+        _fsync_dirs(directory)  # its name in its parent: durable before the pair is written
 
 
 def _write_new(path: Path, data: bytes) -> None:
