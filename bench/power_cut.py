@@ -1,7 +1,8 @@
 """Pull the plug N times (default 1,000): the line of tests/test_power_cut.py with the agent's
 data directory on the power-cut harness (tests/fixtures/powercut.py), a cut at a random moment
-(running, during start, after a SIGHUP reload), with or without random writeback of what was
-pending, the invariants checked on what survived after every cut, then a restart.
+(running, during start, after a SIGHUP reload, after a command that starts a saga), with or
+without random writeback of what was pending, the invariants checked on what survived after
+every cut, then a restart.
 
 At the end the PLC simulator stops, the outbox drains, and the central store is compared with
 everything the agent ever committed. Prints: cuts, accepted events (committed seqs), stored
@@ -35,7 +36,7 @@ from tests.fixtures import MosquittoBroker, PostgresServer  # noqa: E402
 from tests.fixtures.powercut import fuse_available  # noqa: E402
 from tests.fixtures.powercut_line import MOMENTS, PowerCutLine  # noqa: E402
 
-DELAYS = {"running": (0.05, 1.0), "start": (0.0, 2.5), "reload": (0.0, 0.4)}
+DELAYS = {"running": (0.05, 1.0), "start": (0.0, 2.5), "reload": (0.0, 0.4), "saga": (0, 0.3)}
 
 
 def percentile(values: list[float], share: float) -> float:
@@ -49,7 +50,7 @@ async def run(cuts: int, seed: int) -> int:
         print("power_cut: no usable /dev/fuse, fusermount3 and libfuse3 (Debian: fuse3)")
         return 2
     rng = random.Random(seed)
-    moments = [rng.choices(MOMENTS, weights=(2, 1, 1))[0] for _ in range(cuts)]
+    moments = [rng.choices(MOMENTS, weights=(2, 1, 1, 1))[0] for _ in range(cuts)]
     workdir = Path(tempfile.mkdtemp(prefix="edge-agent-power-cut-"))
     broker, postgres = MosquittoBroker(), PostgresServer()
     await asyncio.to_thread(broker.start)
