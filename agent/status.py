@@ -40,6 +40,8 @@ def problems(status: dict[str, Any]) -> list[str]:
             reason = detail.get("reason")
             found.append(f"device {name} {detail.get('state')}" + (f": {reason}" if reason else ""))
     found.extend(str(problem) for problem in status.get("sync_problems") or ())
+    if status.get("outbox_refusing"):
+        found.append(f"the outbox refuses events: {status['outbox_refusing']}")
     if status.get("outbox_append_failures"):
         found.append(f"outbox refused {status['outbox_append_failures']} appends")
     if status.get("dropped_total"):

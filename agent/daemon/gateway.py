@@ -113,7 +113,7 @@ def build_gateway(
     """Wire the parts; nothing runs until the caller starts their tasks."""
     live = LivePublisher(mqtt, topic_root=settings.mqtt.topic_root)
     sinks = build_sinks(settings, outbox, mqtt, live)
-    pipeline = Pipeline(sinks=sinks, durable=durable_for(settings, outbox))
+    pipeline = Pipeline(sinks=sinks, durable=durable_for(settings, outbox), live=(live,))
     configure_tags(pipeline, settings)
     oee = LiveOee(settings, publish=live.offer, emit=pipeline.emit)
     pipeline.add_observer(oee.observe)

@@ -55,6 +55,7 @@ class StatusDocument(HealthDocument):
     uplink_error: str | None
     sync_problems: list[str]
     outbox_append_failures: int
+    outbox_refusing: str | None  # why the outbox refuses events now (disk full), else None
     oee: dict[str, OeeRecord | None]
 
 

@@ -140,6 +140,10 @@ class _RuntimeCollector(Collector):
             outbox.append_failures,
         )
         yield _simple(_counter("outbox_commits", "SQLite transactions committed."), outbox.commits)
+        yield _simple(
+            _gauge("outbox_refusing", "1 while the outbox refuses events (disk full, I/O)."),
+            1.0 if gateway.pipeline.durable_down else 0.0,
+        )
 
     def _uplink(self, gateway: Gateway) -> Iterator[Metric]:
         mqtt = gateway.mqtt

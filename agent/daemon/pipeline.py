@@ -120,11 +120,16 @@ class Pipeline:
         *,
         sinks: Sequence[Sink],
         durable: Durable | None = None,
+        live: Sequence[Sink] = (),
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
     ) -> None:
         self._sinks = tuple(sinks)
         self._durable = durable
+        # The sinks of live values (newest value per topic): they still get the samples the
+        # outbox refuses (disk full), so that dashboards keep showing the line.
+        self._live = tuple(live)
+        self.durable_error: str | None = None
         self._clock = clock
         self._wall = wall
         self._filters: dict[tuple[str, str], TagFilter] = {}
@@ -203,10 +208,11 @@ class Pipeline:
         """Queue ready-made events for the commit; they are offered to every sink once it
         returned (waits only while the outbox's commit queue is full).
 
-        Nothing is published before its commit, and events are published in the order they
-        were emitted: if the outbox refuses the events (disk full), they are not published live
-        either, and their tags are offered again on the next reading so that nothing is
-        skipped once the outbox works again.
+        Nothing goes on the durable path before its commit, and events are published in the
+        order they were emitted. If the outbox refuses the events (disk full), only the live
+        sinks get their samples (the newest value per topic, not a record), the outbox counts
+        them for its ``append_failed`` gap, and their tags are offered again on the next reading
+        so that nothing is skipped once it works again.
         """
         if not events:
             return
@@ -237,6 +243,7 @@ class Pipeline:
             if self._durable_down:
                 log.info("the outbox accepts events again")
                 self._durable_down = False
+                self.durable_error = None
             self._publish(done.events)
         if not self._uncommitted:
             self._settled.set()
@@ -253,6 +260,13 @@ class Pipeline:
         if not self._durable_down:
             log.error("events not accepted by the outbox: %s", exc)
             self._durable_down = True
+        self.durable_error = str(exc)[:300]
+        samples = [event for event in events if event.kind == "sample"]
+        for sink in self._live:
+            try:
+                sink.offer_events(samples)
+            except Exception:  # one uplink's bug must not stop the others or polling
+                log.exception("sink %s failed on %d refused events", sink.name, len(samples))
         for event in events:
             if event.kind == "sample" and event.device and event.tag:
                 tag_filter = self._filters.get((event.device, event.tag))

@@ -148,6 +148,7 @@ class Runtime:
             "uplink_error": gateway.mqtt.last_error,
             "sync_problems": self.sync_problems(),
             "outbox_append_failures": gateway.outbox.append_failures,
+            "outbox_refusing": gateway.pipeline.durable_error,
             "oee": gateway.oee.machines,
         }
 
@@ -165,8 +166,8 @@ class Runtime:
         if gateway is None or not self.started.is_set():
             return ["starting"]
         problems = self.sync_problems()
-        if not gateway.mqtt.is_connected and gateway.pipeline.durable_down:
-            problems.insert(0, "the uplink is down and the outbox refuses events")
+        if gateway.pipeline.durable_down:
+            problems.insert(0, f"the outbox refuses events: {gateway.pipeline.durable_error}")
         # The ack, central status and command topics: without them a promise is broken.
         for topic, reason in gateway.mqtt.refused_subscriptions.items():
             problems.append(f"the broker refused the subscription to {topic}: {reason}")
