@@ -78,6 +78,10 @@ class _RuntimeCollector(Collector):
             yield from self._oee(gateway)
             yield from self._workflows(gateway)
         yield from self._reloads()
+        yield _simple(
+            _counter("clock_steps", "Steps of the wall clock detected (more than 1 s)."),
+            self._runtime.clock.steps,
+        )
         yield from self._process()
 
     def _devices(self, gateway: Gateway) -> Iterator[Metric]:

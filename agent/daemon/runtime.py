@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent import __version__
+from agent.daemon.clock import ClockStepWatch
 from agent.daemon.gateway import Gateway, build_gateway, mqtt_client_for
 from agent.daemon.health import (
     DeviceDetail,
@@ -82,6 +83,7 @@ class Runtime:
         self.reloads = ReloadCounts()
         self._gateway: Gateway | None = None
         self._services: list[asyncio.Task[None]] = []
+        self.clock = ClockStepWatch()
         self._workflows_task: asyncio.Task[None] | None = None
         self._reload_requested = asyncio.Event()
         self.http_port: int | None = None  # the HTTP endpoint's bound port while it serves
@@ -303,6 +305,7 @@ class Runtime:
             ("heartbeats", gateway.pipeline.heartbeats()),
             ("oee", gateway.oee.run()),
             ("reloader", self._reloader(stop)),
+            ("clock", self.clock.run(gateway.pipeline.emit)),
         ):
             self._services.append(group.create_task(coroutine, name=name))
         for device in settings.devices:
