@@ -76,10 +76,14 @@ async def run(cuts: int, seed: int) -> int:
                 totals = await line.finish(sim.close)
             finally:
                 line.close()
+    except BaseException:
+        print(f"power_cut: failed; the agent's log and the disk are kept in {workdir}")
+        raise
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
     finally:
         await asyncio.to_thread(broker.close)
         await asyncio.to_thread(postgres.close)
-        shutil.rmtree(workdir, ignore_errors=True)
     outcomes = line.outcomes
     problems = [(n, p) for n, o in enumerate(outcomes) for p in o.problems]
     integrity = [p for _, p in problems if "integrity_check" in p or "corrupt" in p]
