@@ -476,3 +476,25 @@ async def test_mqtt_311_has_no_receive_maximum(mosquitto: MosquittoBroker) -> No
         async with asyncio.timeout(10):
             await client.wait_connected()
         assert client.window == 100
+
+
+async def test_close_ends_a_connection_task_that_swallowed_its_cancellation() -> None:
+    # Python 3.11's asyncio.wait_for can swallow a cancellation that arrives as its future
+    # completes; close() used to wait for such a task forever (a stop that never ends).
+    client = MqttClient(host="127.0.0.1", port=1, client_id="s")
+    swallowed: list[bool] = []
+
+    async def connect_once() -> None:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            if swallowed:
+                raise
+            swallowed.append(True)
+        await asyncio.sleep(3600)  # carries on as if nothing happened
+
+    client._link._connect_once = connect_once  # type: ignore[method-assign]
+    async with asyncio.timeout(10):
+        async with client:
+            await asyncio.sleep(0.05)
+    assert swallowed == [True]

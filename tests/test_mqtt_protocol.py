@@ -160,6 +160,7 @@ async def test_session_present_on_a_clean_start_closes_the_connection() -> None:
     broker = ScriptedBroker(connack=b"\x20\x03\x01\x00\x00")  # Session Present = 1
     async with session(broker) as client:
         await async_wait_until(lambda: len(broker.sessions) >= 2)
+        await async_wait_until(broker.sessions[0].closed.is_set)
         assert client.stats.connects == 0
         assert client.last_error == (
             "malformed packet from the broker: CONNACK with Session Present on a clean start"

@@ -69,16 +69,15 @@ class Endpoint:
         try:
             # asyncio resolves the name in its executor and does the TLS handshake without
             # blocking the loop; TCP_NODELAY is set by asyncio on TCP transports.
-            await asyncio.wait_for(
-                connection.loop.create_connection(
+            # asyncio.timeout, not wait_for, which can swallow a cancellation on Python 3.11.
+            async with asyncio.timeout(self.connect_timeout):
+                await connection.loop.create_connection(
                     lambda: connection,
                     self.host,
                     self.port,
                     ssl=self.tls_context,
                     server_hostname=self.host if self.tls_context is not None else None,
-                ),
-                self.connect_timeout,
-            )
+                )
         except TimeoutError:
             raise ConnectionError("connection attempt timed out") from None
         connection.write(self.connect_packet())

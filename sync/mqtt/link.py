@@ -121,9 +121,11 @@ class BrokerLink:
     async def stop(self) -> None:
         """Stop reconnecting; the current connection stays up."""
         runner, self._runner = self._runner, None
-        if runner is not None:
+        # Cancelled until it ends (not `await runner`: our own cancellation must pass): a
+        # cancellation swallowed inside a library call must not leave us waiting forever.
+        while runner is not None and not runner.done():
             runner.cancel()
-            await asyncio.wait([runner])  # not `await runner`: our own cancellation must pass
+            await asyncio.wait([runner], timeout=1.0)
 
     def disconnect(self) -> None:
         """Send DISCONNECT when connected (the broker discards the Last Will), then drop the
@@ -368,7 +370,10 @@ class BrokerLink:
         self._connack = waiting
         await endpoint.open(connection)
         try:
-            connack = await asyncio.wait_for(waiting, endpoint.connect_timeout)
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation
+            # that arrives as the CONNACK does, and stop() would then wait forever.
+            async with asyncio.timeout(endpoint.connect_timeout):
+                connack = await waiting
         except TimeoutError:
             raise NoConnack(
                 f"no CONNACK from the broker within {endpoint.connect_timeout:g} s"
