@@ -73,20 +73,27 @@ ensure_system_packages() {
 }
 
 ensure_test_brokers() {
-  # aedes (npm) for the interop matrix, into ./.cache/brokers (gitignored), exactly as
-  # tests/brokers/package-lock.json pins it; redone only when that lockfile changes.
-  local src="$PWD/tests/brokers" dir="$PWD/.cache/brokers"
+  # aedes (npm) for the interop matrix, into ./.cache/brokers, and the Eclipse Tahu Sparkplug B
+  # payload library (npm), the Sparkplug tests' independent decoder, into ./.cache/sparkplug.
+  ensure_npm_dir brokers aedes "the test brokers"
+  ensure_npm_dir sparkplug sparkplug-payload "the Sparkplug B payload library"
+}
+
+ensure_npm_dir() {
+  # tests/$1's package into ./.cache/$1 (gitignored), exactly as its package-lock.json pins
+  # it; redone only when that lockfile changes. $2: a module that must be there; $3: its name.
+  local src="$PWD/tests/$1" dir="$PWD/.cache/$1"
   local want have=""
   want="$(cat "$src/package.json" "$src/package-lock.json" | sha256sum | cut -d' ' -f1)"
   [ -f "$dir/.installed" ] && have="$(cat "$dir/.installed")"
-  if [ "$have" = "$want" ] && [ -d "$dir/node_modules/aedes" ]; then
+  if [ "$have" = "$want" ] && [ -d "$dir/node_modules/$2" ]; then
     return 0
   fi
-  echo "==> installing the test brokers from npm into $dir"
+  echo "==> installing $3 from npm into $dir"
   mkdir -p "$dir"
   cp "$src/package.json" "$src/package-lock.json" "$dir/"
   (cd "$dir" && npm ci --no-audit --no-fund --ignore-scripts --loglevel=error) \
-    || die "npm could not install the test brokers (tests/brokers/package.json)"
+    || die "npm could not install $3 (tests/$1/package.json)"
   echo "$want" > "$dir/.installed"
 }
 
