@@ -24,6 +24,18 @@ AGENT_SECTIONS: list[tuple[str, str, str, str]] = [
     ("[buffer]", "BufferConfig", "buffer", "The SQLite outbox."),
     ("[http]", "HttpConfig", "http", "Health and metrics endpoint."),
     (
+        "[sparkplug]",
+        "SparkplugConfig",
+        "sparkplug",
+        "A Sparkplug B 3.0 edge node beside the JSON topics (docs/sparkplug.md).",
+    ),
+    (
+        "[sparkplug.broker]",
+        "SparkplugBrokerConfig",
+        "sparkplug.broker",
+        "The Sparkplug edge node's own broker connection (default: the [mqtt] one).",
+    ),
+    (
         '[[devices]] with driver = "modbus"',
         "ModbusDeviceConfig",
         "devices",

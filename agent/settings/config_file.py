@@ -17,6 +17,7 @@ from pydantic_settings import SettingsConfigDict
 from agent.settings.common import HttpConfig, SettingsFile
 from agent.settings.gateway import BufferConfig, GatewayConfig, MqttConfig
 from agent.settings.machines import CalendarConfig, MachineConfig
+from agent.settings.sparkplug import SparkplugConfig
 from agent.settings.workflows import (
     ParamSpec,
     StepValue,
@@ -42,6 +43,7 @@ class AgentSettings(SettingsFile):
     mqtt: MqttConfig
     buffer: BufferConfig = Field(default_factory=BufferConfig)
     http: HttpConfig = Field(default_factory=HttpConfig)
+    sparkplug: SparkplugConfig = Field(default_factory=SparkplugConfig)
     devices: tuple[DeviceConfig, ...] = Field(default=(), description="PLCs and other sources.")
     machines: tuple[MachineConfig, ...] = Field(default=(), description="OEE per machine.")
     calendars: tuple[CalendarConfig, ...] = Field(default=(), description="Shift plans.")
@@ -84,6 +86,11 @@ class AgentSettings(SettingsFile):
         return self.mqtt.client_id or f"edge-agent-{self.gateway.id}"
 
     @property
+    def sparkplug_edge_node_id(self) -> str:
+        """The Sparkplug edge node id: sparkplug.edge_node_id, else gateway.id."""
+        return self.sparkplug.edge_node_id or self.gateway.id
+
+    @property
     def sync_topic_base(self) -> str:
         """S = {sync_prefix}/{gateway.id}."""
         return f"{self.mqtt.sync_prefix}/{self.gateway.id}"
@@ -96,6 +103,18 @@ class AgentSettings(SettingsFile):
             yield (("mqtt", *loc), reason)
         for loc, reason in self.http.problems():
             yield (("http", *loc), reason)
+        for loc, reason in self.sparkplug.problems():
+            yield (("sparkplug", *loc), reason)
+        if self.sparkplug.enabled:
+            # Devices and machines are both Sparkplug devices of this edge node.
+            devices = {device.name for device in self.devices}
+            for index, machine in enumerate(self.machines):
+                if machine.name in devices:
+                    yield (
+                        ("machines", index, "name"),
+                        f"machine {machine.name!r} has a device's name; with [sparkplug] "
+                        "enabled both are Sparkplug devices, whose ids must differ",
+                    )
         yield from _unique("devices", [device.name for device in self.devices], "device")
         yield from _unique("machines", [machine.name for machine in self.machines], "machine")
         yield from _unique("calendars", [cal.name for cal in self.calendars], "calendar")
@@ -115,6 +134,8 @@ class AgentSettings(SettingsFile):
         """What is allowed but unsafe (cleartext passwords), with locations from the root."""
         for loc, reason in self.mqtt.warnings():
             yield (("mqtt", *loc), reason)
+        for loc, reason in self.sparkplug.warnings():
+            yield (("sparkplug", *loc), reason)
         for index, device in enumerate(self.devices):
             for loc, reason in device.warnings():
                 yield (("devices", index, *loc), reason)
