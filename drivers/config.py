@@ -205,6 +205,11 @@ class TagConfigBase(ConfigModel):
         """The JSON type of the tag's value when the config tells it, else 'unknown'."""
         return "unknown"
 
+    def value_type(self) -> str | None:
+        """The type of the published values when the config tells it (int16, uint32, float32,
+        float64, int64, bool, string...); None: whatever the device sends."""
+        return None
+
     def command_value(self, value: Any) -> Any:
         """The value a command parameter writes to this tag; ValueError saying why not."""
         return to_kind(value, self.value_kind())

@@ -18,9 +18,12 @@ from agent.workflows.engine import WorkflowEngine
 from sync.events import Event
 from sync.mqtt.client import MqttClient, Will
 from sync.outbox.store import OnCommit, Outbox
+from sync.sparkplug.bdseq import BdSeq
+from sync.sparkplug.codec import datatype_for_kind
 from sync.uplink.forwarder import Forwarder
 from sync.uplink.live import LivePublisher
 from sync.uplink.sink import Sink
+from sync.uplink.sparkplug import DeviceModel, NodeModel, NodeStatus, SparkplugNode, TagModel
 from sync.uplink.topics import status_payload, status_topic
 
 
@@ -53,6 +56,41 @@ def forwarder_for(settings: AgentSettings, outbox: Outbox, mqtt: MqttClient) -> 
     )
 
 
+def sparkplug_node_for(settings: AgentSettings, outbox: Outbox, mqtt: MqttClient) -> SparkplugNode:
+    """The Sparkplug B edge node: its own MQTT connection (the [mqtt] keys unless
+    [sparkplug.broker] is set), its bdSeq in the data directory (docs/sparkplug.md)."""
+    keys = settings.sparkplug
+    broker = keys.broker or settings.mqtt
+    client_id = (
+        keys.broker.client_id if keys.broker else None
+    ) or f"{settings.client_id}-sparkplug"
+    model = NodeModel(
+        group_id=keys.group_id,
+        edge_node_id=settings.sparkplug_edge_node_id,
+        primary_host_id=keys.primary_host_id,
+        version=__version__,
+        devices=tuple(
+            DeviceModel(
+                device.name,
+                tuple(
+                    TagModel(
+                        tag.name, datatype_for_kind(tag.value_kind(), tag_type=tag.value_type())
+                    )
+                    for tag in device.tag_list()
+                ),
+            )
+            for device in settings.devices
+        ),
+        machines=tuple(machine.name for machine in settings.machines),
+    )
+    return SparkplugNode(
+        model=model,
+        connect=lambda will: mqtt_client(broker, client_id=client_id, name="sparkplug", will=will),
+        bdseq=BdSeq(settings.gateway.data_dir),
+        status=lambda: NodeStatus(outbox.events_count, mqtt.is_connected),
+    )
+
+
 def build_sinks(
     settings: AgentSettings, outbox: Outbox, mqtt: MqttClient, live: LivePublisher
 ) -> tuple[Sink, ...]:
@@ -60,6 +98,8 @@ def build_sinks(
     sinks: list[Sink] = [live]  # R/{device}/{tag}, newest value per topic
     if settings.mqtt.sync_enabled:
         sinks.append(forwarder_for(settings, outbox, mqtt))  # S/sync to the central store
+    if settings.sparkplug.enabled:
+        sinks.append(sparkplug_node_for(settings, outbox, mqtt))  # spBv1.0/{group}/...
     return tuple(sinks)
 
 

@@ -17,12 +17,18 @@ log = logging.getLogger("edge_agent.runtime")
 
 
 def needs_restart(old: AgentSettings, new: AgentSettings) -> bool:
-    """Whether a reloaded config changes a section only a restart can apply."""
-    return (old.gateway, old.mqtt, old.buffer, old.http) != (
+    """Whether a reloaded config changes a section only a restart can apply. With Sparkplug on,
+    a change of the devices or machines does too: the edge node announces them in its births,
+    and a restart is its way to announce new ones (NDEATH, then a new session's births)."""
+    sparkplug = (old.sparkplug.enabled or new.sparkplug.enabled) and (
+        old.devices != new.devices or old.machines != new.machines
+    )
+    return sparkplug or (old.gateway, old.mqtt, old.buffer, old.http, old.sparkplug) != (
         new.gateway,
         new.mqtt,
         new.buffer,
         new.http,
+        new.sparkplug,
     )
 
 

@@ -373,7 +373,8 @@ class Runtime:
                     continue
                 if needs_restart(self.settings, new):
                     log.info(
-                        "reload: [gateway], [mqtt], [buffer] or [http] changed: "
+                        "reload: [gateway], [mqtt], [buffer], [http] or [sparkplug] changed "
+                        "(or, with Sparkplug on, the devices or machines): "
                         "restarting inside the process"
                     )
                     self.restart_settings = new

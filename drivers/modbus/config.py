@@ -271,6 +271,19 @@ class ModbusTagConfig(TagConfigBase):
             return "int"
         return "float"
 
+    def value_type(self) -> str | None:
+        """The register type of an unscaled integer, bool or string; int64 for values rounded
+        to whole numbers (decimals 0 of a scaled integer or float); float32 for an unscaled
+        float32 at its own precision; float64 for everything scaled or rounded to decimals."""
+        if self.type in ("bool", "string") or (self.type in INTEGER_BITS and not self.scaled):
+            return self.type
+        decimals, _ = self.precision
+        if decimals == 0:
+            return "int64"
+        if self.type == "float32" and not self.scaled and decimals is None:
+            return "float32"
+        return "float64"
+
     def command_value(self, value: Any) -> Any:
         """A command parameter as this tag's kind, refused unless the codec can encode it."""
         kind = self.value_kind()

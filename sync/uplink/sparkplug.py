@@ -1,0 +1,616 @@
+"""The Sparkplug B 3.0 edge node: an uplink beside the JSON topics (docs/sparkplug.md).
+
+It has its own MQTT connection (the NDEATH is that connection's Will, and a session's bdSeq
+belongs to it). Per connection: the NDEATH Will (QoS 1, not retained) carries the bdSeq taken
+for that CONNECT (`BdSeq.take`, on disk first); once connected, and with a primary host once
+its STATE says online, NBIRTH (seq 0, the same bdSeq, Node Control/Rebirth, node metrics), then
+one DBIRTH per device whose every tag has reported, and one per machine. Then DDATA by
+exception from the committed sample, state and OEE events, with aliases and each reading's own
+time; NDATA when a node metric changes. seq counts every message after NBIRTH, 0-255 wrapping.
+A device whose every tag is bad gets a DDEATH, and a DBIRTH when a value returns. An NCMD
+`Node Control/Rebirth = true` republishes NBIRTH and every DBIRTH on the same connection with
+the same bdSeq. When the primary host goes offline the node publishes its NDEATH, disconnects,
+and connects again (a new bdSeq) to wait for the host.
+
+Every Sparkplug message but NDEATH is QoS 0 and not retained (spec 3.0). Nothing here queues:
+while the node is not born, only the newest value of each metric is kept, and the next birth
+carries it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sync.events import Event
+from sync.mqtt.client import Message, MessageTooLarge, MqttClient, NotConnected, Will
+from sync.sparkplug.bdseq import BdSeq
+from sync.sparkplug.codec import (
+    DataType,
+    Metric,
+    MetricValue,
+    Payload,
+    PayloadError,
+    datatype_of_value,
+    decode_received,
+    encode,
+    fits,
+)
+from sync.sparkplug.topics import device_topic, node_topic, state_topic
+from sync.uplink.sink import SinkFigure
+
+log = logging.getLogger("edge_agent.sparkplug")
+
+REBIRTH = "Node Control/Rebirth"
+BDSEQ = "bdSeq"
+# The OPC DA quality codes, which Ignition and other hosts read from a "Quality" property.
+QUALITY = "Quality"
+QUALITY_CODES = {"good": 192, "uncertain": 64, "bad": 0}
+# Node metrics: (name, datatype); their aliases follow bdSeq (1) and Node Control/Rebirth (2).
+NODE_METRICS: tuple[tuple[str, DataType], ...] = (
+    ("Node Info/Agent Version", DataType.STRING),
+    ("Node Info/Outbox Depth", DataType.UINT64),
+    ("Node Info/Uplink Online", DataType.BOOLEAN),
+)
+NODE_STATUS_INTERVAL = 5.0  # seconds between looks at the node metrics (NDATA on change)
+REBIRTH_SPACING = 1.0  # seconds: rebirth requests closer than this are served together
+MACHINE_METRICS: tuple[tuple[str, DataType | None], ...] = (
+    ("State", DataType.STRING),
+    ("State Code", None),  # the machine's code, as its state tag reads it
+    ("OEE/Availability", DataType.DOUBLE),
+    ("OEE/Performance", DataType.DOUBLE),
+    ("OEE/Quality", DataType.DOUBLE),
+    ("OEE/OEE", DataType.DOUBLE),
+)
+_OEE_FIGURES = {
+    "availability": "OEE/Availability",
+    "performance": "OEE/Performance",
+    "quality": "OEE/Quality",
+    "oee": "OEE/OEE",
+}
+LOG_EVERY = 60.0  # seconds between two log lines about a peer's bad messages
+
+
+@dataclass(frozen=True, slots=True)
+class TagModel:
+    """A tag as the node announces it: its name and datatype (None: its first value decides)."""
+
+    name: str
+    datatype: DataType | None
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceModel:
+    """A device of the config and its tags, in config order (the order of the aliases)."""
+
+    name: str
+    tags: tuple[TagModel, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class NodeModel:
+    """What the edge node announces: ids, devices, machines (all from the config)."""
+
+    group_id: str
+    edge_node_id: str
+    primary_host_id: str | None
+    version: str
+    devices: tuple[DeviceModel, ...]
+    machines: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class NodeStatus:
+    """The node metrics that change: events in the outbox, whether the JSON uplink is up."""
+
+    outbox_depth: int
+    uplink_online: bool
+
+
+@dataclass(slots=True)
+class _Metric:
+    name: str
+    alias: int
+    datatype: DataType | None
+    value: MetricValue = None
+    quality: str | None = None  # None: nothing read yet
+    ts_ms: int | None = None
+    sent_quality: str | None = None  # the quality the host last heard of
+
+
+@dataclass(slots=True)
+class _Device:
+    name: str
+    metrics: dict[str, _Metric]
+    machine: bool
+    born: bool = False  # a DBIRTH went out since the last NBIRTH
+    dead: bool = False  # a DDEATH went out after it
+
+    def ready(self) -> bool:
+        return self.machine or all(metric.quality is not None for metric in self.metrics.values())
+
+    def all_bad(self) -> bool:
+        return not self.machine and all(m.quality == "bad" for m in self.metrics.values())
+
+
+@dataclass(slots=True)
+class _Figures:
+    published: int = 0
+    births: int = 0
+    rebirth_requests: int = 0
+    commands_refused: int = 0
+    bad_messages: int = 0
+    too_large: int = 0
+    last_log: dict[str, float] = field(default_factory=dict)
+
+
+def _ms(ts: float) -> int:
+    return max(0, round(ts * 1000))
+
+
+class SparkplugNode:
+    """The edge node (a Sink). `connect(will)` makes the MQTT client of one connection."""
+
+    def __init__(
+        self,
+        *,
+        model: NodeModel,
+        connect: Callable[[Will], MqttClient],
+        bdseq: BdSeq,
+        status: Callable[[], NodeStatus],
+    ) -> None:
+        self._model = model
+        self._connect = connect
+        self._bdseq = bdseq
+        self._status = status
+        self._group = model.group_id
+        self._node = model.edge_node_id
+        self._devices: dict[str, _Device] = {}
+        alias = 2 + len(NODE_METRICS)  # 1: bdSeq, 2: rebirth, then the node metrics
+        for device in model.devices:
+            metrics = {}
+            for tag in device.tags:
+                alias += 1
+                metrics[tag.name] = _Metric(tag.name, alias, tag.datatype)
+            self._devices[device.name] = _Device(device.name, metrics, machine=False)
+        for machine in model.machines:
+            metrics = {}
+            for name, datatype in MACHINE_METRICS:
+                alias += 1
+                metrics[name] = _Metric(name, alias, datatype)
+            self._devices[machine] = _Device(machine, metrics, machine=True)
+        self._client: MqttClient | None = None
+        self._born = False
+        self._seq = 0
+        self._host_online = model.primary_host_id is None
+        self._host_timestamp: int | None = None
+        self._sent_status: NodeStatus | None = None
+        self._wake = asyncio.Event()  # the serve loop has something to do:
+        self._restart = False  # the primary host went offline: NDEATH, reconnect
+        self._rebirth = False  # an NCMD asked for a rebirth
+        self._last_rebirth = 0.0
+        self._stopping = False
+        self._figures = _Figures()
+
+    # -- the Sink protocol ---------------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        """The sink's name."""
+        return "sparkplug"
+
+    def offer_events(self, events: Sequence[Event]) -> None:
+        """Samples of the config's tags, machine states and OEE records -> DDATA (or births)."""
+        changed: dict[str, list[tuple[_Metric, MetricValue, str, int]]] = {}
+        for event in events:
+            device = self._devices.get(event.device or "")
+            if device is None:
+                continue
+            for metric, value, quality in self._updates(device, event):
+                ts_ms = _ms(event.ts)
+                metric.value, metric.quality, metric.ts_ms = value, quality, ts_ms
+                changed.setdefault(device.name, []).append((metric, value, quality, ts_ms))
+        if not self._born:
+            return  # the next birth carries the newest values
+        for name, updates in changed.items():
+            self._publish_device(self._devices[name], updates)
+
+    def _updates(self, device: _Device, event: Event) -> list[tuple[_Metric, MetricValue, str]]:
+        quality = event.quality or "good"
+        if event.kind == "sample" and not device.machine:
+            metric = device.metrics.get(event.tag or "")
+            if metric is None:
+                return []
+            return [(metric, _scalar(event.value), quality)]
+        if not device.machine or not isinstance(event.value, dict):
+            return []
+        if event.kind == "state":
+            return [
+                (device.metrics["State"], _scalar(event.value.get("state")), quality),
+                (device.metrics["State Code"], _scalar(event.value.get("code")), quality),
+            ]
+        if event.kind == "oee":
+            return [
+                (device.metrics[name], _number(event.value.get(key)), quality)
+                for key, name in _OEE_FIGURES.items()
+            ]
+        return []
+
+    def retire(self, device: str, tags: Sequence[str]) -> None:
+        """A device left the config: DDEATH, and it is no longer announced."""
+        gone = self._devices.pop(device, None)
+        if gone is not None and gone.born and not gone.dead and self._born:
+            self._send(device_topic(self._group, "DDEATH", self._node, device), self._empty())
+
+    async def run(self) -> None:
+        """Connect, birth, serve; after the primary host went offline, NDEATH and again."""
+        while not self._stopping:
+            client = self._connect(
+                Will(node_topic(self._group, "NDEATH", self._node), self._will_payload, 1, False)
+            )
+            client.add_listener(self._on_connection)
+            client.subscribe(node_topic(self._group, "NCMD", self._node), self._on_ncmd)
+            client.subscribe(f"spBv1.0/{self._group}/DCMD/{self._node}/+", self._on_dcmd)
+            if self._model.primary_host_id is not None:
+                client.subscribe(state_topic(self._model.primary_host_id), self._on_state)
+            self._client = client
+            async with client:
+                await self._serve(client)
+            self._client = None
+
+    async def drain(self) -> None:
+        """At shutdown: NDEATH with the session's bdSeq, then DISCONNECT (spec 3.0: an edge
+        node that disconnects on purpose publishes its NDEATH first)."""
+        self._stopping = True
+        client = self._client
+        if client is not None:
+            await self._die(client)
+
+    def figures(self) -> Sequence[SinkFigure]:
+        """Messages published, births, rebirth requests, refused commands, bad messages."""
+        figures = self._figures
+        return (
+            SinkFigure("sparkplug_published", "Sparkplug messages published.", figures.published),
+            SinkFigure(
+                "sparkplug_births", "Sparkplug NBIRTHs (births and rebirths).", figures.births
+            ),
+            SinkFigure(
+                "sparkplug_rebirth_requests",
+                "NCMD Node Control/Rebirth requests received.",
+                figures.rebirth_requests,
+            ),
+            SinkFigure(
+                "sparkplug_commands_refused",
+                "DCMD messages refused (sparkplug.commands = 'off').",
+                figures.commands_refused,
+            ),
+            SinkFigure(
+                "sparkplug_bad_messages",
+                "NCMD, DCMD or STATE messages that could not be read (ignored).",
+                figures.bad_messages,
+            ),
+            SinkFigure(
+                "sparkplug_too_large",
+                "Sparkplug messages larger than the broker's Maximum Packet Size (not sent).",
+                figures.too_large,
+            ),
+        )
+
+    def problems(self) -> Sequence[str]:
+        """Not connected, or connected and waiting for the primary host."""
+        client = self._client
+        if client is None or not client.is_connected:
+            reason = client.last_error if client is not None else None
+            return (f"sparkplug: not connected to the broker ({reason or 'connecting'})",)
+        if not self._born and self._model.primary_host_id is not None:
+            return (
+                f"sparkplug: waiting for primary host {self._model.primary_host_id!r} to be "
+                "online (no births until then)",
+            )
+        return ()
+
+    # -- the connection -----------------------------------------------------------------------
+
+    def _will_payload(self) -> bytes:
+        # Called by the client as it builds each CONNECT: a new bdSeq for a new session.
+        return self._death_payload(self._bdseq.take())
+
+    def _death_payload(self, bdseq: int) -> bytes:
+        # NDEATH: the bdSeq metric only, no seq (spec 3.0, topics-ndeath-payload/-seq).
+        metric = Metric(DataType.INT64, bdseq, name=BDSEQ, timestamp_ms=_ms(time.time()))
+        return encode(Payload(_ms(time.time()), None, (metric,)))
+
+    def _on_connection(self, up: bool) -> None:
+        if up:
+            if self._model.primary_host_id is not None:
+                # Births wait for the host's STATE on this connection (the retained one comes
+                # right after the subscription).
+                self._host_online = False
+            else:
+                self._birth()
+        else:
+            self._born = False
+
+    async def _serve(self, client: MqttClient) -> None:
+        while True:
+            try:
+                async with asyncio.timeout(NODE_STATUS_INTERVAL):
+                    await self._wake.wait()
+            except TimeoutError:
+                self._publish_status()
+                continue
+            self._wake.clear()
+            if self._restart:
+                self._restart = False
+                await self._die(client)
+                return
+            if not self._rebirth:
+                continue
+            self._rebirth = False
+            wait = self._last_rebirth + REBIRTH_SPACING - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            if self._born:
+                log.info("sparkplug: rebirth requested (NCMD): NBIRTH and every DBIRTH again")
+                self._birth()
+
+    async def _die(self, client: MqttClient) -> None:
+        self._born = False
+        current = self._bdseq.current
+        if current is None or not client.is_connected:
+            await client.close()
+            return
+        self._figures.published += 1
+        await client.close(
+            final_publish=(
+                node_topic(self._group, "NDEATH", self._node),
+                self._death_payload(current),
+                False,
+            )
+        )
+
+    # -- births and data ------------------------------------------------------------------------
+
+    def _next_seq(self) -> int:
+        self._seq = (self._seq + 1) % 256
+        return self._seq
+
+    def _empty(self) -> bytes:
+        return encode(Payload(_ms(time.time()), self._next_seq(), ()))
+
+    def _send(self, topic: str, payload: bytes) -> bool:
+        client = self._client
+        if client is None:
+            return False
+        try:
+            client.publish(topic, payload, qos=0, retain=False)
+        except NotConnected:
+            self._born = False
+            return False
+        except MessageTooLarge as exc:
+            self._figures.too_large += 1
+            self._log_limited("too-large", "sparkplug: %s not published: %s", topic, exc)
+            return False
+        self._figures.published += 1
+        return True
+
+    def _birth(self) -> None:
+        bdseq = self._bdseq.current
+        if bdseq is None or self._client is None or not self._client.is_connected:
+            return
+        now = _ms(time.time())
+        status = self._status()
+        self._seq = 0
+        metrics = [
+            Metric(DataType.INT64, bdseq, name=BDSEQ, alias=1, timestamp_ms=now),
+            Metric(DataType.BOOLEAN, False, name=REBIRTH, alias=2, timestamp_ms=now),
+        ]
+        for index, (name, datatype) in enumerate(NODE_METRICS):
+            value = _status_value(name, status, self._model.version)
+            metrics.append(Metric(datatype, value, name=name, alias=3 + index, timestamp_ms=now))
+        if not self._send(
+            node_topic(self._group, "NBIRTH", self._node),
+            encode(Payload(now, 0, tuple(metrics))),
+        ):
+            return
+        self._born = True
+        self._last_rebirth = time.monotonic()
+        self._figures.births += 1
+        self._sent_status = status
+        for device in self._devices.values():
+            device.born = device.dead = False
+            if device.ready():
+                self._device_birth(device)
+
+    def _device_birth(self, device: _Device) -> None:
+        now = _ms(time.time())
+        metrics = []
+        for metric in device.metrics.values():
+            if metric.datatype is None or not fits(metric.datatype, metric.value):
+                metric.datatype = datatype_of_value(metric.value)
+            metrics.append(
+                Metric(
+                    metric.datatype,
+                    metric.value,
+                    name=metric.name,
+                    alias=metric.alias,
+                    timestamp_ms=metric.ts_ms if metric.ts_ms is not None else now,
+                    properties=_quality(metric.quality),
+                )
+            )
+            metric.sent_quality = metric.quality
+        topic = device_topic(self._group, "DBIRTH", self._node, device.name)
+        if not self._send(topic, encode(Payload(now, self._next_seq(), tuple(metrics)))):
+            return
+        device.born, device.dead = True, False
+        if device.all_bad():
+            self._device_death(device)
+
+    def _device_death(self, device: _Device) -> None:
+        topic = device_topic(self._group, "DDEATH", self._node, device.name)
+        if self._send(topic, self._empty()):
+            device.dead = True
+
+    def _publish_device(
+        self, device: _Device, updates: list[tuple[_Metric, MetricValue, str, int]]
+    ) -> None:
+        if not device.born:
+            if device.ready():
+                self._device_birth(device)
+            return
+        if device.all_bad():
+            if not device.dead:
+                self._device_death(device)
+            return
+        if device.dead or any(
+            metric.datatype is None or not fits(metric.datatype, value)
+            for metric, value, _, _ in updates
+        ):
+            # Back from a DDEATH, or a value its announced datatype cannot carry (a tag of
+            # unknown type): a new DBIRTH announces the device as it is now.
+            self._device_birth(device)
+            return
+        metrics = []
+        for metric, value, quality, ts_ms in updates:
+            assert metric.datatype is not None
+            properties: tuple[tuple[str, DataType, MetricValue], ...] = ()
+            if quality != metric.sent_quality:
+                properties = _quality(quality)
+                metric.sent_quality = quality
+            metrics.append(
+                Metric(
+                    metric.datatype,
+                    value,
+                    alias=metric.alias,
+                    timestamp_ms=ts_ms,
+                    properties=properties,
+                )
+            )
+        topic = device_topic(self._group, "DDATA", self._node, device.name)
+        try:
+            payload = encode(Payload(_ms(time.time()), self._next_seq(), tuple(metrics)))
+        except PayloadError as exc:  # checked by fits() above; a bug if it happens
+            log.error("sparkplug: DDATA of %s not encoded: %s", device.name, exc)
+            return
+        self._send(topic, payload)
+
+    def _publish_status(self) -> None:
+        if not self._born:
+            return
+        status = self._status()
+        sent = self._sent_status
+        if sent == status:
+            return
+        now = _ms(time.time())
+        metrics = []
+        for index, (name, datatype) in enumerate(NODE_METRICS):
+            value = _status_value(name, status, self._model.version)
+            if sent is None or value != _status_value(name, sent, self._model.version):
+                metrics.append(Metric(datatype, value, alias=3 + index, timestamp_ms=now))
+        topic = node_topic(self._group, "NDATA", self._node)
+        if self._send(topic, encode(Payload(now, self._next_seq(), tuple(metrics)))):
+            self._sent_status = status
+
+    # -- what the broker sends ---------------------------------------------------------------
+
+    def _on_ncmd(self, message: Message) -> None:
+        try:
+            _, _, metrics = decode_received(message.payload)
+        except PayloadError as exc:
+            self._bad(message.topic, str(exc))
+            return
+        for metric in metrics:
+            if (metric.name == REBIRTH or (metric.name is None and metric.alias == 2)) and (
+                metric.value is True
+            ):
+                self._figures.rebirth_requests += 1
+                self._rebirth = True
+                self._wake.set()
+            else:
+                self._bad(message.topic, f"unknown node command {metric.name or metric.alias}")
+
+    def _on_dcmd(self, message: Message) -> None:
+        self._figures.commands_refused += 1
+        device = message.topic.rsplit("/", 1)[-1]
+        self._log_limited(
+            "dcmd",
+            "sparkplug: DCMD to %s refused: sparkplug.commands is 'off' "
+            "(docs/sparkplug.md, 'Commands')",
+            device,
+        )
+
+    def _on_state(self, message: Message) -> None:
+        online, timestamp = _parse_state(message.payload)
+        if online is None or timestamp is None:
+            self._bad(message.topic, "not a Sparkplug 3.0 STATE payload {online, timestamp}")
+            return
+        if self._host_timestamp is not None and timestamp < self._host_timestamp:
+            return  # an older STATE than one already seen (spec 3.0: compare the timestamps)
+        self._host_timestamp = timestamp
+        was_online, self._host_online = self._host_online, online
+        if online and not self._born:
+            log.info("sparkplug: primary host %s is online", self._model.primary_host_id)
+            self._birth()
+        elif not online and was_online and self._born:
+            log.warning(
+                "sparkplug: primary host %s went offline: NDEATH, reconnecting",
+                self._model.primary_host_id,
+            )
+            self._restart = True
+            self._wake.set()
+
+    def _bad(self, topic: str, reason: str) -> None:
+        self._figures.bad_messages += 1
+        self._log_limited("bad", "sparkplug: ignored a message on %s: %s", topic, reason)
+
+    def _log_limited(self, key: str, text: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self._figures.last_log.get(key, -LOG_EVERY) >= LOG_EVERY:
+            self._figures.last_log[key] = now
+            log.warning(text, *args)
+
+
+def _scalar(value: Any) -> MetricValue:
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    return json.dumps(value, separators=(",", ":"))  # an array or object, as its JSON text
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    return None
+
+
+def _quality(quality: str | None) -> tuple[tuple[str, DataType, MetricValue], ...]:
+    return ((QUALITY, DataType.INT32, QUALITY_CODES.get(quality or "bad", 0)),)
+
+
+def _status_value(name: str, status: NodeStatus, version: str) -> MetricValue:
+    if name == "Node Info/Agent Version":
+        return version
+    if name == "Node Info/Outbox Depth":
+        return status.outbox_depth
+    return status.uplink_online
+
+
+def _parse_state(payload: bytes) -> tuple[bool | None, int | None]:
+    try:
+        document = json.loads(payload)
+    except (ValueError, UnicodeDecodeError):
+        return None, None
+    if not isinstance(document, dict):
+        return None, None
+    online, timestamp = document.get("online"), document.get("timestamp")
+    if (
+        not isinstance(online, bool)
+        or not isinstance(timestamp, int)
+        or isinstance(timestamp, bool)
+    ):
+        return None, None
+    return online, timestamp
