@@ -5,8 +5,10 @@ commands encoded by it. docs/sparkplug.md lists the normative statements each te
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import queue
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -14,8 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+import pytest
+
 from simulators.modbus.server import ModbusSimulator
-from sync.uplink.sparkplug import SparkplugNode
+from sync.events import Event
+from sync.mqtt.client import MqttClient
+from sync.sparkplug.bdseq import BdSeq
+from sync.sparkplug.codec import DataType
+from sync.uplink.sparkplug import DeviceModel, NodeModel, NodeStatus, SparkplugNode, TagModel
 from tests.fixtures.collector import TopicCollector
 from tests.fixtures.daemon import ROOT, config_text, running, settings_for
 from tests.fixtures.mosquitto import MosquittoBroker
@@ -366,3 +374,110 @@ async def test_primary_host_state(mosquitto: MosquittoBroker, tmp_path: Path) ->
         if m.kind in ("NBIRTH", "NDEATH")
     ]
     assert seen == [("NBIRTH", 0), ("NDEATH", 0), ("NBIRTH", 1)], seen
+
+
+async def test_seq_wraps_values_times_and_hostile_commands(
+    mosquitto: MosquittoBroker, tmp_path: Path
+) -> None:
+    """The node alone on a real connection: 300 DDATA take seq past 255 and back to 0; each
+    metric carries its reading's value and time; an NCMD or DCMD that is garbage, unknown or
+    refused is counted and changes nothing."""
+    model = NodeModel(
+        GROUP, NODE, None, "9.9", (DeviceModel("d1", (TagModel("t", DataType.INT32),)),), ()
+    )
+    node = SparkplugNode(
+        model=model,
+        connect=lambda will: MqttClient(
+            host=mosquitto.host, port=mosquitto.port, client_id="spb-unit", will=will
+        ),
+        bdseq=BdSeq(tmp_path),
+        status=lambda: NodeStatus(0, True),
+    )
+    start = 1_765_000_000.0
+    with SparkplugCollector(mosquitto) as spb:
+        task = asyncio.create_task(node.run())
+        try:
+            await spb.wait(at_least(1, "NBIRTH"))
+            node.offer_events([Event(start, "sample", "d1", "t", -1, "good")])
+            await spb.wait(at_least(1, "DBIRTH"))
+            for i in range(300):
+                node.offer_events([Event(start + i / 1000, "sample", "d1", "t", i, "good")])
+            await spb.wait(at_least(300, "DDATA"))
+            for topic, payload in (
+                (NCMD, b"\xff\x00garbage"),
+                (
+                    NCMD,
+                    tahu_encode(
+                        [
+                            {
+                                "timestamp": 1,
+                                "metrics": [
+                                    {
+                                        "name": "Node Control/Reboot",
+                                        "type": "Boolean",
+                                        "value": True,
+                                    }
+                                ],
+                            }
+                        ]
+                    )[0],
+                ),
+                (
+                    f"{PREFIX}/DCMD/{NODE}/d1",
+                    tahu_encode(
+                        [{"timestamp": 1, "metrics": [{"name": "t", "type": "Int32", "value": 5}]}]
+                    )[0],
+                ),
+            ):
+                await asyncio.to_thread(publish, mosquitto, topic, payload)
+            figures = {}
+
+            def counted() -> bool:
+                figures.update({f.name: f.value for f in node.figures()})
+                return (
+                    figures["sparkplug_bad_messages"] >= 2
+                    and figures["sparkplug_commands_refused"] >= 1
+                )
+
+            await async_wait_until(counted)
+            node.offer_events([Event(start + 1, "sample", "d1", "t", 1000, "uncertain")])
+            await spb.wait(at_least(301, "DDATA"))
+            await node.drain()
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        messages = await spb.wait(lambda ms: ms[-1].kind == "NDEATH")
+    mine = [m for m in messages if m.kind not in ("NCMD", "DCMD")]
+    decoded = tahu_decode([m.payload for m in mine])
+    assert_seq_continuity(mine, decoded)
+    seqs = [p.seq for m, p in zip(mine, decoded, strict=True) if m.kind == "DDATA"]
+    assert seqs[:3] == [2, 3, 4]
+    assert 255 in seqs
+    assert seqs[seqs.index(255) + 1] == 0
+    data = [p for m, p in zip(mine, decoded, strict=True) if m.kind == "DDATA"]
+    assert [p.metrics[0].value for p in data] == [*range(300), 1000]
+    assert [p.metrics[0].timestamp for p in data[:300]] == [
+        round((start + i / 1000) * 1000) for i in range(300)
+    ]
+    assert data[0].metrics[0].properties == {}  # quality unchanged: no property
+    assert data[-1].metrics[0].properties == {"Quality": 64}  # uncertain
+    assert figures["sparkplug_rebirth_requests"] == 0
+    assert count("NBIRTH")(mine) == 1
+
+
+def test_bdseq_store(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """0 the first time, then one more per CONNECT, 255 -> 0, written 0600 before it is used;
+    a file that does not hold 0-255 starts again at 0 with a warning."""
+    store = BdSeq(tmp_path)
+    assert [store.take() for _ in range(3)] == [0, 1, 2]
+    path = tmp_path / "sparkplug-bdseq"
+    assert path.read_text() == "2\n"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert BdSeq(tmp_path).take() == 3  # a restart goes on from the file
+    path.write_text("255\n")
+    assert BdSeq(tmp_path).take() == 0
+    path.write_text("garbage")
+    assert BdSeq(tmp_path).take() == 0
+    assert "holds 'garbage', not 0-255; bdSeq starts at 0" in caplog.text
+    assert not list(tmp_path.glob(".*staged"))
