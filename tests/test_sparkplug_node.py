@@ -216,6 +216,10 @@ async def test_births_data_rebirth_outage_and_death(
                 await spb.wait(at_least(births + 1, "NBIRTH"))
                 await spb.wait(at_least(2, "DBIRTH", "press1"))
                 assert node._client.stats.connects == connects  # type: ignore[union-attr]
+                # A change: DDATA by exception (state_code 1 -> 2), and the machine's state.
+                sim.model(1).force_state(2)
+                await spb.wait(at_least(1, "DDATA", "press1"))
+                await spb.wait(at_least(1, "DDATA", "line_press"))
                 # press2 comes up: DBIRTH with its values.
                 async with ModbusSimulator(port=down_port, seed=6, speed=0.0):
                     await spb.wait(
@@ -299,10 +303,26 @@ async def test_births_data_rebirth_outage_and_death(
     all_aliases = [a for table in aliases.values() for a in table]
     assert len(set(all_aliases)) == len(all_aliases)
     assert not node_aliases & set(all_aliases)
-    for message, payload in by_kind.get("DDATA", []):
+    state_alias = next(m.alias for m in press1.metrics if m.name == "state_code")
+    changes = [
+        m.value
+        for message, payload in by_kind["DDATA"]
+        if message.topic.endswith("/press1")
+        for m in payload.metrics
+        if m.alias == state_alias
+    ]
+    assert changes[0] == 2
+    born: set[str] = set()
+    for message, payload in zip(messages, decoded, strict=True):
         device = message.topic.rsplit("/", 1)[1]
-        assert all(m.name is None and m.alias in aliases[device] for m in payload.metrics)
-        assert all(m.timestamp is not None for m in payload.metrics)
+        if message.kind == "DBIRTH":
+            born.add(device)
+        elif message.kind in ("NBIRTH", "NDEATH"):
+            born.clear()
+        elif message.kind == "DDATA":
+            assert device in born, message.topic  # DBIRTH first
+            assert all(m.name is None and m.alias in aliases[device] for m in payload.metrics)
+            assert all(m.timestamp is not None for m in payload.metrics)
     assert all(m.qos == 0 and not m.retain for m, _ in by_kind["DBIRTH"] + by_kind["DDEATH"])
     assert_seq_continuity(messages, decoded)
 

@@ -150,6 +150,9 @@ def datatype_of_value(value: MetricValue) -> DataType:
 
 def fits(datatype: DataType, value: MetricValue) -> bool:
     """Whether `value` can be sent as `datatype` without loss of kind (None always can)."""
+    kind = type(value)
+    if kind is float:  # the common case first: this runs for every value sent
+        return datatype is DataType.DOUBLE or datatype is DataType.FLOAT
     if value is None:
         return True
     if datatype in INTEGER_RANGES:
