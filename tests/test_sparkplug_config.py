@@ -65,6 +65,10 @@ def test_defaults(tmp_path: Path) -> None:
     assert settings.sparkplug.broker is None
     assert settings.sparkplug.commands == "off"
     assert settings.sparkplug.primary_host_id is None
+    path.write_text(
+        BASE.replace('group_id = "plant1"', 'group_id = "plant1"\ncommands = "writable"')
+    )
+    assert load_agent_settings(path, environ={}).sparkplug.commands == "writable"
 
 
 def test_disabled_by_default(tmp_path: Path) -> None:
@@ -100,11 +104,6 @@ def test_disabled_by_default(tmp_path: Path) -> None:
             'group_id = "plant1"',
             'group_id = "plant1"\nprimary_host_id = "scada/main"',
             "sparkplug.primary_host_id: 'scada/main' is not a valid Sparkplug host id: no '/' (topic level rules)",
-        ),
-        (
-            'group_id = "plant1"',
-            'group_id = "plant1"\ncommands = "writable"',
-            "sparkplug.commands: 'writable' (DCMD writes) is not implemented yet; use 'off' (docs/sparkplug.md, 'Commands')",
         ),
         (
             'group_id = "plant1"',

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import json
 import queue
+import sqlite3
 import stat
 import threading
 import time
@@ -30,6 +31,7 @@ from tests.fixtures.mosquitto import MosquittoBroker
 from tests.fixtures.mqtt_client import MqttTestClient
 from tests.fixtures.ports import async_wait_until, free_port
 from tests.fixtures.sparkplug import TahuPayload, tahu_decode, tahu_encode
+from tests.fixtures.workflows import CommandSender
 
 GROUP = "plant1"
 NODE = "plant1-line3"
@@ -501,3 +503,126 @@ def test_bdseq_store(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     assert BdSeq(tmp_path).take() == 0
     assert "holds 'garbage', not 0-255; bdSeq starts at 0" in caplog.text
     assert not list(tmp_path.glob(".*staged"))
+
+
+def writable_config(broker: MosquittoBroker, data_dir: Path, port: int) -> str:
+    return f"""
+[gateway]
+id = "{NODE}"
+site = "plant1"
+area = "assembly"
+line = "line3"
+data_dir = "{data_dir}"
+
+[mqtt]
+url = "{broker.url}"
+sync_enabled = true
+
+[sparkplug]
+enabled = true
+group_id = "{GROUP}"
+commands = "writable"
+
+[[devices]]
+name = "press1"
+driver = "modbus"
+url = "tcp://127.0.0.1:{port}"
+poll_interval = "200ms"
+  [[devices.tags]]
+  name = "setpoint"
+  address = "hr:304"
+  type = "int16"
+  writable = true
+  [[devices.tags]]
+  name = "state_code"
+  address = "hr:100"
+
+[[workflows]]
+name = "hold"
+on_uplink_failure = "continue"
+steps = [{{ wait = "press1/setpoint", value = 999, timeout = "30s" }}]
+"""
+
+
+async def test_dcmd_writes(mosquitto: MosquittoBroker, tmp_path: Path) -> None:
+    """commands = "writable": a DCMD (encoded by Tahu) for a writable tag is written, read back,
+    audited and seen in the next DDATA; one for a read-only tag, a value out of the tag's range
+    or an unknown metric is refused and audited; nothing else is written."""
+    async with ModbusSimulator(port=0, seed=5, speed=0.0) as sim:
+        assert sim.port is not None
+        settings = settings_for(tmp_path, writable_config(mosquitto, tmp_path / "data", sim.port))
+        dcmd = f"{PREFIX}/DCMD/{NODE}/press1"
+        commands = tahu_encode(
+            [
+                {"timestamp": 1, "metrics": [{"name": "setpoint", "type": "Int16", "value": -42}]},
+                {"timestamp": 2, "metrics": [{"name": "state_code", "type": "UInt16", "value": 4}]},
+                {
+                    "timestamp": 3,
+                    "metrics": [{"name": "setpoint", "type": "Int32", "value": 70000}],
+                },
+                {"timestamp": 4, "metrics": [{"name": "nosuch", "type": "Int16", "value": 1}]},
+            ]
+        )
+        with SparkplugCollector(mosquitto) as spb:
+            async with running(settings) as runtime:
+                node = node_of(runtime)
+                await spb.wait(at_least(1, "DBIRTH", "press1"))
+                state_before = sim.model(1).state
+                for payload in commands:
+                    await asyncio.to_thread(publish, mosquitto, dcmd, payload)
+
+                def figures() -> dict[str, float]:
+                    return {f.name: f.value for f in node.figures()}
+
+                await async_wait_until(
+                    lambda: (
+                        figures()["sparkplug_writes_completed"] == 1
+                        and figures()["sparkplug_commands_refused"] == 3
+                    ),
+                    message="one write and three refusals",
+                )
+                messages = await spb.wait(at_least(1, "DDATA", "press1"))
+                # Exclusivity: while a saga acts on press1, a DCMD write to it is refused.
+                with CommandSender(mosquitto, ROOT) as sender:
+                    await asyncio.to_thread(sender.send, "hold", {"id": "h1", "params": {}})
+                    await asyncio.to_thread(sender.wait_status, "h1", ("accepted",))
+                    (again,) = tahu_encode(
+                        [
+                            {
+                                "timestamp": 5,
+                                "metrics": [{"name": "setpoint", "type": "Int16", "value": 7}],
+                            }
+                        ]
+                    )
+                    await asyncio.to_thread(publish, mosquitto, dcmd, again)
+                    await async_wait_until(
+                        lambda: figures()["sparkplug_commands_refused"] == 4,
+                        message="the DCMD during the saga refused",
+                    )
+            assert sim.model(1).state == state_before
+    decoded = tahu_decode([m.payload for m in messages])
+    birth = next(p for m, p in zip(messages, decoded, strict=True) if m.kind == "DBIRTH")
+    alias = birth.by_name()["setpoint"].alias
+    values = [
+        x.value
+        for m, p in zip(messages, decoded, strict=True)
+        if m.kind == "DDATA"
+        for x in p.metrics
+        if x.alias == alias
+    ]
+    assert values[-1] - 2**32 == -42  # int_value, two's complement (no datatype in DDATA)
+    assert figures()["sparkplug_writes_failed"] == 0
+    with sqlite3.connect(tmp_path / "data" / "outbox.db") as db:
+        rows = db.execute(
+            "SELECT tag, value FROM events WHERE value LIKE '%single_write%'"
+        ).fetchall()
+    audits = {(tag, json.loads(value)["result"]) for tag, value in rows}
+    assert audits == {
+        ("press1/setpoint", "completed"),
+        ("press1/state_code", "refused"),
+        ("press1/setpoint", "refused"),
+    }, rows
+    details = [json.loads(value)["detail"] for _, value in rows]
+    assert any(d.startswith("busy: saga ") and d.endswith("(hold) acts on press1") for d in details)
+    assert any("70000 does not fit the tag" in d for d in details)
+    assert any("press1/state_code is not writable" in d for d in details)

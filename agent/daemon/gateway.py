@@ -162,6 +162,12 @@ def build_gateway(
     )
     workflows = WorkflowEngine(settings, outbox=outbox, mqtt=mqtt, devices=devices)
     pipeline.add_observer(workflows.observe)
+    if settings.sparkplug.commands == "writable":
+        for sink in sinks:
+            if isinstance(sink, SparkplugNode):  # DCMD writes: one guarded write each
+                sink.writes_to(
+                    lambda ref, value: workflows.single_write(ref, value, origin="sparkplug DCMD")
+                )
     return Gateway(outbox, mqtt, sinks, pipeline, oee, devices, workflows)
 
 

@@ -65,8 +65,9 @@ class SparkplugConfig(ConfigModel):
     )
     commands: Literal["off", "writable"] = Field(
         default="off",
-        description="DCMD writes: 'off' refuses every one (logged); 'writable' is reserved "
-        "for writes to writable tags and is refused by `check` until they are implemented "
+        description="DCMD writes: 'off' refuses every one (counted, logged); 'writable': a "
+        "DCMD metric for a writable tag is one guarded write (a write step's validation, no "
+        "saga on the device, audit event, read-back), anything else is refused "
         "(docs/sparkplug.md, 'Commands').",
     )
     broker: SparkplugBrokerConfig | None = Field(
@@ -91,12 +92,6 @@ class SparkplugConfig(ConfigModel):
                 reason = id_problem(value, what)
                 if reason:
                     yield ((key,), reason)
-        if self.commands == "writable":
-            yield (
-                ("commands",),
-                "'writable' (DCMD writes) is not implemented yet; use 'off' "
-                "(docs/sparkplug.md, 'Commands')",
-            )
         if self.broker is not None:
             for loc, reason in self.broker.problems():
                 yield (("broker", *loc), reason)

@@ -23,7 +23,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from agent.settings.config_file import AgentSettings
 from agent.workflows.audit import Audit, audit_event
@@ -39,9 +39,9 @@ from agent.workflows.compensation import Compensation
 from agent.workflows.confirmations import Confirmations
 from agent.workflows.failpoints import Failpoints
 from agent.workflows.intake import CommandIntake, Round
-from agent.workflows.journal import SagaJournal
+from agent.workflows.journal import SagaJournal, describe_error
 from agent.workflows.plan import Plan, saga_devices
-from agent.workflows.plc import PlcIo, TagAccess
+from agent.workflows.plc import DEVICE_ERRORS, PlcIo, TagAccess
 from agent.workflows.recovery import Recovery
 from agent.workflows.replies import Replies, Status
 from agent.workflows.saga_log import DuplicateCommand, SagaLog, SagaLogError, SagaRecord
@@ -111,6 +111,7 @@ class WorkflowEngine:
         self._buckets: dict[str, TokenBucket] = {}
         self._take_plans(settings)
         self._running: dict[str, _Active] = {}
+        self._direct_writes: set[str] = set()  # devices with a single write running (DCMD)
         self._uplink_down = asyncio.Event()
         self._execution: _Execution | None = None
         self._group: asyncio.TaskGroup | None = None
@@ -342,6 +343,9 @@ class WorkflowEngine:
             )
         params = validate_params(command.params, plan.specs)
         plan.prepare_values(params)
+        writing = sorted(plan.devices & self._direct_writes)
+        if writing:
+            raise CommandRejected(f"busy: a single write to {writing[0]} (Sparkplug DCMD) running")
         conflict = self._conflict(plan)
         if conflict is not None:
             running = f"busy: saga {conflict.saga.id} ({conflict.workflow})"
@@ -351,6 +355,72 @@ class WorkflowEngine:
         if not self._buckets[plan.name].take(time.monotonic()):
             raise CommandRejected(f"rate limited: at most {plan.config.rate_limit}")
         return params
+
+    async def single_write(
+        self, ref: str, value: Any, *, origin: str
+    ) -> tuple[Literal["completed", "refused", "failed"], str]:
+        """One guarded write from outside the workflows (a Sparkplug DCMD; docs/sparkplug.md,
+        "Commands"): the tag must be writable and the value valid for it (a write step's
+        validation), no saga and no other single write may be acting on its device
+        (exclusivity), the previous value is read, the write is verified by reading back, and
+        every outcome is a `workflow` audit event. (outcome, what happened)."""
+        resolved = self.plc.settings.tag(ref)
+        refused: str | None = None
+        converted: Any = None
+        device = ref.partition("/")[0]
+        if resolved is None:
+            refused = f"unknown tag {ref}"
+        elif not resolved[1].writable:
+            refused = f"{ref} is not writable (writable = false)"
+        else:
+            try:
+                converted = resolved[1].command_value(value)
+            except ValueError as exc:
+                refused = f"invalid value for {ref}: {exc}"
+        if refused is None:
+            busy = [a for a in self._running.values() if device in a.devices]
+            if busy:
+                refused = f"busy: saga {busy[0].saga.id} ({busy[0].workflow}) acts on {device}"
+            elif device in self._direct_writes:
+                refused = f"busy: another single write to {device} running"
+        if refused is not None:
+            await self._single_audit(ref, origin, "refused", refused, value, None)
+            return "refused", refused
+        self._direct_writes.add(device)
+        try:
+            try:
+                before = (await self.plc.read(ref)).value
+                after = await self.plc.write(ref, converted)
+            except DEVICE_ERRORS as exc:
+                detail = f"write of {converted!r} to {ref} failed: {describe_error(exc)}"
+                await self._single_audit(ref, origin, "failed", detail, converted, None)
+                return "failed", detail
+        finally:
+            self._direct_writes.discard(device)
+        detail = f"wrote {converted!r} to {ref}, read back {after!r}"
+        await self._single_audit(ref, origin, "completed", detail, before, after)
+        return "completed", detail
+
+    async def _single_audit(
+        self, ref: str, origin: str, result: str, detail: str, before: Any, after: Any
+    ) -> None:
+        await self.audit.append(
+            [
+                audit_event(
+                    workflow=None,
+                    command_id=None,
+                    saga=None,
+                    step=None,
+                    action="single_write",
+                    result=result,
+                    detail=detail,
+                    ref=ref,
+                    before=before,
+                    after=after,
+                    sender=origin,
+                )
+            ]
+        )
 
     def _duplicate(self, current: Round, plan: Plan, command_id: str, saga: SagaRecord) -> None:
         self.stats.duplicates += 1

@@ -23,9 +23,9 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from sync.events import Event
 from sync.mqtt.client import Message, MessageTooLarge, MqttClient, NotConnected, Will
@@ -74,6 +74,13 @@ _OEE_FIGURES = {
     "oee": "OEE/OEE",
 }
 LOG_EVERY = 60.0  # seconds between two log lines about a peer's bad messages
+MAX_WRITES = 32  # DCMD writes running at once; more are refused (a peer may flood us)
+# A DCMD write: ('device/tag', value) -> (completed | refused | failed, what happened); the
+# workflow engine's single_write (validation, exclusivity, audit, read-back).
+Write = Callable[
+    [str, MetricValue], Awaitable[tuple[Literal["completed", "refused", "failed"], str]]
+]
+_SIGNED_32 = (DataType.INT8, DataType.INT16, DataType.INT32)
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +151,8 @@ class _Figures:
     births: int = 0
     rebirth_requests: int = 0
     commands_refused: int = 0
+    writes_completed: int = 0
+    writes_failed: int = 0
     bad_messages: int = 0
     too_large: int = 0
     last_log: dict[str, float] = field(default_factory=dict)
@@ -196,6 +205,13 @@ class SparkplugNode:
         self._last_rebirth = 0.0
         self._stopping = False
         self._figures = _Figures()
+        self._write: Write | None = None
+        self._writes: set[asyncio.Task[None]] = set()
+
+    def writes_to(self, write: Write) -> None:
+        """Take DCMD writes (sparkplug.commands = 'writable'): each metric of a DCMD for a
+        device's tag goes to `write`; without this every DCMD is refused."""
+        self._write = write
 
     # -- the Sink protocol ---------------------------------------------------------------------
 
@@ -267,6 +283,8 @@ class SparkplugNode:
         """At shutdown: NDEATH with the session's bdSeq, then DISCONNECT (spec 3.0: an edge
         node that disconnects on purpose publishes its NDEATH first)."""
         self._stopping = True
+        for task in self._writes:
+            task.cancel()
         client = self._client
         if client is not None:
             await self._die(client)
@@ -286,8 +304,19 @@ class SparkplugNode:
             ),
             SinkFigure(
                 "sparkplug_commands_refused",
-                "DCMD messages refused (sparkplug.commands = 'off').",
+                "DCMD metrics refused (commands = 'off', unknown or read-only tag, invalid "
+                "value, busy).",
                 figures.commands_refused,
+            ),
+            SinkFigure(
+                "sparkplug_writes_completed",
+                "DCMD writes written and read back.",
+                figures.writes_completed,
+            ),
+            SinkFigure(
+                "sparkplug_writes_failed",
+                "DCMD writes that the device refused or did not confirm.",
+                figures.writes_failed,
             ),
             SinkFigure(
                 "sparkplug_bad_messages",
@@ -535,14 +564,68 @@ class SparkplugNode:
                 self._bad(message.topic, f"unknown node command {metric.name or metric.alias}")
 
     def _on_dcmd(self, message: Message) -> None:
+        device_name = message.topic.rsplit("/", 1)[-1]
+        if self._write is None:
+            self._refuse(device_name, "sparkplug.commands is 'off' (docs/sparkplug.md, 'Commands')")
+            return
+        device = self._devices.get(device_name)
+        if device is None or device.machine:
+            self._refuse(device_name, "not a device with writable tags")
+            return
+        try:
+            _, _, metrics = decode_received(message.payload)
+        except PayloadError as exc:
+            self._bad(message.topic, str(exc))
+            return
+        by_alias = {metric.alias: metric for metric in device.metrics.values()}
+        for received in metrics:
+            target = (
+                device.metrics.get(received.name)
+                if received.name is not None
+                else by_alias.get(received.alias or 0)
+            )
+            if target is None:
+                self._refuse(device_name, f"no metric {received.name or received.alias}")
+                continue
+            value = received.value
+            if received.datatype is None and isinstance(value, int):
+                # Sent by alias without a datatype: read the raw field as the birth's type.
+                if target.datatype in _SIGNED_32 and value >= 2**31:
+                    value -= 2**32
+                elif target.datatype is DataType.INT64 and value >= 2**63:
+                    value -= 2**64
+            if len(self._writes) >= MAX_WRITES:
+                self._refuse(device_name, f"{MAX_WRITES} writes already running")
+                continue
+            task = asyncio.get_running_loop().create_task(
+                self._write_one(f"{device_name}/{target.name}", value),
+                name=f"sparkplug:dcmd:{device_name}",
+            )
+            self._writes.add(task)
+            task.add_done_callback(self._writes.discard)
+
+    async def _write_one(self, ref: str, value: MetricValue) -> None:
+        assert self._write is not None
+        try:
+            outcome, detail = await self._write(ref, value)
+        except Exception:  # a bug in the engine must not end the node
+            log.exception("sparkplug: DCMD write to %s failed", ref)
+            self._figures.writes_failed += 1
+            return
+        if outcome == "completed":
+            self._figures.writes_completed += 1
+            log.info("sparkplug: DCMD: %s", detail)
+        elif outcome == "refused":
+            self._refuse(ref.partition("/")[0], detail)
+        else:
+            self._figures.writes_failed += 1
+            log.warning("sparkplug: DCMD: %s", detail)
+
+    def _refuse(self, device: str, reason: str) -> None:
         self._figures.commands_refused += 1
-        device = message.topic.rsplit("/", 1)[-1]
-        self._log_limited(
-            "dcmd",
-            "sparkplug: DCMD to %s refused: sparkplug.commands is 'off' "
-            "(docs/sparkplug.md, 'Commands')",
-            device,
-        )
+        # One log line a minute per configured device (a peer's made-up names share one).
+        key = f"dcmd:{device}" if device in self._devices else "dcmd:?"
+        self._log_limited(key, "sparkplug: DCMD to %s refused: %s", device, reason)
 
     def _on_state(self, message: Message) -> None:
         online, timestamp = _parse_state(message.payload)
