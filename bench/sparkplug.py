@@ -32,6 +32,7 @@ from sync.events import Event  # noqa: E402
 from sync.mqtt.client import MqttClient, Will  # noqa: E402
 from sync.sparkplug.bdseq import BdSeq  # noqa: E402
 from sync.sparkplug.codec import DataType  # noqa: E402
+from sync.sparkplug.history import History  # noqa: E402
 from sync.uplink.live import LivePublisher  # noqa: E402
 from sync.uplink.sparkplug import (  # noqa: E402
     DeviceModel,
@@ -102,6 +103,7 @@ async def one_run(
                 connect=connect,
                 bdseq=BdSeq(data),
                 status=lambda: NodeStatus(0, True),
+                history=History(data, max_rows=1_000_000),
             )
             tasks.append(asyncio.create_task(node.run()))
             born = node

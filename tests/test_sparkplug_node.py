@@ -24,6 +24,7 @@ from sync.events import Event
 from sync.mqtt.client import MqttClient
 from sync.sparkplug.bdseq import BdSeq
 from sync.sparkplug.codec import DataType
+from sync.sparkplug.history import History
 from sync.uplink.sparkplug import DeviceModel, NodeModel, NodeStatus, SparkplugNode, TagModel
 from tests.fixtures.collector import TopicCollector
 from tests.fixtures.daemon import ROOT, config_text, running, settings_for
@@ -414,6 +415,7 @@ async def test_seq_wraps_values_times_and_hostile_commands(
         ),
         bdseq=BdSeq(tmp_path),
         status=lambda: NodeStatus(0, True),
+        history=History(tmp_path, max_rows=1_000_000),
     )
     start = 1_765_000_000.0
     with SparkplugCollector(mosquitto) as spb:
@@ -626,3 +628,120 @@ async def test_dcmd_writes(mosquitto: MosquittoBroker, tmp_path: Path) -> None:
     assert any(d.startswith("busy: saga ") and d.endswith("(hold) acts on press1") for d in details)
     assert any("70000 does not fit the tag" in d for d in details)
     assert any("press1/state_code is not writable" in d for d in details)
+
+
+async def test_history_after_host_outage(mosquitto: MosquittoBroker, tmp_path: Path) -> None:
+    """While the primary host is offline the values keep changing; after it returns, the
+    changes are republished as historical DDATA, oldest first: every sample of the outbox
+    (ground truth: no ingest acknowledges, so it keeps them all) reached the host live, in a
+    DBIRTH or as history."""
+    async with ModbusSimulator(port=0, seed=5, speed=1.0) as sim:
+        assert sim.port is not None
+        text = config_text(mosquitto, tmp_path / "data", [("press1", sim.port)])
+        settings = settings_for(tmp_path, sparkplug_config(text, f'primary_host_id = "{HOST}"'))
+
+        def state(online: bool, ts: int) -> bytes:
+            return json.dumps({"online": online, "timestamp": ts}).encode()
+
+        now = int(time.time() * 1000)
+        with SparkplugCollector(mosquitto) as spb:
+            async with running(settings) as runtime:
+                node = node_of(runtime)
+                await asyncio.to_thread(publish, mosquitto, STATE, state(True, now), True)
+                await spb.wait(at_least(3, "DDATA", "press1"))
+                await asyncio.to_thread(publish, mosquitto, STATE, state(False, now + 1), True)
+                await spb.wait(at_least(1, "NDEATH"))
+
+                def pending() -> float:
+                    return next(
+                        f.value for f in node.figures() if f.name == "sparkplug_history_pending"
+                    )
+
+                await async_wait_until(lambda: pending() >= 30, message="changes kept")
+                await asyncio.to_thread(publish, mosquitto, STATE, state(True, now + 2), True)
+                await async_wait_until(lambda: pending() == 0, message="history republished")
+                await spb.wait(at_least(3, "DDATA", "press1"))
+            messages = spb.snapshot()
+    with sqlite3.connect(tmp_path / "data" / "outbox.db") as db:
+        truth = {
+            round(ts * 1000): json.loads(value)
+            for ts, value in db.execute(
+                "SELECT ts, value FROM events WHERE device = 'press1' AND tag = 'energy'"
+            )
+        }
+    decoded = tahu_decode([m.payload for m in messages])
+    alias = None
+    seen: dict[int, object] = {}
+    historical = []
+    for message, payload in zip(messages, decoded, strict=True):
+        if not message.topic.endswith("/press1"):
+            continue
+        if message.kind == "DBIRTH":
+            metric = payload.by_name()["energy"]
+            alias = metric.alias
+            seen[metric.timestamp] = metric.value  # type: ignore[index]
+        elif message.kind == "DDATA":
+            for metric in payload.metrics:
+                if metric.alias == alias:
+                    seen[metric.timestamp] = metric.value  # type: ignore[index]
+                    if metric.is_historical:
+                        historical.append(metric.timestamp)
+    assert len(truth) >= 10
+    missing = sorted(set(truth) - set(seen))
+    assert not missing, (
+        f"{len(missing)} of {len(truth)} samples never reached the host: {missing[:5]}"
+    )
+    assert all(seen[ts] == truth[ts] for ts in truth)
+    assert len(historical) >= 5
+    assert historical == sorted(historical)  # oldest first
+
+
+async def test_history_cap_is_a_gap(mosquitto: MosquittoBroker, tmp_path: Path) -> None:
+    """Past the history's cap the oldest changes are dropped: counted, a node metric, and a
+    gap event (reason sparkplug_history_full) for the outbox; never silently."""
+    model = NodeModel(
+        GROUP, NODE, HOST, "9.9", (DeviceModel("d1", (TagModel("t", DataType.INT32),)),), ()
+    )
+    gaps: list[Event] = []
+
+    async def emit(events: list[Event]) -> None:
+        gaps.extend(events)
+
+    node = SparkplugNode(
+        model=model,
+        connect=lambda will: MqttClient(
+            host=mosquitto.host, port=mosquitto.port, client_id="spb-cap", will=will
+        ),
+        bdseq=BdSeq(tmp_path),
+        status=lambda: NodeStatus(0, True),
+        history=History(tmp_path, max_rows=50),
+    )
+    node.reports_to(emit)
+    start = 1_765_000_000.0
+    task = asyncio.create_task(node.run())
+    try:
+        for i in range(120):  # no STATE: never born, everything goes to the history
+            node.offer_events([Event(start + i, "sample", "d1", "t", i, "good")])
+        await async_wait_until(lambda: bool(gaps), message="a gap event")
+        figures = {f.name: f.value for f in node.figures()}
+        await node.drain()
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert figures["sparkplug_history_dropped"] == 70
+    assert figures["sparkplug_history_pending"] == 50
+    (gap,) = gaps
+    assert gap.kind == "gap"
+    assert gap.value["reason"] == "sparkplug_history_full"
+    assert gap.value["count"] == 70
+    assert (gap.value["first_ts"], gap.value["last_ts"]) == (
+        "2025-12-06T05:46:40.000Z",
+        "2025-12-06T05:47:49.000Z",
+    )
+    left = History(tmp_path, max_rows=50)
+    left.open()
+    try:
+        assert [change.value for _, change in left.oldest(100)] == list(range(70, 120))
+    finally:
+        left.close()

@@ -20,6 +20,7 @@ from sync.mqtt.client import MqttClient, Will
 from sync.outbox.store import OnCommit, Outbox
 from sync.sparkplug.bdseq import BdSeq
 from sync.sparkplug.codec import datatype_for_kind
+from sync.sparkplug.history import History
 from sync.uplink.forwarder import Forwarder
 from sync.uplink.live import LivePublisher
 from sync.uplink.sink import Sink
@@ -56,6 +57,10 @@ def forwarder_for(settings: AgentSettings, outbox: Outbox, mqtt: MqttClient) -> 
     )
 
 
+# The Sparkplug history's cap (docs/sparkplug.md, "History"): about 100 bytes a change on disk.
+HISTORY_MAX_CHANGES = 1_000_000
+
+
 def sparkplug_node_for(settings: AgentSettings, outbox: Outbox, mqtt: MqttClient) -> SparkplugNode:
     """The Sparkplug B edge node: its own MQTT connection (the [mqtt] keys unless
     [sparkplug.broker] is set), its bdSeq in the data directory (docs/sparkplug.md)."""
@@ -88,6 +93,7 @@ def sparkplug_node_for(settings: AgentSettings, outbox: Outbox, mqtt: MqttClient
         connect=lambda will: mqtt_client(broker, client_id=client_id, name="sparkplug", will=will),
         bdseq=BdSeq(settings.gateway.data_dir),
         status=lambda: NodeStatus(outbox.events_count, mqtt.is_connected),
+        history=History(settings.gateway.data_dir, max_rows=HISTORY_MAX_CHANGES),
     )
 
 
@@ -162,9 +168,10 @@ def build_gateway(
     )
     workflows = WorkflowEngine(settings, outbox=outbox, mqtt=mqtt, devices=devices)
     pipeline.add_observer(workflows.observe)
-    if settings.sparkplug.commands == "writable":
-        for sink in sinks:
-            if isinstance(sink, SparkplugNode):  # DCMD writes: one guarded write each
+    for sink in sinks:
+        if isinstance(sink, SparkplugNode):
+            sink.reports_to(pipeline.emit)  # a gap of its history: outbox, central, live
+            if settings.sparkplug.commands == "writable":  # DCMD writes: one guarded write each
                 sink.writes_to(
                     lambda ref, value: workflows.single_write(ref, value, origin="sparkplug DCMD")
                 )

@@ -12,9 +12,11 @@ A device whose every tag is bad gets a DDEATH, and a DBIRTH when a value returns
 the same bdSeq. When the primary host goes offline the node publishes its NDEATH, disconnects,
 and connects again (a new bdSeq) to wait for the host.
 
-Every Sparkplug message but NDEATH is QoS 0 and not retained (spec 3.0). Nothing here queues:
-while the node is not born, only the newest value of each metric is kept, and the next birth
-carries it.
+Every Sparkplug message but NDEATH is QoS 0 and not retained (spec 3.0). While the node is not
+born its births-to-be keep the newest value of each metric, and every change goes to the
+history file (sync/sparkplug/history.py), as do the changes sent in the last moments before a
+connection loss; after the next birth they are republished oldest first as historical DDATA,
+paced, between the live ones. DCMD writes (commands = "writable") go to the workflow engine.
 """
 
 from __future__ import annotations
@@ -22,12 +24,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sqlite3
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections import deque
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from sync.events import Event
+from sync.events import Event, rfc3339
 from sync.mqtt.client import Message, MessageTooLarge, MqttClient, NotConnected, Will
 from sync.sparkplug.bdseq import BdSeq
 from sync.sparkplug.codec import (
@@ -41,6 +45,7 @@ from sync.sparkplug.codec import (
     encode,
     fits,
 )
+from sync.sparkplug.history import Change, Dropped, History
 from sync.sparkplug.topics import device_topic, node_topic, state_topic
 from sync.uplink.sink import SinkFigure
 
@@ -56,6 +61,8 @@ NODE_METRICS: tuple[tuple[str, DataType], ...] = (
     ("Node Info/Agent Version", DataType.STRING),
     ("Node Info/Outbox Depth", DataType.UINT64),
     ("Node Info/Uplink Online", DataType.BOOLEAN),
+    ("Node Info/History Pending", DataType.UINT64),
+    ("Node Info/History Dropped", DataType.UINT64),
 )
 NODE_STATUS_INTERVAL = 5.0  # seconds between looks at the node metrics (NDATA on change)
 REBIRTH_SPACING = 1.0  # seconds: rebirth requests closer than this are served together
@@ -81,6 +88,15 @@ Write = Callable[
     [str, MetricValue], Awaitable[tuple[Literal["completed", "refused", "failed"], str]]
 ]
 _SIGNED_32 = (DataType.INT8, DataType.INT16, DataType.INT32)
+# History (docs/sparkplug.md, "History"): changes kept while not born, republished after a birth.
+HISTORY_FLUSH = 0.2  # seconds between writes of what piled up in memory to the history file
+MAX_PENDING = 100_000  # changes in memory waiting for that write (more: dropped, a gap)
+REPLAY_METRICS = 200  # changes per historical DDATA read at once
+REPLAY_PAUSE = 0.01  # seconds between two of them: live DDATA go out in between
+# What was sent live in this window before a connection loss may have died with it: it is
+# kept, and stored as history when the loss comes (at least once; 1.5 keep-alives of 30 s).
+RECENT_WINDOW = 45.0
+MAX_RECENT = 200_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +169,8 @@ class _Figures:
     commands_refused: int = 0
     writes_completed: int = 0
     writes_failed: int = 0
+    history_replayed: int = 0
+    history_dropped: int = 0
     bad_messages: int = 0
     too_large: int = 0
     last_log: dict[str, float] = field(default_factory=dict)
@@ -172,6 +190,7 @@ class SparkplugNode:
         connect: Callable[[Will], MqttClient],
         bdseq: BdSeq,
         status: Callable[[], NodeStatus],
+        history: History,
     ) -> None:
         self._model = model
         self._connect = connect
@@ -198,7 +217,7 @@ class SparkplugNode:
         self._seq = 0
         self._host_online = model.primary_host_id is None
         self._host_timestamp: int | None = None
-        self._sent_status: NodeStatus | None = None
+        self._sent_values: tuple[MetricValue, ...] | None = None
         self._wake = asyncio.Event()  # the serve loop has something to do:
         self._restart = False  # the primary host went offline: NDEATH, reconnect
         self._rebirth = False  # an NCMD asked for a rebirth
@@ -207,6 +226,15 @@ class SparkplugNode:
         self._figures = _Figures()
         self._write: Write | None = None
         self._writes: set[asyncio.Task[None]] = set()
+        self._history = history
+        self._pending: list[Change] = []  # changes for the history file, not yet written
+        self._recent: deque[tuple[float, Change]] = deque()  # sent live lately
+        self._history_wake = asyncio.Event()
+        self._emit: Callable[[list[Event]], Coroutine[Any, Any, None]] | None = None
+
+    def reports_to(self, emit: Callable[[list[Event]], Coroutine[Any, Any, None]]) -> None:
+        """Where a `gap` event goes when history is dropped (the pipeline: outbox, sinks)."""
+        self._emit = emit
 
     def writes_to(self, write: Write) -> None:
         """Take DCMD writes (sparkplug.commands = 'writable'): each metric of a DCMD for a
@@ -232,7 +260,10 @@ class SparkplugNode:
                 metric.value, metric.quality, metric.ts_ms = value, quality, ts_ms
                 changed.setdefault(device.name, []).append((metric, value, quality, ts_ms))
         if not self._born:
-            return  # the next birth carries the newest values
+            # The next birth carries the newest values; the history file every change.
+            for name, updates in changed.items():
+                self._keep([Change(name, m.name, v, q, ts) for m, v, q, ts in updates])
+            return
         for name, updates in changed.items():
             self._publish_device(self._devices[name], updates)
 
@@ -264,7 +295,19 @@ class SparkplugNode:
             self._send(device_topic(self._group, "DDEATH", self._node, device), self._empty())
 
     async def run(self) -> None:
-        """Connect, birth, serve; after the primary host went offline, NDEATH and again."""
+        """Connect, birth, serve; after the primary host went offline, NDEATH and again. Beside
+        it, the history: what piled up is written, and after a birth republished."""
+        await asyncio.to_thread(self._history.open)
+        if self._history.count:
+            log.info("sparkplug: %d changes in the history file to republish", self._history.count)
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self._history_loop(), name="sparkplug:history")
+                await self._connections()
+        finally:
+            await asyncio.to_thread(self._history.close)
+
+    async def _connections(self) -> None:
         while not self._stopping:
             client = self._connect(
                 Will(node_topic(self._group, "NDEATH", self._node), self._will_payload, 1, False)
@@ -287,7 +330,10 @@ class SparkplugNode:
             task.cancel()
         client = self._client
         if client is not None:
+            # The DDATA sent before reach the broker before the NDEATH (one connection, in
+            # order); what piled up unsent goes to the history file for the next start.
             await self._die(client)
+        await self._write_pending()
 
     def figures(self) -> Sequence[SinkFigure]:
         """Messages published, births, rebirth requests, refused commands, bad messages."""
@@ -317,6 +363,22 @@ class SparkplugNode:
                 "sparkplug_writes_failed",
                 "DCMD writes that the device refused or did not confirm.",
                 figures.writes_failed,
+            ),
+            SinkFigure(
+                "sparkplug_history_pending",
+                "Changes kept for republishing as historical DDATA.",
+                self._history.count + len(self._pending),
+                "gauge",
+            ),
+            SinkFigure(
+                "sparkplug_history_replayed",
+                "Changes republished as historical DDATA.",
+                figures.history_replayed,
+            ),
+            SinkFigure(
+                "sparkplug_history_dropped",
+                "Changes dropped from the history (its cap), each reported as a gap event.",
+                figures.history_dropped,
             ),
             SinkFigure(
                 "sparkplug_bad_messages",
@@ -364,6 +426,7 @@ class SparkplugNode:
                 self._birth()
         else:
             self._born = False
+            self._keep_recent()
 
     async def _serve(self, client: MqttClient) -> None:
         while True:
@@ -377,6 +440,7 @@ class SparkplugNode:
             if self._restart:
                 self._restart = False
                 await self._die(client)
+                self._keep_recent()  # the host was gone before we heard: it may lack them
                 return
             if not self._rebirth:
                 continue
@@ -433,15 +497,16 @@ class SparkplugNode:
         if bdseq is None or self._client is None or not self._client.is_connected:
             return
         now = _ms(time.time())
-        status = self._status()
+        values = self._node_values()
         self._seq = 0
         metrics = [
             Metric(DataType.INT64, bdseq, name=BDSEQ, alias=1, timestamp_ms=now),
             Metric(DataType.BOOLEAN, False, name=REBIRTH, alias=2, timestamp_ms=now),
         ]
         for index, (name, datatype) in enumerate(NODE_METRICS):
-            value = _status_value(name, status, self._model.version)
-            metrics.append(Metric(datatype, value, name=name, alias=3 + index, timestamp_ms=now))
+            metrics.append(
+                Metric(datatype, values[index], name=name, alias=3 + index, timestamp_ms=now)
+            )
         if not self._send(
             node_topic(self._group, "NBIRTH", self._node),
             encode(Payload(now, 0, tuple(metrics))),
@@ -450,11 +515,12 @@ class SparkplugNode:
         self._born = True
         self._last_rebirth = time.monotonic()
         self._figures.births += 1
-        self._sent_status = status
+        self._sent_values = values
         for device in self._devices.values():
             device.born = device.dead = False
             if device.ready():
                 self._device_birth(device)
+        self._history_wake.set()  # republish what was missed
 
     def _device_birth(self, device: _Device) -> None:
         now = _ms(time.time())
@@ -526,24 +592,159 @@ class SparkplugNode:
         except PayloadError as exc:  # checked by fits() above; a bug if it happens
             log.error("sparkplug: DDATA of %s not encoded: %s", device.name, exc)
             return
-        self._send(topic, payload)
+        if self._send(topic, payload):
+            self._remember(device.name, updates)
+        else:
+            self._keep([Change(device.name, m.name, v, q, ts) for m, v, q, ts in updates])
+
+    def _node_values(self) -> tuple[MetricValue, ...]:
+        """The node metrics' values, in NODE_METRICS order."""
+        status = self._status()
+        return (
+            self._model.version,
+            status.outbox_depth,
+            status.uplink_online,
+            self._history.count + len(self._pending),
+            self._figures.history_dropped,
+        )
 
     def _publish_status(self) -> None:
         if not self._born:
             return
-        status = self._status()
-        sent = self._sent_status
-        if sent == status:
+        values = self._node_values()
+        sent = self._sent_values
+        if sent == values:
             return
         now = _ms(time.time())
-        metrics = []
-        for index, (name, datatype) in enumerate(NODE_METRICS):
-            value = _status_value(name, status, self._model.version)
-            if sent is None or value != _status_value(name, sent, self._model.version):
-                metrics.append(Metric(datatype, value, alias=3 + index, timestamp_ms=now))
+        metrics = [
+            Metric(datatype, values[index], alias=3 + index, timestamp_ms=now)
+            for index, (_, datatype) in enumerate(NODE_METRICS)
+            if sent is None or values[index] != sent[index]
+        ]
         topic = node_topic(self._group, "NDATA", self._node)
         if self._send(topic, encode(Payload(now, self._next_seq(), tuple(metrics)))):
-            self._sent_status = status
+            self._sent_values = values
+
+    # -- history --------------------------------------------------------------------------------
+
+    def _keep(self, changes: list[Change]) -> None:
+        room = MAX_PENDING - len(self._pending)
+        if room < len(changes):
+            # The history file cannot keep up (or failed): the excess is a gap, not silence.
+            self._dropped(changes[max(room, 0) :])
+            changes = changes[: max(room, 0)]
+        self._pending.extend(changes)
+        self._history_wake.set()
+
+    def _keep_recent(self) -> None:
+        if self._recent:
+            self._keep([change for _, change in self._recent])
+            self._recent.clear()
+
+    def _remember(self, device: str, updates: list[tuple[_Metric, MetricValue, str, int]]) -> None:
+        now = time.monotonic()
+        recent = self._recent
+        recent.extend((now, Change(device, m.name, v, q, ts)) for m, v, q, ts in updates)
+        while recent and (now - recent[0][0] > RECENT_WINDOW or len(recent) > MAX_RECENT):
+            recent.popleft()
+
+    def _dropped(self, changes: list[Change]) -> None:
+        if changes:
+            times = [change.ts_ms for change in changes]
+            self._report_gap(Dropped(len(changes), min(times), max(times)), "in memory")
+
+    def _report_gap(self, dropped: Dropped, where: str) -> None:
+        self._figures.history_dropped += dropped.count
+        log.warning(
+            "sparkplug: %d changes dropped from the history (%s), readings of %s..%s",
+            dropped.count,
+            where,
+            rfc3339(dropped.first_ms / 1000),
+            rfc3339(dropped.last_ms / 1000),
+        )
+        if self._emit is None:
+            return
+        gap = Event(
+            time.time(),
+            "gap",
+            value={
+                "reason": "sparkplug_history_full",
+                "ranges": [],
+                "count": dropped.count,
+                "first_ts": rfc3339(dropped.first_ms / 1000),
+                "last_ts": rfc3339(dropped.last_ms / 1000),
+                "detail": f"Sparkplug history {where}: not republished as historical DDATA",
+            },
+        )
+        task = asyncio.get_running_loop().create_task(self._emit([gap]), name="sparkplug:gap")
+        self._writes.add(task)  # kept referenced until done (the writes' set serves)
+        task.add_done_callback(self._writes.discard)
+
+    async def _write_pending(self) -> None:
+        if not self._pending:
+            return
+        changes, self._pending = self._pending, []
+        try:
+            dropped = await asyncio.to_thread(self._history.append, changes)
+        except sqlite3.Error as exc:
+            log.error("sparkplug: history file not written: %s", exc)
+            self._dropped(changes)
+            return
+        if dropped is not None:
+            self._report_gap(dropped, f"over its cap of {self._history.max_rows:,} changes")
+
+    async def _history_loop(self) -> None:
+        while True:
+            await self._history_wake.wait()
+            self._history_wake.clear()
+            await self._write_pending()
+            if self._born and self._history.count and await self._replay_some():
+                self._history_wake.set()  # more to republish
+            await asyncio.sleep(HISTORY_FLUSH if not self._born else REPLAY_PAUSE)
+
+    async def _replay_some(self) -> bool:
+        """Republish the oldest stored changes as historical DDATA; False when none was sent."""
+        rows = await asyncio.to_thread(self._history.oldest, REPLAY_METRICS)
+        if not rows or not self._born:
+            return False
+        by_device: dict[str, list[Metric]] = {}
+        unusable: list[Change] = []
+        last_id: int | None = None
+        for row_id, change in rows:
+            device = self._devices.get(change.device)
+            if device is not None and not device.born:
+                break  # its DBIRTH comes with its first poll: the rest waits for it
+            last_id = row_id
+            metric = device.metrics.get(change.metric) if device is not None else None
+            if metric is None or metric.datatype is None or not fits(metric.datatype, change.value):
+                unusable.append(change)  # left the config, or no longer of its datatype
+                continue
+            by_device.setdefault(change.device, []).append(
+                Metric(
+                    metric.datatype,
+                    change.value,
+                    alias=metric.alias,
+                    timestamp_ms=change.ts_ms,
+                    is_historical=True,
+                    properties=_quality(change.quality),
+                )
+            )
+        now = _ms(time.time())
+        for name, metrics in by_device.items():
+            payload = encode(Payload(now, self._next_seq(), tuple(metrics)))
+            if not self._send(device_topic(self._group, "DDATA", self._node, name), payload):
+                return False  # not connected any more: the rows stay for the next birth
+            self._figures.history_replayed += len(metrics)
+        if unusable:
+            times = [change.ts_ms for change in unusable]
+            self._report_gap(
+                Dropped(len(unusable), min(times), max(times)),
+                "of devices, tags or datatypes the config no longer has",
+            )
+        if last_id is None:
+            return False
+        await asyncio.to_thread(self._history.delete_through, last_id)
+        return True
 
     # -- what the broker sends ---------------------------------------------------------------
 
@@ -672,14 +873,6 @@ def _number(value: Any) -> float | None:
 
 def _quality(quality: str | None) -> tuple[tuple[str, DataType, MetricValue], ...]:
     return ((QUALITY, DataType.INT32, QUALITY_CODES.get(quality or "bad", 0)),)
-
-
-def _status_value(name: str, status: NodeStatus, version: str) -> MetricValue:
-    if name == "Node Info/Agent Version":
-        return version
-    if name == "Node Info/Outbox Depth":
-        return status.outbox_depth
-    return status.uplink_online
 
 
 def _parse_state(payload: bytes) -> tuple[bool | None, int | None]:
