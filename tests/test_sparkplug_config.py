@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from agent.daemon.reload import needs_restart
+from agent.settings.config_file import AgentSettings
 from agent.settings.loader import ConfigError, load_agent_settings
 from agent.settings.sparkplug import id_problem
 
@@ -177,3 +179,22 @@ def test_ids_not_checked_when_disabled(tmp_path: Path) -> None:
 )
 def test_id_rules(value: str, ok: bool) -> None:
     assert (id_problem(value, "group id") is None) == ok
+
+
+def test_reload_restarts_when_sparkplug_announces_the_change(tmp_path: Path) -> None:
+    """With Sparkplug on, a reload that changes devices or machines restarts inside the process
+    (new births announce them); without it, devices change in place as before."""
+
+    def settings(text: str) -> AgentSettings:
+        path = tmp_path / "agent.toml"
+        path.write_text(text)
+        return load_agent_settings(path, environ={})
+
+    renamed = BASE.replace('name = "count"', 'name = "count2"').replace(
+        "press1/count", "press1/count2"
+    )
+    assert needs_restart(settings(BASE), settings(renamed))
+    off = BASE.replace("enabled = true", "enabled = false")
+    off_renamed = renamed.replace("enabled = true", "enabled = false")
+    assert not needs_restart(settings(off), settings(off_renamed))
+    assert needs_restart(settings(off), settings(BASE))  # [sparkplug] itself changed

@@ -176,8 +176,12 @@ class _Figures:
     last_log: dict[str, float] = field(default_factory=dict)
 
 
+# A metric's change as offered: (metric, value, quality, reading time in ms).
+_Update = tuple[_Metric, MetricValue, str, int]
+
+
 def _ms(ts: float) -> int:
-    return max(0, round(ts * 1000))
+    return int(ts * 1000 + 0.5) if ts > 0 else 0
 
 
 class SparkplugNode:
@@ -228,7 +232,9 @@ class SparkplugNode:
         self._writes: set[asyncio.Task[None]] = set()
         self._history = history
         self._pending: list[Change] = []  # changes for the history file, not yet written
-        self._recent: deque[tuple[float, Change]] = deque()  # sent live lately
+        # Sent live lately: (when, device, the DDATA's updates), one entry per message.
+        self._recent: deque[tuple[float, str, list[_Update]]] = deque()
+        self._recent_values = 0
         self._history_wake = asyncio.Event()
         self._emit: Callable[[list[Event]], Coroutine[Any, Any, None]] | None = None
 
@@ -250,7 +256,7 @@ class SparkplugNode:
 
     def offer_events(self, events: Sequence[Event]) -> None:
         """Samples of the config's tags, machine states and OEE records -> DDATA (or births)."""
-        changed: dict[str, list[tuple[_Metric, MetricValue, str, int]]] = {}
+        changed: dict[str, list[_Update]] = {}
         for event in events:
             device = self._devices.get(event.device or "")
             if device is None:
@@ -551,9 +557,7 @@ class SparkplugNode:
         if self._send(topic, self._empty()):
             device.dead = True
 
-    def _publish_device(
-        self, device: _Device, updates: list[tuple[_Metric, MetricValue, str, int]]
-    ) -> None:
+    def _publish_device(self, device: _Device, updates: list[_Update]) -> None:
         if not device.born:
             if device.ready():
                 self._device_birth(device)
@@ -588,7 +592,9 @@ class SparkplugNode:
             )
         topic = device_topic(self._group, "DDATA", self._node, device.name)
         try:
-            payload = encode(Payload(_ms(time.time()), self._next_seq(), tuple(metrics)))
+            payload = encode(
+                Payload(_ms(time.time()), self._next_seq(), tuple(metrics)), checked=True
+            )
         except PayloadError as exc:  # checked by fits() above; a bug if it happens
             log.error("sparkplug: DDATA of %s not encoded: %s", device.name, exc)
             return
@@ -638,15 +644,24 @@ class SparkplugNode:
 
     def _keep_recent(self) -> None:
         if self._recent:
-            self._keep([change for _, change in self._recent])
+            self._keep(
+                [
+                    Change(device, m.name, v, q, ts)
+                    for _, device, updates in self._recent
+                    for m, v, q, ts in updates
+                ]
+            )
             self._recent.clear()
+            self._recent_values = 0
 
-    def _remember(self, device: str, updates: list[tuple[_Metric, MetricValue, str, int]]) -> None:
+    def _remember(self, device: str, updates: list[_Update]) -> None:
+        # One entry per message (the list the DDATA was made of): cheap on the live path.
         now = time.monotonic()
         recent = self._recent
-        recent.extend((now, Change(device, m.name, v, q, ts)) for m, v, q, ts in updates)
-        while recent and (now - recent[0][0] > RECENT_WINDOW or len(recent) > MAX_RECENT):
-            recent.popleft()
+        recent.append((now, device, updates))
+        self._recent_values += len(updates)
+        while recent and (now - recent[0][0] > RECENT_WINDOW or self._recent_values > MAX_RECENT):
+            self._recent_values -= len(recent.popleft()[2])
 
     def _dropped(self, changes: list[Change]) -> None:
         if changes:
