@@ -698,7 +698,7 @@ async def test_history_after_host_outage(mosquitto: MosquittoBroker, tmp_path: P
 
 async def test_history_cap_is_a_gap(mosquitto: MosquittoBroker, tmp_path: Path) -> None:
     """Past the history's cap the oldest changes are dropped: counted, a node metric, and a
-    gap event (reason sparkplug_history_full) for the outbox; never silently."""
+    gap event (reason sparkplug_history_dropped) for the outbox; never silently."""
     model = NodeModel(
         GROUP, NODE, HOST, "9.9", (DeviceModel("d1", (TagModel("t", DataType.INT32),)),), ()
     )
@@ -733,7 +733,7 @@ async def test_history_cap_is_a_gap(mosquitto: MosquittoBroker, tmp_path: Path) 
     assert figures["sparkplug_history_pending"] == 50
     (gap,) = gaps
     assert gap.kind == "gap"
-    assert gap.value["reason"] == "sparkplug_history_full"
+    assert gap.value["reason"] == "sparkplug_history_dropped"
     assert gap.value["count"] == 70
     assert (gap.value["first_ts"], gap.value["last_ts"]) == (
         "2025-12-06T05:46:40.000Z",
@@ -745,3 +745,45 @@ async def test_history_cap_is_a_gap(mosquitto: MosquittoBroker, tmp_path: Path) 
         assert [change.value for _, change in left.oldest(100)] == list(range(70, 120))
     finally:
         left.close()
+
+
+async def test_unusable_history_file_is_a_gap_not_a_crash(
+    mosquitto: MosquittoBroker, tmp_path: Path
+) -> None:
+    """A history file that cannot be opened (here a directory in its place): the node runs,
+    births, publishes; what it cannot keep is reported as a gap."""
+    (tmp_path / "sparkplug-history.db").mkdir()
+    model = NodeModel(
+        GROUP, NODE, None, "9.9", (DeviceModel("d1", (TagModel("t", DataType.INT32),)),), ()
+    )
+    gaps: list[Event] = []
+
+    async def emit(events: list[Event]) -> None:
+        gaps.extend(events)
+
+    node = SparkplugNode(
+        model=model,
+        connect=lambda will: MqttClient(
+            host=mosquitto.host, port=mosquitto.port, client_id="spb-nofile", will=will
+        ),
+        bdseq=BdSeq(tmp_path),
+        status=lambda: NodeStatus(0, True),
+        history=History(tmp_path, max_rows=50),
+    )
+    node.reports_to(emit)
+    node.offer_events([Event(1_765_000_000.0, "sample", "d1", "t", 1, "good")])  # not born yet
+    with SparkplugCollector(mosquitto) as spb:
+        task = asyncio.create_task(node.run())
+        try:
+            await spb.wait(at_least(1, "DBIRTH"))
+            node.offer_events([Event(1_765_000_001.0, "sample", "d1", "t", 2, "good")])
+            await spb.wait(at_least(1, "DDATA"))
+            await async_wait_until(lambda: bool(gaps), message="a gap event")
+            await node.drain()
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    assert [(g.value["reason"], g.value["count"]) for g in gaps] == [
+        ("sparkplug_history_dropped", 1)
+    ]

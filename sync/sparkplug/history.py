@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,7 +80,7 @@ class History:
 
     def _conn(self) -> sqlite3.Connection:
         if self._db is None:
-            raise RuntimeError("history is not open")
+            raise sqlite3.OperationalError(f"{self._path} is not open")
         return self._db
 
     def append(self, changes: list[Change]) -> Dropped | None:
@@ -113,21 +114,25 @@ class History:
             self.count -= over
             return Dropped(over, first_ms, last_ms)
 
-    def oldest(self, limit: int) -> list[tuple[int, Change]]:
-        """The oldest stored changes with their row ids."""
+    def oldest(self, limit: int, *, skip: Sequence[str] = ()) -> list[tuple[int, Change]]:
+        """The oldest stored changes with their row ids, but those of the devices in `skip`."""
+        marks = ",".join("?" * len(skip))
         rows = self._conn().execute(
-            "SELECT id, device, metric, value, quality, ts_ms FROM changes ORDER BY id LIMIT ?",
-            (limit,),
+            "SELECT id, device, metric, value, quality, ts_ms FROM changes "
+            f"WHERE device NOT IN ({marks}) ORDER BY id LIMIT ?",
+            (*skip, limit),
         )
         return [
             (row_id, Change(device, metric, None if value is None else json.loads(value), q, ts))
             for row_id, device, metric, value, q, ts in rows
         ]
 
-    def delete_through(self, row_id: int) -> None:
-        """Forget every change up to `row_id` (sent)."""
+    def delete(self, row_ids: Sequence[int]) -> None:
+        """Forget these changes (sent)."""
         db = self._conn()
         with db:
             db.execute("BEGIN")
-            deleted = db.execute("DELETE FROM changes WHERE id <= ?", (row_id,)).rowcount
+            deleted = db.execute(
+                f"DELETE FROM changes WHERE id IN ({','.join('?' * len(row_ids))})", row_ids
+            ).rowcount
         self.count -= max(deleted, 0)

@@ -303,7 +303,11 @@ class SparkplugNode:
     async def run(self) -> None:
         """Connect, birth, serve; after the primary host went offline, NDEATH and again. Beside
         it, the history: what piled up is written, and after a birth republished."""
-        await asyncio.to_thread(self._history.open)
+        try:
+            await asyncio.to_thread(self._history.open)
+        except (sqlite3.Error, OSError) as exc:
+            # The node runs on; every change it cannot publish is then a gap (reported).
+            log.error("sparkplug: history file unusable: %s", exc)
         if self._history.count:
             log.info("sparkplug: %d changes in the history file to republish", self._history.count)
         try:
@@ -637,7 +641,7 @@ class SparkplugNode:
         room = MAX_PENDING - len(self._pending)
         if room < len(changes):
             # The history file cannot keep up (or failed): the excess is a gap, not silence.
-            self._dropped(changes[max(room, 0) :])
+            self._dropped(changes[max(room, 0) :], "waiting in memory for the file")
             changes = changes[: max(room, 0)]
         self._pending.extend(changes)
         self._history_wake.set()
@@ -663,10 +667,10 @@ class SparkplugNode:
         while recent and (now - recent[0][0] > RECENT_WINDOW or self._recent_values > MAX_RECENT):
             self._recent_values -= len(recent.popleft()[2])
 
-    def _dropped(self, changes: list[Change]) -> None:
+    def _dropped(self, changes: list[Change], where: str) -> None:
         if changes:
             times = [change.ts_ms for change in changes]
-            self._report_gap(Dropped(len(changes), min(times), max(times)), "in memory")
+            self._report_gap(Dropped(len(changes), min(times), max(times)), where)
 
     def _report_gap(self, dropped: Dropped, where: str) -> None:
         self._figures.history_dropped += dropped.count
@@ -683,7 +687,7 @@ class SparkplugNode:
             time.time(),
             "gap",
             value={
-                "reason": "sparkplug_history_full",
+                "reason": "sparkplug_history_dropped",
                 "ranges": [],
                 "count": dropped.count,
                 "first_ts": rfc3339(dropped.first_ms / 1000),
@@ -702,8 +706,8 @@ class SparkplugNode:
         try:
             dropped = await asyncio.to_thread(self._history.append, changes)
         except sqlite3.Error as exc:
-            log.error("sparkplug: history file not written: %s", exc)
-            self._dropped(changes)
+            self._log_limited("history-write", "sparkplug: history file not written: %s", exc)
+            self._dropped(changes, "not written to the file")
             return
         if dropped is not None:
             self._report_gap(dropped, f"over its cap of {self._history.max_rows:,} changes")
@@ -713,23 +717,26 @@ class SparkplugNode:
             await self._history_wake.wait()
             self._history_wake.clear()
             await self._write_pending()
-            if self._born and self._history.count and await self._replay_some():
-                self._history_wake.set()  # more to republish
+            try:
+                if self._born and self._history.count and await self._replay_some():
+                    self._history_wake.set()  # more to republish
+            except sqlite3.Error as exc:
+                self._log_limited("history", "sparkplug: history file: %s", exc)
+                self._history_wake.set()  # again later
+                await asyncio.sleep(HISTORY_FLUSH * 25)
             await asyncio.sleep(HISTORY_FLUSH if not self._born else REPLAY_PAUSE)
 
     async def _replay_some(self) -> bool:
         """Republish the oldest stored changes as historical DDATA; False when none was sent."""
-        rows = await asyncio.to_thread(self._history.oldest, REPLAY_METRICS)
+        # A device whose DBIRTH is still to come (its first poll) keeps its changes for later.
+        unborn = [name for name, device in self._devices.items() if not device.born]
+        rows = await asyncio.to_thread(self._history.oldest, REPLAY_METRICS, skip=unborn)
         if not rows or not self._born:
             return False
         by_device: dict[str, list[Metric]] = {}
         unusable: list[Change] = []
-        last_id: int | None = None
-        for row_id, change in rows:
+        for _, change in rows:
             device = self._devices.get(change.device)
-            if device is not None and not device.born:
-                break  # its DBIRTH comes with its first poll: the rest waits for it
-            last_id = row_id
             metric = device.metrics.get(change.metric) if device is not None else None
             if metric is None or metric.datatype is None or not fits(metric.datatype, change.value):
                 unusable.append(change)  # left the config, or no longer of its datatype
@@ -756,9 +763,7 @@ class SparkplugNode:
                 Dropped(len(unusable), min(times), max(times)),
                 "of devices, tags or datatypes the config no longer has",
             )
-        if last_id is None:
-            return False
-        await asyncio.to_thread(self._history.delete_through, last_id)
+        await asyncio.to_thread(self._history.delete, [row_id for row_id, _ in rows])
         return True
 
     # -- what the broker sends ---------------------------------------------------------------
