@@ -55,6 +55,7 @@ state = { tag = "press1/state_code", running = [1], planned_stop = [3], unplanne
 total_count = "press1/total_count"
 ideal_cycle_time = "1.2s"
 calendar = "always"
+publish_interval = "1s"
 
 [[calendars]]
 name = "always"
@@ -296,6 +297,17 @@ async def test_births_data_rebirth_outage_and_death(
     machine = next(p for m, p in by_kind["DBIRTH"] if m.topic.endswith("/line_press")).by_name()
     assert machine["State"].type == "String"
     assert {"OEE/Availability", "OEE/Performance", "OEE/Quality", "OEE/OEE"} <= set(machine)
+    assert all(machine[f"OEE/{k}"].type == "Double" for k in ("Availability", "OEE"))
+    # The running OEE report (publish_interval 1 s) reaches the host as DDATA of the machine.
+    oee_aliases = {
+        machine[f"OEE/{k}"].alias for k in ("Availability", "Performance", "Quality", "OEE")
+    }
+    assert any(
+        m.alias in oee_aliases
+        for message, payload in by_kind["DDATA"]
+        if message.topic.endswith("/line_press")
+        for m in payload.metrics
+    )
 
     # Aliases: unique across the node, and every DDATA alias one of its device's DBIRTH.
     aliases: dict[str, dict[int, str]] = {}

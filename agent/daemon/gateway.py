@@ -161,20 +161,25 @@ def build_gateway(
     sinks = build_sinks(settings, outbox, mqtt, live)
     pipeline = Pipeline(sinks=sinks, durable=durable_for(settings, outbox), live=(live,))
     configure_tags(pipeline, settings)
-    oee = LiveOee(settings, publish=live.offer, emit=pipeline.emit)
+    sparkplug = next((sink for sink in sinks if isinstance(sink, SparkplugNode)), None)
+    oee = LiveOee(
+        settings,
+        publish=live.offer,
+        emit=pipeline.emit,
+        report=sparkplug.offer_oee if sparkplug is not None else None,
+    )
     pipeline.add_observer(oee.observe)
     devices = Devices(
         group=group, context=driver_context(settings), submit=pipeline.submit, on_poll=on_poll
     )
     workflows = WorkflowEngine(settings, outbox=outbox, mqtt=mqtt, devices=devices)
     pipeline.add_observer(workflows.observe)
-    for sink in sinks:
-        if isinstance(sink, SparkplugNode):
-            sink.reports_to(pipeline.emit)  # a gap of its history: outbox, central, live
-            if settings.sparkplug.commands == "writable":  # DCMD writes: one guarded write each
-                sink.writes_to(
-                    lambda ref, value: workflows.single_write(ref, value, origin="sparkplug DCMD")
-                )
+    if sparkplug is not None:
+        sparkplug.reports_to(pipeline.emit)  # a gap of its history: outbox, central, live
+        if settings.sparkplug.commands == "writable":  # DCMD writes: one guarded write each
+            sparkplug.writes_to(
+                lambda ref, value: workflows.single_write(ref, value, origin="sparkplug DCMD")
+            )
     return Gateway(outbox, mqtt, sinks, pipeline, oee, devices, workflows)
 
 

@@ -10,7 +10,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from agent.oee.counters import CounterName
 from agent.oee.engine import OeeDiagnostics, OeeEngine
@@ -26,6 +26,8 @@ log = logging.getLogger("edge_agent.oee")
 
 Publish = Callable[[str, bytes], None]
 Emit = Callable[[list[Event]], Awaitable[None]]
+# (machine, its running shift record, or the rolling one outside shifts), at every report.
+Report = Callable[[str, dict[str, Any]], None]
 TagRole = Literal["state", "product"] | CounterName  # what a machine reads from a tag
 
 # Final shift records kept per machine for the status page.
@@ -125,10 +127,12 @@ class LiveOee:
         publish: Publish,
         emit: Emit,
         clock: EngineClock | None = None,
+        report: Report | None = None,
     ) -> None:
         self._root = settings.mqtt.topic_root
         self._publish = publish
         self._emit = emit
+        self._on_report = report
         self._clock = clock or EngineClock()
         self._machines: list[_Machine] = []
         self._by_tag: dict[tuple[str, str], list[tuple[_Machine, TagRole]]] = {}
@@ -264,3 +268,5 @@ class LiveOee:
             self._publish(f"{topic}/rolling", dumps(json_safe(rolling)))
         machine.last_report = shift or rolling
         machine.shift_report, machine.rolling_report = shift, rolling
+        if self._on_report is not None and machine.last_report is not None:
+            self._on_report(machine.config.name, json_safe(machine.last_report))

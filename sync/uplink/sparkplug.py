@@ -273,6 +273,20 @@ class SparkplugNode:
         for name, updates in changed.items():
             self._publish_device(self._devices[name], updates)
 
+    def offer_oee(self, machine: str, record: dict[str, Any]) -> None:
+        """A machine's running OEE figures (the live OEE task's periodic report): DDATA of
+        the figures that changed."""
+        device = self._devices.get(machine)
+        if device is None or not device.machine:
+            return
+        changed = {
+            key: value
+            for key, value in record.items()
+            if key in _OEE_FIGURES and _number(value) != device.metrics[_OEE_FIGURES[key]].value
+        }
+        if changed:
+            self.offer_events([Event(time.time(), "oee", machine, "oee", changed, "good")])
+
     def _updates(self, device: _Device, event: Event) -> list[tuple[_Metric, MetricValue, str]]:
         quality = event.quality or "good"
         if event.kind == "sample" and not device.machine:
@@ -291,6 +305,7 @@ class SparkplugNode:
             return [
                 (device.metrics[name], _number(event.value.get(key)), quality)
                 for key, name in _OEE_FIGURES.items()
+                if key in event.value
             ]
         return []
 
