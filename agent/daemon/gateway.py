@@ -94,6 +94,7 @@ def sparkplug_node_for(settings: AgentSettings, outbox: Outbox, mqtt: MqttClient
         bdseq=BdSeq(settings.gateway.data_dir),
         status=lambda: NodeStatus(outbox.events_count, mqtt.is_connected),
         history=History(settings.gateway.data_dir, max_rows=HISTORY_MAX_CHANGES),
+        keepalive=broker.keepalive,
     )
 
 

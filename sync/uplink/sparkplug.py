@@ -93,9 +93,9 @@ HISTORY_FLUSH = 0.2  # seconds between writes of what piled up in memory to the 
 MAX_PENDING = 100_000  # changes in memory waiting for that write (more: dropped, a gap)
 REPLAY_METRICS = 200  # changes per historical DDATA read at once
 REPLAY_PAUSE = 0.01  # seconds between two of them: live DDATA go out in between
-# What was sent live in this window before a connection loss may have died with it: it is
-# kept, and stored as history when the loss comes (at least once; 1.5 keep-alives of 30 s).
-RECENT_WINDOW = 45.0
+# What was sent live in the last 1.5 keep-alives before a connection loss (the longest a loss
+# may go unnoticed) may have died with it: it is kept, and stored as history when the loss
+# comes (at least once). At most this many changes are kept so.
 MAX_RECENT = 200_000
 
 
@@ -195,6 +195,7 @@ class SparkplugNode:
         bdseq: BdSeq,
         status: Callable[[], NodeStatus],
         history: History,
+        keepalive: float = 30.0,
     ) -> None:
         self._model = model
         self._connect = connect
@@ -235,6 +236,7 @@ class SparkplugNode:
         # Sent live lately: (when, device, the DDATA's updates), one entry per message.
         self._recent: deque[tuple[float, str, list[_Update]]] = deque()
         self._recent_values = 0
+        self._recent_window = 1.5 * keepalive
         self._history_wake = asyncio.Event()
         self._emit: Callable[[list[Event]], Coroutine[Any, Any, None]] | None = None
 
@@ -679,7 +681,9 @@ class SparkplugNode:
         recent = self._recent
         recent.append((now, device, updates))
         self._recent_values += len(updates)
-        while recent and (now - recent[0][0] > RECENT_WINDOW or self._recent_values > MAX_RECENT):
+        while recent and (
+            now - recent[0][0] > self._recent_window or self._recent_values > MAX_RECENT
+        ):
             self._recent_values -= len(recent.popleft()[2])
 
     def _dropped(self, changes: list[Change], where: str) -> None:
