@@ -122,6 +122,10 @@ async def test_every_documented_metric_is_served(
     assert len(documented) > 40
     async with ModbusSimulator(port=0, seed=5, speed=0.0) as sim:
         text = config_text(mosquitto, tmp_path / "data", [("press1", sim.port)])
+        # With [sparkplug] enabled: its node's figures are documented too.
+        text = text.replace(
+            "\n[http]", '\n[sparkplug]\nenabled = true\ngroup_id = "plant1"\n\n[http]', 1
+        )
         settings = settings_for(tmp_path, text)
         port = int(settings.http.listen.rsplit(":", 1)[1])
         async with running(settings) as runtime:
