@@ -80,7 +80,10 @@ async def run(cuts: int, seed: int) -> int:
         print(f"power_cut: failed; the agent's log and the disk are kept in {workdir}")
         raise
     else:
-        shutil.rmtree(workdir, ignore_errors=True)
+        if any(outcome.problems for outcome in line.outcomes):
+            print(f"power_cut: invariant violations; their logs are kept in {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
     finally:
         await asyncio.to_thread(broker.close)
         await asyncio.to_thread(postgres.close)
