@@ -136,12 +136,14 @@ def unknown_key_reason(root: type[BaseModel], raw_loc: KeyPath) -> str:
     for rule in MISPLACED:
         if key in rule.keys and rule.where in fields:
             return f"unknown key; {rule.reason}{_example(parent, rule)}"
-    close = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.6)
-    if close:
-        return f"unknown key (did you mean {close[0]!r}?)"
+    # A key that exists as written in another table is most likely misplaced: that first,
+    # then a near miss of a key of this table (`unit_id` on a tag is not a typo of `unit`).
     elsewhere = _tables_with(root, parent, key)
     if elsewhere:
         return f"unknown key here; {key} is a key of {' and of '.join(elsewhere)}"
+    close = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.6)
+    if close:
+        return f"unknown key (did you mean {close[0]!r}?)"
     return f"unknown key; known keys: {', '.join(fields)}"
 
 
