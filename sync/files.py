@@ -66,6 +66,19 @@ def fsync_directory(path: Path) -> None:
         os.close(fd)
 
 
+def write_durably(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` (0600): staged, fsynced, renamed, directory fsynced."""
+    staged = path.with_name(f".{path.name}.staged")
+    fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, PRIVATE_FILE)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(staged, path)
+    fsync_directory(path.parent)
+
+
 def private_database(path: Path) -> None:
     """An SQLite database file 0600 before SQLite opens it, and its existing sidecars too."""
     private_file(path)

@@ -19,6 +19,7 @@ from pathlib import Path
 import aiosqlite
 
 from sync.events import Event
+from sync.files import fsync_directory
 from sync.outbox.errors import OutboxUnavailable
 
 log = logging.getLogger("edge_agent.outbox")
@@ -138,9 +139,5 @@ def _move_files(path: Path, target: Path) -> tuple[str, list[str]]:
             destination = target.with_name(target.name + suffix)
             os.replace(source, destination)
             moved.append(destination.name)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)  # make the rename durable before a new stream starts
-    finally:
-        os.close(directory)
+    fsync_directory(path.parent)  # make the rename durable before a new stream starts
     return target.name, moved

@@ -12,10 +12,9 @@ a Will is never handed out again on the next start.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
-from sync.files import PRIVATE_FILE
+from sync.files import write_durably
 
 log = logging.getLogger("edge_agent.sparkplug")
 
@@ -51,20 +50,3 @@ class BdSeq:
         self._last = value
         self.current = value
         return value
-
-
-def write_durably(path: Path, data: bytes) -> None:
-    """Replace `path` with `data` (0600): staged, fsynced, renamed, directory fsynced."""
-    staged = path.with_name(f".{path.name}.staged")
-    fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, PRIVATE_FILE)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(staged, path)
-    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
