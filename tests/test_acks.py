@@ -111,3 +111,21 @@ def test_foreign_streams_are_remembered_up_to_a_bound(caplog: pytest.LogCaptureF
         )
     assert acks.counts.foreign == FOREIGN_STREAMS * 3
     assert len(caplog.records) == FOREIGN_STREAMS  # each remembered one logged once, then quiet
+
+
+@pytest.mark.parametrize(
+    ("acked", "sent", "committed_at_start", "expected", "stale", "refused"),
+    [
+        (100, 100, 0, 100, 0, 0),
+        (150, 150, 0, 150, 0, 0),  # the caller's `sent`: the last seq sent or dropped after it
+        (151, 150, 0, None, 0, 1),
+        (151, 150, 200, None, 1, 0),  # sent by the process before a restart
+    ],
+)
+def test_judge(
+    acked: int, sent: int, committed_at_start: int, expected: int | None, stale: int, refused: int
+) -> None:
+    acks = AckCheck()
+    verdict = acks.judge(acked, TOPIC, sent_up_to=sent, committed_at_start=committed_at_start)
+    assert verdict == expected
+    assert (acks.counts.stale, acks.counts.refused) == (stale, refused)

@@ -435,6 +435,30 @@ async def test_drops_while_the_central_is_away_are_declared(
         assert box.dropped_total == len(central.gap_declared())
 
 
+async def test_an_ack_for_the_end_of_a_hole_after_the_last_batch_is_applied(
+    tmp_path: Path, mosquitto: MosquittoBroker
+) -> None:
+    # The cap dropped the samples right after seq 1; the gap event that declares them goes
+    # ahead of the batches, so the ingest's watermark passes the hole as soon as it has seq 1
+    # and acknowledges a seq this process never sent. When the batch before a hole is the
+    # last of a full window (here a window of one), refusing that ack stalled the stream for
+    # good: every resend got the same ack.
+    async with Outbox(tmp_path / "outbox.db", max_size=64 * 1024, commit_interval=0.005) as box:
+        await box.append([Event(time.time(), "state", "press1", "state", 1)])
+        k = 0
+        while box.dropped_total < 200:
+            await box.append(events(k, 50, size=100))
+            k += 50
+        with FakeCentral(mosquitto, present=False) as central:
+            async with forwarding(box, mosquitto, window=1, ack_timeout=60.0) as (forwarder, _):
+                await all_acked(box, central, within=20)
+                figures = {figure.name: figure.value for figure in forwarder.figures()}
+                assert figures["sync_acks_refused"] == 0
+                assert figures["sync_acks_ignored"] == 0
+                assert forwarder.stalls_total == 0  # not rescued by a resend
+        assert_complete(box, central)
+
+
 async def test_live_values_flow_while_a_backlog_drains(
     outbox: Outbox, mosquitto: MosquittoBroker
 ) -> None:

@@ -133,7 +133,8 @@ async def test_the_warning_waits_for_a_connected_wait_not_an_idle_one(
     # Everything acked, then idle longer than warn_after: a new event starts a new wait.
     async with Outbox(tmp_path / "outbox.db", max_size=1 << 26, commit_interval=0.01) as box:
         with FakeCentral(mosquitto) as central:
-            async with forwarding(box, mosquitto, warn_after=1.0) as (forwarder, _):
+            # (A wait starts at the commit: a linger shorter than warn_after.)
+            async with forwarding(box, mosquitto, warn_after=1.0, linger=0.2) as (forwarder, _):
                 await box.append(events(0, 10))
                 await all_acked(box, central)
                 central.mute = True
@@ -142,3 +143,19 @@ async def test_the_warning_waits_for_a_connected_wait_not_an_idle_one(
                 await async_wait_until(lambda: forwarder.batches_sent >= 2, message="sent")
                 assert forwarder.problems() == ()  # not "no acknowledgement for 1.5 s"
                 await async_wait_until(lambda: bool(forwarder.problems()), message="warning")
+
+
+async def test_the_warning_stays_while_the_first_batch_lingers(
+    tmp_path: Path, mosquitto: MosquittoBroker
+) -> None:
+    # The wait is reported before the linger sends the first batch; that send does not start
+    # a new wait (it did: /readyz answered 200 right after status said "degraded").
+    async with (
+        Outbox(tmp_path / "outbox.db", max_size=1 << 26, commit_interval=0.01) as box,
+        forwarding(box, mosquitto, warn_after=0.3, linger=1.0) as (forwarder, _),
+    ):
+        await box.append(events(0, 10))
+        await async_wait_until(lambda: bool(forwarder.problems()), message="the warning")
+        assert forwarder.batches_sent == 0  # the premise: reported before the first send
+        await async_wait_until(lambda: forwarder.batches_sent >= 1, message="sent")
+        assert forwarder.problems() != ()

@@ -96,6 +96,15 @@ class BatchReader:
             return Batch(self._state.stream, start + 1, start, (), ())
         return Batch(self._state.stream, events[0].seq, events[-1].seq, tuple(events), tuple(wire))
 
+    async def first_kept_after(self, after_seq: int) -> int | None:
+        """The lowest seq still stored after `after_seq` (None: none)."""
+        async with self._database.lock:
+            rows = await self._database.conn().execute_fetchall(
+                "SELECT MIN(seq) FROM events WHERE seq > ?", (after_seq,)
+            )
+        found = next(iter(rows))[0]
+        return None if found is None else int(found)
+
     async def read_gaps(self, after_seq: int, limit: int) -> tuple[StoredEvent, ...]:
         """The oldest gap events after `after_seq` (raised to the acked seq when lower)."""
         start = max(after_seq, self._state.acked_seq)

@@ -170,6 +170,11 @@ class Outbox:
         """
         return await self._reader.read(after_seq, max_events, max_bytes)
 
+    async def first_kept_after(self, after_seq: int) -> int | None:
+        """The lowest seq still stored after `after_seq` (None: none): the seqs between were
+        acknowledged or dropped by the size cap."""
+        return await self._reader.first_kept_after(after_seq)
+
     async def read_gaps(self, after_seq: int, limit: int = 64) -> tuple[StoredEvent, ...]:
         """The oldest gap events after `after_seq` (the forwarder sends them early)."""
         return await self._reader.read_gaps(after_seq, limit)

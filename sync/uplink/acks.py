@@ -1,7 +1,8 @@
 """Which S/ack messages the forwarder believes (docs/delivery.md, "Deleted only on the central
 acknowledgement"). An ack deletes events, so a forged or buggy one must never delete what the
 central store does not have: only an ack of our own stream (compared as a UUID, whatever its
-spelling), at most up to the last seq this process has sent, is applied."""
+spelling), at most up to the last seq this process has sent (or the cap dropped right after
+it), is applied."""
 
 from __future__ import annotations
 
@@ -48,8 +49,17 @@ class AckCheck:
     def accepted_seq(
         self, message: Message, *, stream: str, sent_up_to: int, committed_at_start: int
     ) -> int | None:
-        """The seq this ack of our `stream` acknowledges (at most `sent_up_to`, the last seq
-        this process sent), or None when it must not delete anything."""
+        """The seq this ack of our `stream` acknowledges (at most `sent_up_to`), or None when it
+        must not delete anything: `parse`, then `judge`."""
+        acked = self.parse(message, stream=stream)
+        if acked is None:
+            return None
+        return self.judge(
+            acked, message.topic, sent_up_to=sent_up_to, committed_at_start=committed_at_start
+        )
+
+    def parse(self, message: Message, *, stream: str) -> int | None:
+        """The seq an ack of our `stream` names, or None (malformed, or another stream's)."""
         try:
             document = json.loads(message.payload)
             acked_stream = uuid.UUID(document["stream"])
@@ -70,8 +80,16 @@ class AckCheck:
                     "forwarder: ignoring ack for stream %s (ours is %s)", acked_stream, stream
                 )
             return None
+        return acked
+
+    def judge(
+        self, acked: int, topic: str, *, sent_up_to: int, committed_at_start: int
+    ) -> int | None:
+        """`acked` when it is at most `sent_up_to` (the last seq this process sent, or the last
+        one the cap dropped right after it), else None: counted as stale when the process
+        before a restart may have sent it, refused (and alarmed) beyond that."""
         if acked > max(sent_up_to, committed_at_start):
-            self._refuse(message, acked, sent_up_to)
+            self._refuse(topic, acked, sent_up_to)
             return None
         if acked > sent_up_to:
             # Seqs the process before a restart sent, acknowledged late: believable, but this
@@ -85,7 +103,7 @@ class AckCheck:
             return None
         return acked
 
-    def _refuse(self, message: Message, acked: int, sent_up_to: int) -> None:
+    def _refuse(self, topic: str, acked: int, sent_up_to: int) -> None:
         # Beyond everything ever committed and sent: a forged ack or an ingest bug. Deleting on
         # it could lose events the central store never received, so it deletes nothing.
         self.counts.refused += 1
@@ -96,7 +114,7 @@ class AckCheck:
         count, self._refused_since_alarm = self._refused_since_alarm, 0
         self._alarm_at = now
         text = (
-            f"ignored an acknowledgement of seq {acked} on {message.topic}: the last seq sent "
+            f"ignored an acknowledgement of seq {acked} on {topic}: the last seq sent "
             f"is {sent_up_to}; nothing was deleted ({count} such ack(s) since the last alarm)"
         )
         log.error("forwarder: %s", text)

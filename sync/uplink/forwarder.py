@@ -133,6 +133,9 @@ class Forwarder:
         self._warn_after = warn_after
         # Since when events have waited, connected, without an ack moving the watermark.
         self._quiet_since = time.monotonic()
+        # Whether the last ack covered every committed event: the next commit starts a new
+        # wait (not the linger's first send, which may come after the wait was reported).
+        self._caught_up = False
         self._silence_reported = False
         # While pacing, keep each batch to about 200 ms worth of events so that the link sees
         # an even trickle rather than one large burst per second.
@@ -148,6 +151,10 @@ class Forwarder:
         self._high_sent = 0  # highest seq ever sent: a batch at or below it is a resend
         self._central_acked = 0  # central watermark, already applied to the window
         self._ack_target = 0  # central watermark received, maybe not yet applied
+        # The highest ack (and its topic) beyond the last seq sent, but within what was
+        # committed: believable when the cap dropped every seq after the last one sent up to
+        # it, which the outbox tells (see _settle_ack_beyond_sent).
+        self._ack_beyond_sent: tuple[int, str] | None = None
         self._linger = linger
         # Since when committed events have waited to be sent in steady state (None: none wait).
         self._unsent_since: float | None = None
@@ -247,6 +254,7 @@ class Forwarder:
         self._next_after = self._high_sent = outbox.acked_seq
         self._committed_at_start = outbox.committed_seq
         self._quiet_since = time.monotonic()
+        self._caught_up = outbox.acked_seq >= outbox.committed_seq
         self._client.subscribe(self.ack_topic, self._on_ack_message, qos=1)
         self._client.subscribe(self.central_topic, self._on_central_status, qos=1)
         self._client.add_listener(self._on_connection)
@@ -267,6 +275,7 @@ class Forwarder:
     async def _step(self, now: float) -> float | None:
         """Do what can be done now; return when to look again (None: on the next event)."""
         try:
+            await self._settle_ack_beyond_sent()
             await self._commit_ack_alarm()
             self._apply_acks(now)
             self._check_silence(now)
@@ -281,6 +290,28 @@ class Forwarder:
         if self._waiting() and self._client.is_connected and not self._silence_reported:
             deadlines.append(self._quiet_since + self._warn_after)
         return min(deadlines) if deadlines else None
+
+    async def _settle_ack_beyond_sent(self) -> None:
+        """Apply or refuse the ack beyond the last seq sent that waits for the outbox's word.
+
+        The central watermark passes seqs declared dropped by a gap event (docs/topics.md), and
+        the gap events go ahead of the batches: after a batch cut by a hole the cap left, the
+        ingest acknowledges the end of the hole before this process has sent anything after
+        it. Such an ack deletes nothing that is stored, so it is applied; with a window of
+        one batch (no ingest known) refusing it would stall the stream for good."""
+        pending, self._ack_beyond_sent = self._ack_beyond_sent, None
+        if pending is None:
+            return
+        acked, topic = pending
+        covered = self._high_sent
+        if acked > covered:
+            kept = await self._outbox.first_kept_after(covered)
+            covered = self._outbox.committed_seq if kept is None else max(covered, kept - 1)
+        accepted = self._acks.judge(
+            acked, topic, sent_up_to=covered, committed_at_start=self._committed_at_start
+        )
+        if accepted is not None:
+            self._take_ack(accepted)
 
     async def _commit_ack_alarm(self) -> None:
         alarm = self._acks.take_alarm()
@@ -299,6 +330,7 @@ class Forwarder:
             self._outbox.take_ack(self._outbox.stream, target)
             self._last_progress = now
             self._quiet_since = now
+            self._caught_up = target >= self._outbox.committed_seq
             if self._silence_reported:
                 self._silence_reported = False
                 log.info("forwarder: the central store acknowledges again (up to seq %d)", target)
@@ -451,8 +483,6 @@ class Forwarder:
             sent = _Sent(
                 batch.first_seq, batch.last_seq, len(payload), len(batch.events), self._epoch
             )
-            if self._central_acked >= self._high_sent:
-                self._quiet_since = time.monotonic()  # all sent so far was acked: a new wait
             future.add_done_callback(partial(self._on_puback, sent))
             now = time.monotonic()
             if not self._inflight:
@@ -485,6 +515,9 @@ class Forwarder:
         return due if now < due else None
 
     def _on_commit(self) -> None:
+        if self._caught_up:
+            self._caught_up = False
+            self._quiet_since = time.monotonic()  # everything was acknowledged: a new wait
         # Wake for the first event waiting (to set the linger timer) and for a full batch that
         # the window has room for, not for every commit in between.
         if self._unsent_since is None:
@@ -521,16 +554,28 @@ class Forwarder:
 
     def _on_ack_message(self, message: Message) -> None:
         acks = self._acks
-        acked = acks.accepted_seq(
-            message,
-            stream=self._outbox.stream,
+        acked = acks.parse(message, stream=self._outbox.stream)
+        if acked is None:
+            return
+        if self._high_sent < acked <= self._outbox.committed_seq:
+            # Maybe the end of a hole the cap left: the outbox decides (in the forwarder task).
+            if self._ack_beyond_sent is None or acked > self._ack_beyond_sent[0]:
+                self._ack_beyond_sent = (acked, message.topic)
+            self._wake.set()
+            return
+        accepted = acks.judge(
+            acked,
+            message.topic,
             sent_up_to=self._high_sent,
             committed_at_start=self._committed_at_start,
         )
-        if acked is None:
+        if accepted is None:
             if acks.alarm_pending:
                 self._wake.set()
             return
+        self._take_ack(accepted)
+
+    def _take_ack(self, acked: int) -> None:
         self.acks_received += 1
         self.last_ack_ts = time.time()
         if acked > self._ack_target:
