@@ -13,7 +13,7 @@ over time, and every traceback in the agent's and the ingest's logs. Figures onl
     .venv/bin/python bench/soak.py                      # 30 minutes
     .venv/bin/python bench/soak.py --minutes 10 --seed 42
     .venv/bin/python bench/soak.py --hours 8 --faults broker,plc,ingest,postgres
-    .venv/bin/python bench/soak.py --quick              # ~30 s with 2-3 faults (smoke test)
+    .venv/bin/python bench/soak.py --quick              # ~20 s with 2-3 faults (smoke test)
 """
 
 from __future__ import annotations
@@ -508,7 +508,7 @@ async def main() -> None:
         help="where the results are written as JSON",
     )
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs)")
-    parser.add_argument("--quick", action="store_true", help="~30 s with 2-3 faults (smoke test)")
+    parser.add_argument("--quick", action="store_true", help="~20 s with 2-3 faults (smoke test)")
     args = parser.parse_args()
     if args.seed is None:
         args.seed = random.randrange(1, 2**31)
@@ -516,8 +516,8 @@ async def main() -> None:
     spec = FULL
     if args.quick:
         spec = QUICK
-        minutes = 0.5
-        args.min_gap, args.max_gap, args.restart_sec = 7.0, 11.0, 1.0
+        minutes = 1 / 3
+        args.min_gap, args.max_gap, args.restart_sec = 5.0, 7.0, 1.0
         args.warmup, args.sample_interval, args.recovery_timeout = 3.0, 1.0, 90.0
     unknown = set(args.faults.split(",")) - set(FAULTS)
     if unknown:

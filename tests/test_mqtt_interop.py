@@ -177,6 +177,9 @@ def client_for(
         birth=birth,
         reconnect_min=0.05,
         reconnect_max=0.5,
+        # amqtt misreads an MQTT 5 CONNECT with a Will and stays silent: `auto` falls back on
+        # the connect timeout, which must stay well inside WAIT (the product's 10 s did not).
+        connect_timeout=4.0,
         name=f"interop-{case.id}",
     )
 
