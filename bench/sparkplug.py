@@ -33,14 +33,9 @@ from sync.mqtt.client import MqttClient, Will  # noqa: E402
 from sync.sparkplug.bdseq import BdSeq  # noqa: E402
 from sync.sparkplug.codec import DataType  # noqa: E402
 from sync.sparkplug.history import History  # noqa: E402
+from sync.sparkplug.model import DeviceModel, NodeModel, NodeStatus, TagModel  # noqa: E402
 from sync.uplink.live import LivePublisher  # noqa: E402
-from sync.uplink.sparkplug import (  # noqa: E402
-    DeviceModel,
-    NodeModel,
-    NodeStatus,
-    SparkplugNode,
-    TagModel,
-)
+from sync.uplink.sparkplug.node import SparkplugNode  # noqa: E402
 from tests.fixtures.mosquitto import MosquittoBroker  # noqa: E402
 from tests.fixtures.ports import async_wait_until  # noqa: E402
 

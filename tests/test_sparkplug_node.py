@@ -25,7 +25,8 @@ from sync.mqtt.client import MqttClient
 from sync.sparkplug.bdseq import BdSeq
 from sync.sparkplug.codec import DataType
 from sync.sparkplug.history import History
-from sync.uplink.sparkplug import DeviceModel, NodeModel, NodeStatus, SparkplugNode, TagModel
+from sync.sparkplug.model import DeviceModel, NodeModel, NodeStatus, TagModel
+from sync.uplink.sparkplug.node import SparkplugNode
 from tests.fixtures.collector import TopicCollector
 from tests.fixtures.daemon import ROOT, config_text, running, settings_for
 from tests.fixtures.mosquitto import MosquittoBroker

@@ -21,10 +21,11 @@ from sync.outbox.store import OnCommit, Outbox
 from sync.sparkplug.bdseq import BdSeq
 from sync.sparkplug.codec import datatype_for_kind
 from sync.sparkplug.history import History
+from sync.sparkplug.model import DeviceModel, NodeModel, NodeStatus, TagModel
 from sync.uplink.forwarder import Forwarder
 from sync.uplink.live import LivePublisher
 from sync.uplink.sink import Sink
-from sync.uplink.sparkplug import DeviceModel, NodeModel, NodeStatus, SparkplugNode, TagModel
+from sync.uplink.sparkplug.node import SparkplugNode
 from sync.uplink.topics import status_payload, status_topic
 
 
