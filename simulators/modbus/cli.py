@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 import sys
 from collections.abc import Callable
 
 from simulators.modbus.registers import register_map_table
 from simulators.modbus.server import DEFAULT_PORT, ModbusSimulator
+from simulators.running import run_until_signalled
 
 __all__ = ["main", "serve"]
 
@@ -109,23 +109,4 @@ def main(argv: list[str] | None = None) -> int:
         print(f"edge-agent simulate modbus: {exc}", file=sys.stderr)
         return 2
 
-    def out(text: str) -> None:
-        print(text, flush=True)
-
-    async def run() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        try:
-            await serve(simulator, stop, out=out)
-        finally:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.remove_signal_handler(sig)
-
-    try:
-        asyncio.run(run())
-    except OSError as exc:
-        print(f"edge-agent simulate modbus: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return run_until_signalled("modbus", lambda stop, out: serve(simulator, stop, out=out))

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 import sys
 from collections.abc import Callable
 
 from simulators.opcua.nodes import BULK_COUNT, node_table
 from simulators.opcua.security import DEFAULT_PASSWORD
 from simulators.opcua.server import DEFAULT_PORT, OpcUaSimulator
+from simulators.running import run_until_signalled
 
 __all__ = ["main", "serve"]
 
@@ -113,23 +113,4 @@ def main(argv: list[str] | None = None) -> int:
         print(f"edge-agent simulate opcua: {exc}", file=sys.stderr)
         return 2
 
-    def out(text: str) -> None:
-        print(text, flush=True)
-
-    async def run() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        try:
-            await serve(simulator, stop, out=out)
-        finally:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.remove_signal_handler(sig)
-
-    try:
-        asyncio.run(run())
-    except OSError as exc:
-        print(f"edge-agent simulate opcua: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return run_until_signalled("opcua", lambda stop, out: serve(simulator, stop, out=out))

@@ -1,19 +1,16 @@
-"""The fault-injection control channel: a TCP line protocol on 127.0.0.1.
-
-One command per line, one reply line each: ``ok``, ``ok <data>`` or ``error <reason>`` (the
-same protocol as the Modbus simulator's; the commands are listed in simulators/README.md).
-"""
+"""The OPC UA simulator's control commands (simulators/README.md), one function each; the
+channel and ``send_control`` are simulators/control.py (the same protocol as the Modbus
+simulator's)."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
-import math
 from collections.abc import Awaitable, Callable, Mapping
+from functools import partial
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Final, cast
+from typing import TYPE_CHECKING, Final
 
+from simulators.control import ControlServer, parse_speed, send_control
 from simulators.opcua.values import json_value
 
 if TYPE_CHECKING:
@@ -24,61 +21,14 @@ __all__ = ["ControlChannel", "send_control"]
 Handler = Callable[["OpcUaSimulator", list[str]], Awaitable[str]]
 
 
-class ControlChannel:
-    """Listens on the control port and runs each command against one simulator."""
+class ControlChannel(ControlServer):
+    """The control channel with the OPC UA simulator's commands, acting on one simulator."""
 
     def __init__(self, *, simulator: OpcUaSimulator) -> None:
-        """Commands act on ``simulator``; nothing listens before ``start()``."""
-        self._simulator = simulator
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    async def start(self, port: int) -> int:
-        """Listen on 127.0.0.1:``port`` (0 = any free); return the port."""
-        self._server = await asyncio.start_server(self._client, "127.0.0.1", port)
-        return int(self._server.sockets[0].getsockname()[1])
-
-    async def close(self) -> None:
-        """Stop listening and end every open control connection."""
-        if self._server is not None:
-            self._server.close()
-            self._server = None
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.wait(tasks)
-
-    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """Serve one control connection: one command per line, one reply line each."""
-        task = asyncio.current_task()
-        if task is not None:
-            self._tasks.add(cast("asyncio.Task[None]", task))
-        try:
-            while line := await reader.readline():
-                try:
-                    reply = await self.execute(line.decode("utf-8", "replace"))
-                except (ValueError, KeyError, IndexError, OSError, RuntimeError) as exc:
-                    reply = f"error {type(exc).__name__}: {exc}"
-                writer.write(reply.encode() + b"\n")
-                await writer.drain()
-        except ConnectionError:
-            pass
-        finally:
-            writer.close()
-            if task is not None:
-                self._tasks.discard(cast("asyncio.Task[None]", task))
-
-    async def execute(self, line: str) -> str:
-        """Execute one control command and return the reply line."""
-        words = line.split()
-        if not words:
-            raise ValueError("empty command")
-        cmd, args = words[0].lower(), words[1:]
-        handler = _COMMANDS.get(cmd)
-        if handler is None:
-            raise ValueError(f"unknown command {cmd!r}")
-        return await handler(self._simulator, args)
+        """Commands act on ``simulator``; nothing listens before ``listen()``."""
+        super().__init__(
+            commands={name: partial(handler, simulator) for name, handler in _COMMANDS.items()}
+        )
 
 
 async def _ping(sim: OpcUaSimulator, args: list[str]) -> str:
@@ -134,10 +84,7 @@ async def _clear(sim: OpcUaSimulator, args: list[str]) -> str:
 
 
 async def _speed(sim: OpcUaSimulator, args: list[str]) -> str:
-    speed = float(args[0])
-    if speed < 0 or not math.isfinite(speed):
-        raise ValueError("speed must be finite and >= 0")
-    sim.speed = speed
+    sim.speed = parse_speed(args)
     return "ok"
 
 
@@ -177,22 +124,3 @@ _COMMANDS: Final[Mapping[str, Handler]] = MappingProxyType(
         "read": _read,
     }
 )
-
-
-async def send_control(port: int, command: str, *, host: str = "127.0.0.1") -> str:
-    """Send one command to a simulator's control port; return the text after ``ok``.
-
-    Wrap it in ``asyncio.timeout()`` to bound it (``restart`` can take a moment).
-    """
-    reader, writer = await asyncio.open_connection(host, port)
-    try:
-        writer.write(command.strip().encode() + b"\n")
-        await writer.drain()
-        reply = (await reader.readline()).decode().rstrip("\n")
-    finally:
-        writer.close()
-        with contextlib.suppress(ConnectionError):
-            await writer.wait_closed()
-    if reply == "ok" or reply.startswith("ok "):
-        return reply[3:]
-    raise RuntimeError(f"simulator control: {reply or 'connection closed'}")

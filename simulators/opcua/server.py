@@ -208,7 +208,7 @@ class OpcUaSimulator:
             self._ticker = asyncio.create_task(self._tick_loop(), name="opcua-sim-ticker")
             if self._requested_control_port is not None:
                 self._control = ControlChannel(simulator=self)
-                self.control_port = await self._control.start(self._requested_control_port)
+                self.control_port = await self._control.listen(self._requested_control_port)
         except BaseException:
             await self.close()
             raise
