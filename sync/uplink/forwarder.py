@@ -303,7 +303,7 @@ class Forwarder:
         if pending is None:
             return
         acked, topic = pending
-        covered = self._high_sent
+        covered = max(self._high_sent, self._ack_target)
         if acked > covered:
             kept = await self._outbox.first_kept_after(covered)
             covered = self._outbox.committed_seq if kept is None else max(covered, kept - 1)
@@ -557,17 +557,17 @@ class Forwarder:
         acked = acks.parse(message, stream=self._outbox.stream)
         if acked is None:
             return
-        if self._high_sent < acked <= self._outbox.committed_seq:
+        # Up to an ack already taken (which may have passed a hole beyond the last seq sent)
+        # an ack changes nothing and needs no look at the outbox.
+        known = max(self._high_sent, self._ack_target)
+        if known < acked <= self._outbox.committed_seq:
             # Maybe the end of a hole the cap left: the outbox decides (in the forwarder task).
             if self._ack_beyond_sent is None or acked > self._ack_beyond_sent[0]:
                 self._ack_beyond_sent = (acked, message.topic)
             self._wake.set()
             return
         accepted = acks.judge(
-            acked,
-            message.topic,
-            sent_up_to=self._high_sent,
-            committed_at_start=self._committed_at_start,
+            acked, message.topic, sent_up_to=known, committed_at_start=self._committed_at_start
         )
         if accepted is None:
             if acks.alarm_pending:
