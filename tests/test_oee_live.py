@@ -14,27 +14,11 @@ from agent.settings.loader import load_agent_settings
 from drivers.base import Reading
 from simulators.modbus.server import ModbusSimulator
 from tests.fixtures.collector import TopicCollector
-from tests.fixtures.daemon import ROOT, config_text, running, settings_for
+from tests.fixtures.daemon import ROOT, config_text, machine_config, running, settings_for
 from tests.fixtures.mosquitto import MosquittoBroker
 from tests.fixtures.ports import async_wait_until
 
-MACHINE = """
-[[machines]]
-name = "line_press"
-state = { tag = "press1/state_code", running = [1], planned_stop = [3], unplanned_stop = [2, 4] }
-total_count = "press1/total_count"
-ideal_cycle_time = "1.2s"
-calendar = "always"
-publish_interval = "1s"
-
-[[calendars]]
-name = "always"
-timezone = "UTC"
-shifts = [
-  { name = "day", start = "00:00", end = "12:00", days = "daily" },
-  { name = "night", start = "12:00", end = "00:00", days = "daily" },
-]
-"""
+MACHINE = machine_config("line_press")
 
 OEE_KEYS = {
     "machine",

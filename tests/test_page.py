@@ -24,7 +24,7 @@ from simulators.modbus.server import ModbusSimulator
 from sync.uplink.topics import sample_payload, value_text
 from tests.fixtures.browser import browser as browser
 from tests.fixtures.browser import console_errors, screenshot
-from tests.fixtures.daemon import ROOT, config_text, running, settings_for
+from tests.fixtures.daemon import ROOT, config_text, machine_config, running, settings_for
 from tests.fixtures.mosquitto import MosquittoBroker
 from tests.fixtures.ports import async_wait_until, free_port
 from tests.fixtures.workflows import CommandSender
@@ -32,29 +32,16 @@ from tests.fixtures.workflows import CommandSender
 POLL = 0.2  # the devices' poll_interval in config_text
 REFRESH = 0.5  # the page's refresh with that poll interval (MIN_REFRESH, docs/page.md)
 
-LINE = """
+LINE = (
+    """
   [[devices.tags]]
   name = "hold"
   address = "co:2"
   type = "bool"
   writable = true
-
-[[machines]]
-name = "press"
-state = { tag = "press1/state_code", running = [1], planned_stop = [3], unplanned_stop = [2, 4] }
-total_count = "press1/total_count"
-ideal_cycle_time = "1.2s"
-calendar = "always"
-publish_interval = "1s"
-
-[[calendars]]
-name = "always"
-timezone = "UTC"
-shifts = [
-  { name = "day", start = "00:00", end = "12:00", days = "daily" },
-  { name = "night", start = "12:00", end = "00:00", days = "daily" },
-]
-
+"""
+    + machine_config("press")
+    + """
 [[workflows]]
 name = "hold_check"
 description = "Hold the press until it reports state 99 (it never does: compensated)."
@@ -65,6 +52,7 @@ steps = [
   { wait = "press1/state_code", value = 99, timeout = "1s" },
 ]
 """
+)
 
 
 # The page redraws its sections on every refresh: read them in one script, never through

@@ -7,15 +7,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import queue
 import sqlite3
 import stat
-import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 
 import pytest
 
@@ -27,8 +23,8 @@ from sync.sparkplug.codec import DataType
 from sync.sparkplug.history import History
 from sync.sparkplug.model import DeviceModel, NodeModel, NodeStatus, TagModel
 from sync.uplink.sparkplug.node import SparkplugNode
-from tests.fixtures.collector import TopicCollector
-from tests.fixtures.daemon import ROOT, config_text, running, settings_for
+from tests.fixtures.collector import Seen, TopicCollector
+from tests.fixtures.daemon import ROOT, config_text, machine_config, running, settings_for
 from tests.fixtures.mosquitto import MosquittoBroker
 from tests.fixtures.mqtt_client import MqttTestClient
 from tests.fixtures.ports import async_wait_until, free_port
@@ -49,98 +45,37 @@ TAG_TYPES = {  # tests/fixtures/daemon.py's six tags -> Sparkplug datatypes (doc
     "running": "Boolean",
     "energy": "Double",  # float64
 }
-MACHINE = """
-[[machines]]
-name = "line_press"
-state = { tag = "press1/state_code", running = [1], planned_stop = [3], unplanned_stop = [2, 4] }
-total_count = "press1/total_count"
-ideal_cycle_time = "1.2s"
-calendar = "always"
-publish_interval = "1s"
-
-[[calendars]]
-name = "always"
-timezone = "UTC"
-shifts = [
-  { name = "day", start = "00:00", end = "12:00", days = "daily" },
-  { name = "night", start = "12:00", end = "00:00", days = "daily" },
-]
-"""
+MACHINE = machine_config("line_press")
 
 
-@dataclass(frozen=True)
-class Received:
-    """A Sparkplug message as the subscriber got it."""
-
-    topic: str
-    payload: bytes
-    qos: int
-    retain: bool
-
-    @property
-    def kind(self) -> str:
-        return self.topic.split("/")[2]
-
-
-class SparkplugCollector:
-    """A paho subscriber to spBv1.0/# at QoS 1 (so a message's QoS is the publisher's)."""
+class SparkplugCollector(TopicCollector):
+    """Every message on spBv1.0/#, subscribed at QoS 1 (so a message's QoS is the publisher's)."""
 
     def __init__(self, broker: MosquittoBroker) -> None:
-        self._client = MqttTestClient.for_broker(broker)
-        self._lock = threading.Lock()
-        self.messages: list[Received] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._drain, daemon=True)
+        super().__init__(broker, f"{PREFIX}/#")
 
-    def __enter__(self) -> SparkplugCollector:
-        self._client.connect()
-        self._client.subscribe(f"{PREFIX}/#", qos=1)
-        self._thread.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-        self._client.close()
-
-    def _drain(self) -> None:
-        while not self._stop.is_set():
-            try:
-                message = self._client.messages.get(timeout=0.05)
-            except queue.Empty:
-                continue
-            received = Received(message.topic, bytes(message.payload), message.qos, message.retain)
-            with self._lock:
-                self.messages.append(received)
-
-    def snapshot(self) -> list[Received]:
-        with self._lock:
-            return list(self.messages)
-
-    async def wait(
-        self, what: Callable[[list[Received]], bool], within: float = 15.0
-    ) -> list[Received]:
-        await async_wait_until(lambda: what(self.snapshot()), timeout=within)
-        return self.snapshot()
+    async def wait(self, what: Callable[[list[Seen]], bool], within: float = 15.0) -> list[Seen]:
+        await async_wait_until(lambda: what(self.received()), timeout=within)
+        return self.received()
 
 
-def count(kind: str, device: str | None = None) -> Callable[[list[Received]], int]:
-    def counted(messages: list[Received]) -> int:
+def kind_of(message: Seen) -> str:
+    """NBIRTH, DDATA, ...: the message type of a Sparkplug topic."""
+    return message.topic.split("/")[2]
+
+
+def count(kind: str, device: str | None = None) -> Callable[[list[Seen]], int]:
+    def counted(messages: list[Seen]) -> int:
         return sum(
             1
             for m in messages
-            if m.kind == kind and (device is None or m.topic.endswith(f"/{device}"))
+            if kind_of(m) == kind and (device is None or m.topic.endswith(f"/{device}"))
         )
 
     return counted
 
 
-def at_least(n: int, kind: str, device: str | None = None) -> Callable[[list[Received]], bool]:
+def at_least(n: int, kind: str, device: str | None = None) -> Callable[[list[Seen]], bool]:
     return lambda messages: count(kind, device)(messages) >= n
 
 
@@ -159,18 +94,18 @@ def bdseq(payload: TahuPayload) -> int:
     return int(payload.by_name()["bdSeq"].value)
 
 
-def assert_seq_continuity(messages: list[Received], decoded: list[TahuPayload]) -> None:
+def assert_seq_continuity(messages: list[Seen], decoded: list[TahuPayload]) -> None:
     """Every message after an NBIRTH (seq 0) is one more, modulo 256; NDEATH has none."""
     previous: int | None = None
     for message, payload in zip(messages, decoded, strict=True):
-        if message.kind in ("NCMD", "DCMD"):
+        if kind_of(message) in ("NCMD", "DCMD"):
             continue  # a host's, not the node's
-        if message.kind == "NDEATH":
+        if kind_of(message) == "NDEATH":
             assert payload.seq is None
             previous = None
             continue
         assert payload.seq is not None, message.topic
-        if message.kind == "NBIRTH":
+        if kind_of(message) == "NBIRTH":
             assert payload.seq == 0
         elif previous is not None:
             assert payload.seq == (previous + 1) % 256, (message.topic, previous, payload.seq)
@@ -205,7 +140,7 @@ async def test_births_data_rebirth_outage_and_death(
                     tag: live.latest[f"{ROOT}/press1/{tag}"].json()["value"] for tag in TAG_TYPES
                 }
                 # Rebirth: an NCMD encoded by Tahu; NBIRTH and DBIRTHs again, same connection.
-                births = count("NBIRTH")(spb.snapshot())
+                births = count("NBIRTH")(spb.received())
                 connects = node._client.stats.connects  # type: ignore[union-attr]
                 (rebirth,) = tahu_encode(
                     [
@@ -229,7 +164,7 @@ async def test_births_data_rebirth_outage_and_death(
                 async with ModbusSimulator(port=down_port, seed=6, speed=0.0):
                     await spb.wait(
                         lambda ms: any(
-                            m.kind == "DBIRTH"
+                            kind_of(m) == "DBIRTH"
                             and m.topic.endswith("/press2")
                             and b"PART-A" in m.payload
                             for m in ms
@@ -237,17 +172,17 @@ async def test_births_data_rebirth_outage_and_death(
                         within=20,
                     )
                     # Will QoS 1: cut the node's TCP connection; the broker publishes NDEATH.
-                    before = len(spb.snapshot())
+                    before = len(spb.received())
                     node._client._connection.transport.abort()  # type: ignore[union-attr]
-                    await spb.wait(lambda ms: any(m.kind == "NDEATH" for m in ms[before:]))
-                    await spb.wait(lambda ms: any(m.kind == "NBIRTH" for m in ms[before:]))
+                    await spb.wait(lambda ms: any(kind_of(m) == "NDEATH" for m in ms[before:]))
+                    await spb.wait(lambda ms: any(kind_of(m) == "NBIRTH" for m in ms[before:]))
                     await spb.wait(at_least(3, "DBIRTH", "press1"))
             # A clean stop: NDEATH published by the node itself.
-            messages = await spb.wait(lambda ms: ms[-1].kind == "NDEATH")
+            messages = await spb.wait(lambda ms: kind_of(ms[-1]) == "NDEATH")
     decoded = tahu_decode([m.payload for m in messages])
-    by_kind: dict[str, list[tuple[Received, TahuPayload]]] = {}
+    by_kind: dict[str, list[tuple[Seen, TahuPayload]]] = {}
     for message, payload in zip(messages, decoded, strict=True):
-        by_kind.setdefault(message.kind, []).append((message, payload))
+        by_kind.setdefault(kind_of(message), []).append((message, payload))
 
     # NBIRTH: seq 0, bdSeq, Node Control/Rebirth = false (Boolean), node metrics; QoS 0.
     births = by_kind["NBIRTH"]
@@ -290,9 +225,9 @@ async def test_births_data_rebirth_outage_and_death(
     assert metrics["product_name"].value == sim.model(1).product_name
     # press2 was down: DBIRTH with nulls and bad quality, then DDEATH; later a full DBIRTH.
     press2 = [(m, p) for m, p in zip(messages, decoded, strict=True) if m.topic.endswith("/press2")]
-    assert [m.kind for m, _ in press2[:2]] == ["DBIRTH", "DDEATH"]
+    assert [kind_of(m) for m, _ in press2[:2]] == ["DBIRTH", "DDEATH"]
     assert all(x.is_null and x.properties == {"Quality": 0} for x in press2[0][1].metrics)
-    reborn = [p for m, p in press2 if m.kind == "DBIRTH"][-1]
+    reborn = [p for m, p in press2 if kind_of(m) == "DBIRTH"][-1]
     assert all(not x.is_null for x in reborn.metrics)
     # The machine: state and OEE metrics.
     machine = next(p for m, p in by_kind["DBIRTH"] if m.topic.endswith("/line_press")).by_name()
@@ -331,11 +266,11 @@ async def test_births_data_rebirth_outage_and_death(
     born: set[str] = set()
     for message, payload in zip(messages, decoded, strict=True):
         device = message.topic.rsplit("/", 1)[1]
-        if message.kind == "DBIRTH":
+        if kind_of(message) == "DBIRTH":
             born.add(device)
-        elif message.kind in ("NBIRTH", "NDEATH"):
+        elif kind_of(message) in ("NBIRTH", "NDEATH"):
             born.clear()
-        elif message.kind == "DDATA":
+        elif kind_of(message) == "DDATA":
             assert device in born, message.topic  # DBIRTH first
             assert all(m.name is None and m.alias in aliases[device] for m in payload.metrics)
             assert all(m.timestamp is not None for m in payload.metrics)
@@ -366,7 +301,7 @@ async def test_bdseq_survives_kill_and_restart(mosquitto: MosquittoBroker, tmp_p
         finally:
             child.ensure_dead()
     decoded = tahu_decode([m.payload for m in messages])
-    seen = [(m.kind, bdseq(p), m.qos) for m, p in zip(messages, decoded, strict=True)]
+    seen = [(kind_of(m), bdseq(p), m.qos) for m, p in zip(messages, decoded, strict=True)]
     assert seen == [("NBIRTH", 0, 0), ("NDEATH", 0, 1), ("NBIRTH", 1, 0)], seen
     assert (tmp_path / "data" / "sparkplug-bdseq").read_text() == "1\n"
 
@@ -390,7 +325,7 @@ async def test_primary_host_state(mosquitto: MosquittoBroker, tmp_path: Path) ->
             assert node.problems() == (
                 f"sparkplug: waiting for primary host '{HOST}' to be online (no births until then)",
             )
-            assert count("NBIRTH")(spb.snapshot()) == 0
+            assert count("NBIRTH")(spb.received()) == 0
             now = int(time.time() * 1000)
             await asyncio.to_thread(publish, mosquitto, STATE, state(True, now), True)
             await spb.wait(at_least(1, "NBIRTH"))
@@ -400,14 +335,14 @@ async def test_primary_host_state(mosquitto: MosquittoBroker, tmp_path: Path) ->
             await async_wait_until(
                 lambda: node._client is not None and node._client.is_subscribed(STATE)
             )
-            assert count("NBIRTH")(spb.snapshot()) == 1
+            assert count("NBIRTH")(spb.received()) == 1
             await asyncio.to_thread(publish, mosquitto, STATE, state(True, now + 2000), True)
             messages = await spb.wait(at_least(2, "NBIRTH"))
     decoded = tahu_decode([m.payload for m in messages])
     seen = [
-        (m.kind, bdseq(p))
+        (kind_of(m), bdseq(p))
         for m, p in zip(messages, decoded, strict=True)
-        if m.kind in ("NBIRTH", "NDEATH")
+        if kind_of(m) in ("NBIRTH", "NDEATH")
     ]
     assert seen == [("NBIRTH", 0), ("NDEATH", 0), ("NBIRTH", 1)], seen
 
@@ -484,15 +419,15 @@ async def test_seq_wraps_values_times_and_hostile_commands(
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        messages = await spb.wait(lambda ms: ms[-1].kind == "NDEATH")
-    mine = [m for m in messages if m.kind not in ("NCMD", "DCMD")]
+        messages = await spb.wait(lambda ms: kind_of(ms[-1]) == "NDEATH")
+    mine = [m for m in messages if kind_of(m) not in ("NCMD", "DCMD")]
     decoded = tahu_decode([m.payload for m in mine])
     assert_seq_continuity(mine, decoded)
-    seqs = [p.seq for m, p in zip(mine, decoded, strict=True) if m.kind == "DDATA"]
+    seqs = [p.seq for m, p in zip(mine, decoded, strict=True) if kind_of(m) == "DDATA"]
     assert seqs[:3] == [2, 3, 4]
     assert 255 in seqs
     assert seqs[seqs.index(255) + 1] == 0
-    data = [p for m, p in zip(mine, decoded, strict=True) if m.kind == "DDATA"]
+    data = [p for m, p in zip(mine, decoded, strict=True) if kind_of(m) == "DDATA"]
     assert [p.metrics[0].value for p in data] == [*range(300), 1000]
     assert [p.metrics[0].timestamp for p in data[:300]] == [
         round((start + i / 1000) * 1000) for i in range(300)
@@ -616,12 +551,12 @@ async def test_dcmd_writes(mosquitto: MosquittoBroker, tmp_path: Path) -> None:
                     )
             assert sim.model(1).state == state_before
     decoded = tahu_decode([m.payload for m in messages])
-    birth = next(p for m, p in zip(messages, decoded, strict=True) if m.kind == "DBIRTH")
+    birth = next(p for m, p in zip(messages, decoded, strict=True) if kind_of(m) == "DBIRTH")
     alias = birth.by_name()["setpoint"].alias
     values = [
         x.value
         for m, p in zip(messages, decoded, strict=True)
-        if m.kind == "DDATA"
+        if kind_of(m) == "DDATA"
         for x in p.metrics
         if x.alias == alias
     ]
@@ -674,7 +609,7 @@ async def test_history_after_host_outage(mosquitto: MosquittoBroker, tmp_path: P
                 await asyncio.to_thread(publish, mosquitto, STATE, state(True, now + 2), True)
                 await async_wait_until(lambda: pending() == 0, message="history republished")
                 await spb.wait(at_least(3, "DDATA", "press1"))
-            messages = spb.snapshot()
+            messages = spb.received()
     with sqlite3.connect(tmp_path / "data" / "outbox.db") as db:
         truth = {
             round(ts * 1000): json.loads(value)
@@ -689,11 +624,11 @@ async def test_history_after_host_outage(mosquitto: MosquittoBroker, tmp_path: P
     for message, payload in zip(messages, decoded, strict=True):
         if not message.topic.endswith("/press1"):
             continue
-        if message.kind == "DBIRTH":
+        if kind_of(message) == "DBIRTH":
             metric = payload.by_name()["energy"]
             alias = metric.alias
             seen[metric.timestamp] = metric.value  # type: ignore[index]
-        elif message.kind == "DDATA":
+        elif kind_of(message) == "DDATA":
             for metric in payload.metrics:
                 if metric.alias == alias:
                     seen[metric.timestamp] = metric.value  # type: ignore[index]
