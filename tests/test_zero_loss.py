@@ -19,6 +19,7 @@ import pytest
 from simulators.modbus.server import ModbusSimulator
 from tests.fixtures import ChildProcess, MosquittoBroker, PostgresServer
 from tests.fixtures.collector import TopicCollector
+from tests.fixtures.ingest import central_config
 from tests.fixtures.ports import async_wait_until
 
 pytestmark = pytest.mark.slow
@@ -62,20 +63,6 @@ poll_interval = "250ms"
 timeout = "1s"
 breaker_reset = "1s"
 {tags}"""
-
-
-def central_config(broker: MosquittoBroker, dsn: str) -> str:
-    return f"""
-[mqtt]
-url = "{broker.url}"
-sync_prefix = "edge"
-
-[postgres]
-dsn = "{dsn}"
-
-[partitions]
-months_ahead = 1
-"""
 
 
 @pytest.mark.parametrize("scenario", ["kill-everything", "sigterm-under-load"])
