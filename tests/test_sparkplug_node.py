@@ -90,6 +90,21 @@ def node_of(runtime: object) -> SparkplugNode:
     return node
 
 
+def unit_node(
+    model: NodeModel, broker: MosquittoBroker, data_dir: Path, client_id: str, *, max_rows: int
+) -> SparkplugNode:
+    """A node outside the daemon: its own client on `broker`, bdSeq and history in `data_dir`."""
+    return SparkplugNode(
+        model=model,
+        connect=lambda will: MqttClient(
+            host=broker.host, port=broker.port, client_id=client_id, will=will
+        ),
+        bdseq=BdSeq(data_dir),
+        status=lambda: NodeStatus(0, True),
+        history=History(data_dir, max_rows=max_rows),
+    )
+
+
 def bdseq(payload: TahuPayload) -> int:
     return int(payload.by_name()["bdSeq"].value)
 
@@ -356,15 +371,7 @@ async def test_seq_wraps_values_times_and_hostile_commands(
     model = NodeModel(
         GROUP, NODE, None, "9.9", (DeviceModel("d1", (TagModel("t", DataType.INT32),)),), ()
     )
-    node = SparkplugNode(
-        model=model,
-        connect=lambda will: MqttClient(
-            host=mosquitto.host, port=mosquitto.port, client_id="spb-unit", will=will
-        ),
-        bdseq=BdSeq(tmp_path),
-        status=lambda: NodeStatus(0, True),
-        history=History(tmp_path, max_rows=1_000_000),
-    )
+    node = unit_node(model, mosquitto, tmp_path, "spb-unit", max_rows=1_000_000)
     start = 1_765_000_000.0
     with SparkplugCollector(mosquitto) as spb:
         task = asyncio.create_task(node.run())
@@ -655,15 +662,7 @@ async def test_history_cap_is_a_gap(mosquitto: MosquittoBroker, tmp_path: Path) 
     async def emit(events: list[Event]) -> None:
         gaps.extend(events)
 
-    node = SparkplugNode(
-        model=model,
-        connect=lambda will: MqttClient(
-            host=mosquitto.host, port=mosquitto.port, client_id="spb-cap", will=will
-        ),
-        bdseq=BdSeq(tmp_path),
-        status=lambda: NodeStatus(0, True),
-        history=History(tmp_path, max_rows=50),
-    )
+    node = unit_node(model, mosquitto, tmp_path, "spb-cap", max_rows=50)
     node.reports_to(emit)
     start = 1_765_000_000.0
     task = asyncio.create_task(node.run())
@@ -709,15 +708,7 @@ async def test_unusable_history_file_is_a_gap_not_a_crash(
     async def emit(events: list[Event]) -> None:
         gaps.extend(events)
 
-    node = SparkplugNode(
-        model=model,
-        connect=lambda will: MqttClient(
-            host=mosquitto.host, port=mosquitto.port, client_id="spb-nofile", will=will
-        ),
-        bdseq=BdSeq(tmp_path),
-        status=lambda: NodeStatus(0, True),
-        history=History(tmp_path, max_rows=50),
-    )
+    node = unit_node(model, mosquitto, tmp_path, "spb-nofile", max_rows=50)
     node.reports_to(emit)
     node.offer_events([Event(1_765_000_000.0, "sample", "d1", "t", 1, "good")])  # not born yet
     with SparkplugCollector(mosquitto) as spb:
