@@ -82,11 +82,6 @@ class HistoryKeeper:
         """Changes kept for republishing (in the file and on their way to it)."""
         return self._history.count + len(self._pending)
 
-    @property
-    def max_rows(self) -> int:
-        """The history file's cap."""
-        return self._history.max_rows
-
     def keep(self, changes: list[Change]) -> None:
         """Keep `changes` for the next birth (on their way to the file)."""
         room = MAX_PENDING - len(self._pending)
