@@ -213,7 +213,9 @@ def install_nodered() -> Path | str:
     return red
 
 
-def nodered_flow(modbus_port: int, broker: MosquittoBroker) -> list[dict[str, Any]]:
+def nodered_flow(
+    modbus_port: int, broker: MosquittoBroker, protocol: str = "default"
+) -> list[dict[str, Any]]:
     """The flow: read 100 registers, one message per register, report by exception, publish.
     (Node ids are unlike any property value: Node-RED takes a property equal to a node's id
     for a reference to that node.)"""
@@ -298,7 +300,8 @@ def nodered_flow(modbus_port: int, broker: MosquittoBroker) -> list[dict[str, An
             "port": str(broker.port),
             "clientid": "bench-nodered",
             "usetls": False,
-            "protocolVersion": "4",
+            # The mqtt node's own default is MQTT 3.1.1 ("4"): no flow control at all.
+            "protocolVersion": "5" if protocol == "5" else "4",
             "keepalive": "60",
             "cleansession": True,
         },
@@ -306,12 +309,12 @@ def nodered_flow(modbus_port: int, broker: MosquittoBroker) -> list[dict[str, An
 
 
 def nodered_process(
-    red: Path, workdir: Path, modbus_port: int, broker: MosquittoBroker
+    red: Path, workdir: Path, modbus_port: int, broker: MosquittoBroker, protocol: str
 ) -> ChildProcess:
     """Node-RED with the job's flow, its editor and HTTP nodes off."""
     user_dir = workdir / "nodered"
     user_dir.mkdir(parents=True, exist_ok=True)
-    (user_dir / "flows.json").write_text(json.dumps(nodered_flow(modbus_port, broker)))
+    (user_dir / "flows.json").write_text(json.dumps(nodered_flow(modbus_port, broker, protocol)))
     (user_dir / "settings.js").write_text(
         "module.exports = {\n"
         f"  uiPort: {free_port()}, uiHost: '127.0.0.1', flowFile: 'flows.json',\n"
@@ -336,10 +339,13 @@ def agent_config(
     http_port: int,
     registers: int,
     commit_interval: str | None = None,
+    protocol: str = "default",
 ) -> str:
     """100 uint16 holding registers polled every 100 ms, live under AGENT_ROOT (and the
-    outbox's commit_interval when given: the tuning of issue #22)."""
+    outbox's commit_interval when given: the tuning of issue #22; the MQTT version when not
+    the agent's default, `auto`)."""
     buffer = "" if commit_interval is None else f'[buffer]\ncommit_interval = "{commit_interval}"\n'
+    version = "" if protocol == "default" else f'protocol = "{protocol}"\n'
     tags = "\n".join(
         f'[[devices.tags]]\nname = "r{i}"\naddress = "hr:{i}"\ntype = "uint16"'
         for i in range(registers)
@@ -347,7 +353,7 @@ def agent_config(
     return (
         f'[gateway]\nid = "nodered-job"\nsite = "bench"\narea = "job"\nline = "nodered"\n'
         f'data_dir = "{workdir / "data"}"\n'
-        f'[mqtt]\nurl = "{broker.url}"\ntopic_root = "{AGENT_ROOT}"\n'
+        f'[mqtt]\nurl = "{broker.url}"\ntopic_root = "{AGENT_ROOT}"\n{version}'
         f'[http]\nlisten = "127.0.0.1:{http_port}"\n{buffer}'
         f'[[devices]]\nname = "plc"\ndriver = "modbus"\nurl = "tcp://127.0.0.1:{modbus_port}"\n'
         f'unit_id = 1\npoll_interval = "{PERIOD_MS}ms"\n{tags}\n'
@@ -372,6 +378,11 @@ class Job:
     modbus: LibmodbusServer
     postgres: PostgresServer | None = None
     red: Path | str | None = None
+
+    @property
+    def protocol(self) -> str:
+        """The MQTT version both peers speak ("default": each its own default)."""
+        return str(self.args.protocol)
 
     async def run_peer(
         self,
@@ -409,7 +420,7 @@ class Job:
         red = self.red
 
         async def start(broker: MosquittoBroker) -> list[ChildProcess]:
-            process = nodered_process(red, self.workdir, self.modbus.port, broker)
+            process = nodered_process(red, self.workdir, self.modbus.port, broker, self.protocol)
             process.start()
             return [process]
 
@@ -446,6 +457,7 @@ class Job:
                     http_port,
                     self.args.registers,
                     self.args.commit_interval,
+                    self.protocol,
                 )
             )
             agent = ChildProcess(
@@ -559,6 +571,14 @@ async def main() -> None:
     parser.add_argument(
         "--commit-interval", help="the agent's buffer.commit_interval (default: the product's)"
     )
+    parser.add_argument(
+        "--protocol",
+        choices=("default", "5", "3.1.1"),
+        default="default",
+        help="the MQTT version of both peers (default: each its own default, as an integrator "
+        "finds them: Node-RED's mqtt node speaks 3.1.1, the agent's `auto` settles on 5 and then "
+        "honours mosquitto's Receive Maximum of 20)",
+    )
     parser.add_argument("--no-nodered", action="store_true", help="the agent alone")
     parser.add_argument("--no-ingest", action="store_true", help="skip the ingest configuration")
     parser.add_argument(
@@ -581,7 +601,12 @@ async def main() -> None:
         f"Node-RED's job (issue #22): {args.registers} holding registers on a libmodbus server "
         f"changing every {PERIOD_MS} ms, polled every {PERIOD_MS} ms, each change published "
         f"retained at QoS 1 to a private mosquitto; CPU of the process over {args.seconds:g} s "
-        f"after a {args.warmup:g} s warm-up"
+        f"after a {args.warmup:g} s warm-up; MQTT: "
+        + (
+            "each peer's default (Node-RED 3.1.1, the agent 5)"
+            if args.protocol == "default"
+            else f"{args.protocol} for both peers"
+        )
     )
     print(f"host reference: {host_reference_ms():.0f} ms (CPU of a plain Python loop)")
     modbus.start()

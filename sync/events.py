@@ -34,8 +34,11 @@ class Event:
     quality: str | None = None
 
 
+@functools.lru_cache(maxsize=16)
 def rfc3339(ts: float) -> str:
     """Epoch seconds -> '2026-11-28T22:10:35.123Z' (UTC, milliseconds, 'Z')."""
+    # Cached: every reading of one poll carries the same stamp, and its events are stamped
+    # twice (the live payload, the S/sync batch); a few entries cover devices polled at once.
     seconds, ms = divmod(round(ts * 1000), 1000)
     return f"{_second_text(seconds)}.{ms:03d}Z"
 

@@ -22,7 +22,7 @@ from tests.fixtures.mqtt_client import MqttTestClient
 
 class WindowedLink:
     """Stands in for MqttClient (the project's own class): a window of `space` publishes, a
-    link that can drop before the `fail_at`-th publish, and a record of what was sent."""
+    link that is lost once `fail_at` were published, and a record of what was sent."""
 
     def __init__(
         self,
@@ -49,11 +49,11 @@ class WindowedLink:
         return self.space
 
     @property
-    def has_bulk_room(self) -> bool:
-        return self.space > bulk_reserve(self.window)  # the client's own rule
+    def bulk_room(self) -> int:
+        return max(0, self.space - bulk_reserve(self.window))  # the client's own rule
 
     async def wait_bulk_room(self) -> None:
-        while not self.has_bulk_room:
+        while self.bulk_room == 0:
             self._room.clear()
             await self._room.wait()
 
@@ -64,15 +64,23 @@ class WindowedLink:
     async def wait_acked(self) -> None:
         return None
 
-    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
-        assert (qos, retain) == (1, True)
-        if self.fail_at is not None and len(self.sent) == self.fail_at:
+    def publish_many(
+        self, messages: list[tuple[str, bytes]], *, retain: bool
+    ) -> list[tuple[str, MessageTooLarge]]:
+        assert retain
+        assert len(messages) <= self.bulk_room, "a batch never takes the reserve"
+        if self.fail_at is not None and len(self.sent) >= self.fail_at:
             self.is_connected = False
             raise NotConnected("connection lost")
-        if self.max_payload is not None and len(payload) > self.max_payload:
-            raise MessageTooLarge(f"{len(payload)} bytes, more than the broker's maximum")
-        self.space -= 1
-        self.sent.append((topic, payload))
+        too_large = []
+        for topic, payload in messages:
+            if self.max_payload is not None and len(payload) > self.max_payload:
+                error = MessageTooLarge(f"{len(payload)} bytes, more than the broker's maximum")
+                too_large.append((topic, error))
+                continue
+            self.space -= 1
+            self.sent.append((topic, payload))
+        return too_large
 
     def reconnect(self) -> None:
         self.is_connected, self.fail_at = True, None
@@ -149,15 +157,19 @@ async def test_live_values_leave_an_eighth_of_the_window_to_the_durable_path(
 
 
 async def test_a_connection_lost_mid_flush_keeps_the_rest_in_order() -> None:
-    link = WindowedLink(fail_at=2)
+    link = WindowedLink(space=2, window=2, fail_at=2)
     live = publisher(link)
     for topic in "abcde":
         live.offer(topic, b"1")
-    await live.drain()
-    assert [topic for topic, _ in link.sent] == ["a", "b"]
-    assert live.pending == 3  # c (refused), d and e wait for the connection
+    flush = asyncio.create_task(live.drain())
+    await asyncio.sleep(0)
+    assert [topic for topic, _ in link.sent] == ["a", "b"]  # the window is full
+    link.ack(2)  # the next batch (c, d) finds the connection lost
+    await asyncio.wait_for(flush, 5)
+    assert live.pending == 3  # c and d (refused) and e wait for the connection, in order
     live.offer("d", b"2")
     link.is_connected, link.fail_at = True, None  # back, before the listener has run
+    link.ack(3)
     await live.drain()
     assert link.sent[2:] == [("c", b"1"), ("d", b"2"), ("e", b"1")]
 

@@ -199,8 +199,9 @@ class _Owner:
         self.packets: list[tuple[int, bytes]] = []
         self.lost: list[str] = []
 
-    def _on_puback(self, mid: int, reason: int) -> None:
-        self.packets.append((0x40, bytes((mid >> 8, mid & 0xFF, reason))))
+    def _on_pubacks(self, acks: list[tuple[int, int]]) -> None:
+        for mid, reason in acks:
+            self.packets.append((0x40, bytes((mid >> 8, mid & 0xFF, reason))))
 
     def _on_packet(self, connection: Connection, first: int, body: memoryview) -> None:
         self.packets.append((first, bytes(body)))
@@ -339,3 +340,46 @@ async def test_a_broker_that_keeps_sending_bad_packets_is_not_hammered(
     async with scripted_session(always, reconnect_min=0.01, reconnect_max=10) as (broker, _, _):
         await async_wait_until(lambda: len(broker.sessions) >= 5, timeout=10)
     assert delays[:4] == [0.01, 0.02, 0.04, 0.08]
+
+
+class _BatchOwner(_Owner):
+    """Records each hand-over of PUBACKs as one batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches: list[list[int]] = []
+
+    def _on_pubacks(self, acks: list[tuple[int, int]]) -> None:
+        self.batches.append([mid for mid, _ in acks])
+        super()._on_pubacks(acks)
+
+
+async def test_the_pubacks_of_a_read_go_over_together_and_before_a_later_packet() -> None:
+    owner = _BatchOwner()
+    connection = Connection(owner, asyncio.get_running_loop(), v5=True)
+    connection.transport = _Transport()  # type: ignore[assignment]
+    puback = wire.PUBACK.to_bytes(1, "big")
+    stream = (
+        puback + b"\x02\x00\x01"  # 3.1.1-style PUBACK (no reason code)
+        + puback + b"\x03\x00\x02\x00"
+        + puback + b"\x03\x00\x03\x97"  # a refusal (Quota exceeded) stays with its mid
+        + bytes((wire.PINGRESP, 0))
+        + puback + b"\x02\x00\x04"
+        + puback + b"\x02\x00"  # cut short: completed by the next read
+    )  # fmt: skip
+    connection.data_received(stream)
+    connection.data_received(b"\x05")
+    assert owner.batches == [[1, 2, 3], [4], [5]]
+    assert [first for first, _ in owner.packets] == [0x40, 0x40, 0x40, 0xD0, 0x40, 0x40]
+    assert owner.packets[2] == (0x40, b"\x00\x03\x97")
+    assert not owner.lost
+    assert not connection.buffer
+
+
+async def test_pubacks_read_before_an_oversized_packet_still_count() -> None:
+    connection, owner, _ = _framing(100)
+    big = wire.publish_header(b"a/b", 200, 0, False, 0, True)
+    connection.data_received(bytes((wire.PUBACK,)) + b"\x02\x00\x09" + big)
+    assert owner.packets == [(0x40, b"\x00\x09\x00")]
+    assert owner.lost
+    assert "larger than max_packet_size" in owner.lost[0]

@@ -276,3 +276,40 @@ async def test_mosquittos_limits_are_honoured_and_the_will_follows_them(
     )
     assert ("lim/status" in topics) is will_retained
     assert "cannot connect" not in caplog.text
+
+
+async def test_a_batch_goes_out_through_the_brokers_window_in_order(
+    mosquitto_factory: MosquittoFactory,
+) -> None:
+    # mosquitto announces Receive Maximum 20 (its max_inflight_messages) and a Maximum Packet
+    # Size: a batch of 100 leaves 20 in flight and queues the rest in order, the one message
+    # too large for the broker is handed back, and every other one arrives once, in order.
+    broker = mosquitto_factory(extra_config=["max_inflight_messages 20", "max_packet_size 1024"])
+    received: list[Message] = []
+    async with client_for(broker) as client:
+        async with asyncio.timeout(10):
+            await client.wait_connected()
+        client.subscribe("batch/#", received.append)
+        await subscribed(client, "batch", received)
+        messages = [(f"batch/{index:03d}", f"{index}".encode()) for index in range(100)]
+        messages[50] = ("batch/050", b"x" * 2000)
+        assert client.window == 20
+        acked_before = client.stats.acked
+        too_large = client.publish_many(messages, retain=True)
+        assert [(topic, type(exc)) for topic, exc in too_large] == [("batch/050", MessageTooLarge)]
+        assert client.free_slots == 20 - 99  # 20 in flight, 79 queued
+        assert client.bulk_room == 0
+        assert not client.has_bulk_room
+        async with asyncio.timeout(10):
+            await client.wait_acked()
+
+        def received_batch() -> list[Message]:
+            return [message for message in received if message.topic != "batch/probe"]
+
+        await async_wait_until(lambda: len(received_batch()) >= 99, timeout=10, message="99")
+        assert client.bulk_room == 20 - 2  # an eighth of the window stays for the others
+        assert client.stats.acked - acked_before == 99
+        assert client.is_connected
+        assert client.stats.lost == 0
+    expected = [(topic, payload) for topic, payload in messages if topic != "batch/050"]
+    assert [(message.topic, message.payload) for message in received_batch()] == expected

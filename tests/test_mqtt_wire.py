@@ -215,7 +215,7 @@ def _feed(chunks: list[bytes]) -> tuple[list[tuple[str, bytes, int, bool]], dict
         connection.transport = _Recorder()  # type: ignore[assignment]
         client._connection = connection
         acks: dict[int, int] = {}
-        client._on_puback = lambda mid, reason: acks.__setitem__(mid, reason)  # type: ignore[method-assign]
+        client._on_pubacks = acks.update  # type: ignore[method-assign,assignment]
         for chunk in chunks:
             connection.data_received(chunk)
         assert not connection.buffer, "every byte belongs to a complete packet"

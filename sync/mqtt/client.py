@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Sequence
 from types import TracebackType
 from typing import Self
 
@@ -290,10 +291,15 @@ class MqttClient:
             await self._window.wait_freed()
 
     @property
-    def has_bulk_room(self) -> bool:
-        """Whether an owner of bulk data may send one more QoS 1 message now, leaving
+    def bulk_room(self) -> int:
+        """How many QoS 1 messages an owner of bulk data may send now, leaving
         `bulk_reserve(window)` slots to the others."""
-        return self._window.has_bulk_room
+        return self._window.bulk_room
+
+    @property
+    def has_bulk_room(self) -> bool:
+        """Whether an owner of bulk data may send one more QoS 1 message now."""
+        return self._window.bulk_room > 0
 
     async def wait_bulk_room(self) -> None:
         """Wait until `has_bulk_room` (or the connection is lost)."""
@@ -308,6 +314,43 @@ class MqttClient:
         MessageTooLarge when the packet exceeds `broker_max_packet_size`.
         """
         self._send(topic, payload, qos, retain, None)
+
+    def publish_many(
+        self, messages: Sequence[tuple[str, bytes]], *, retain: bool
+    ) -> list[tuple[str, MessageTooLarge]]:
+        """Send QoS 1 messages now, fire and forget, in order: `publish` for a batch (what the
+        window does not let out waits in its queue). Returns the messages not sent because
+        they are larger than the broker takes, with why; raises NotConnected like `publish`.
+        """
+        connection = self._connection_up()
+        link = self._link
+        qos = 1
+        if (retain and not link.retain_available) or qos > link.maximum_qos:
+            # The broker's limits (rare): one message at a time, downgraded as `publish` does.
+            return self._publish_each(messages, retain)
+        too_large: list[tuple[str, MessageTooLarge]] = []
+        packets: list[tuple[bytes, bytes]] = []
+        for topic, payload in messages:
+            topic_bytes = self._topic_bytes.get(topic) or self._topic_name(topic)
+            try:
+                self._check_size(topic, topic_bytes, payload, qos, connection)
+            except MessageTooLarge as exc:
+                too_large.append((topic, exc))
+                continue
+            packets.append((topic_bytes, payload))
+        self._window.submit_many(connection, packets, retain)
+        return too_large
+
+    def _publish_each(
+        self, messages: Sequence[tuple[str, bytes]], retain: bool
+    ) -> list[tuple[str, MessageTooLarge]]:
+        too_large: list[tuple[str, MessageTooLarge]] = []
+        for topic, payload in messages:
+            try:
+                self._send(topic, payload, 1, retain, None)
+            except MessageTooLarge as exc:
+                too_large.append((topic, exc))
+        return too_large
 
     def publish_acked(
         self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False
@@ -334,34 +377,14 @@ class MqttClient:
         future: asyncio.Future[None] | None,
     ) -> None:
         link = self._link
-        connection = link.connection
-        if connection is None or connection.closed or not link.connected.is_set():
-            raise NotConnected(link.last_error or "not connected")
-        topic_bytes = self._topic_bytes.get(topic)
-        if topic_bytes is None:
-            wire.check_topic_name(topic)
-            topic_bytes = topic.encode()
-            if len(topic_bytes) > 0xFFFF:
-                raise ValueError("topic longer than 65,535 bytes")
-            if len(self._topic_bytes) >= 65536:
-                self._topic_bytes.clear()  # bounded: topics come from config, a few thousand
-            self._topic_bytes[topic] = topic_bytes
+        connection = self._connection_up()
+        topic_bytes = self._topic_bytes.get(topic) or self._topic_name(topic)
         if qos not in (0, 1):
             raise ValueError("only QoS 0 and 1 are published by this client")
         if (retain and not link.retain_available) or qos > link.maximum_qos:
             # The broker would disconnect us for it (MQTT 5, 3.3.1.3 and 3.2.2.3.4).
             retain, qos = self._downgrade(topic, retain, qos)
-        if len(payload) > wire.MAX_REMAINING_LENGTH - len(topic_bytes) - 8:
-            raise ValueError(f"payload of {len(payload)} bytes is too large for MQTT")
-        limit = link.broker_max_packet_size
-        if limit is not None and len(payload) + len(topic_bytes) + 10 > limit:
-            # The broker would disconnect us for it (MQTT 5, 3.2.2.3.6): refuse it here.
-            size = wire.publish_size(len(topic_bytes), len(payload), qos, connection.v5)
-            if size > limit:
-                raise MessageTooLarge(
-                    f"message to {topic} of {size} bytes is larger than the broker's "
-                    f"Maximum Packet Size ({limit} bytes)"
-                )
+        self._check_size(topic, topic_bytes, payload, qos, connection)
         if qos == 0:
             connection.write(
                 wire.publish_header(topic_bytes, len(payload), 0, retain, 0, connection.v5)
@@ -372,6 +395,39 @@ class MqttClient:
                 future.set_result(None)
             return
         self._window.submit(connection, topic_bytes, payload, retain, future)
+
+    def _connection_up(self) -> Connection:
+        link = self._link
+        connection = link.connection
+        if connection is None or connection.closed or not link.connected.is_set():
+            raise NotConnected(link.last_error or "not connected")
+        return connection
+
+    def _topic_name(self, topic: str) -> bytes:
+        """A topic's bytes, checked once and then cached (topics come from config)."""
+        wire.check_topic_name(topic)
+        topic_bytes = topic.encode()
+        if len(topic_bytes) > 0xFFFF:
+            raise ValueError("topic longer than 65,535 bytes")
+        if len(self._topic_bytes) >= 65536:
+            self._topic_bytes.clear()  # bounded: topics come from config, a few thousand
+        self._topic_bytes[topic] = topic_bytes
+        return topic_bytes
+
+    def _check_size(
+        self, topic: str, topic_bytes: bytes, payload: bytes, qos: int, connection: Connection
+    ) -> None:
+        if len(payload) > wire.MAX_REMAINING_LENGTH - len(topic_bytes) - 8:
+            raise ValueError(f"payload of {len(payload)} bytes is too large for MQTT")
+        limit = self._link.broker_max_packet_size
+        if limit is not None and len(payload) + len(topic_bytes) + 10 > limit:
+            # The broker would disconnect us for it (MQTT 5, 3.2.2.3.6): refuse it here.
+            size = wire.publish_size(len(topic_bytes), len(payload), qos, connection.v5)
+            if size > limit:
+                raise MessageTooLarge(
+                    f"message to {topic} of {size} bytes is larger than the broker's "
+                    f"Maximum Packet Size ({limit} bytes)"
+                )
 
     def _downgrade(self, topic: str, retain: bool, qos: int) -> tuple[bool, int]:
         link = self._link
@@ -412,8 +468,8 @@ class MqttClient:
             except MessageTooLarge as exc:
                 log.warning("%s: birth message not sent: %s", self._name, exc)
 
-    def _on_puback(self, mid: int, reason: int) -> None:
-        self._window.acknowledge(mid, reason)
+    def _on_pubacks(self, acks: list[tuple[int, int]]) -> None:
+        self._window.acknowledge(acks)
 
     def _on_packet(self, connection: Connection, first: int, body: memoryview) -> None:
         self._dispatcher.dispatch(connection, first, body)

@@ -26,9 +26,10 @@ log = logging.getLogger("edge_agent.mqtt")
 
 
 class ConnectionOwner(Protocol):
-    """What a connection reports to (the client): PUBACKs, every other packet, and its end."""
+    """What a connection reports to (the client): the PUBACKs of a read as (packet
+    identifier, reason code) pairs, every other packet, and its end."""
 
-    def _on_puback(self, mid: int, reason: int) -> None: ...
+    def _on_pubacks(self, acks: list[tuple[int, int]]) -> None: ...
 
     def _on_packet(self, connection: Connection, first: int, body: memoryview) -> None: ...
 
@@ -86,6 +87,8 @@ class Connection(asyncio.Protocol):
         size = len(buffer)
         limit = self.max_packet_size
         pos = 0
+        # The PUBACKs of this read, handed over together, and before any later packet.
+        acks: list[tuple[int, int]] = []
         # Nothing the broker sends may escape into the event loop (and from there end the
         # program): every error closes this connection, and the link reconnects.
         try:
@@ -103,6 +106,8 @@ class Connection(asyncio.Protocol):
                 if end - pos > limit:
                     # Refused on its fixed header: the body is never buffered (MQTT 5
                     # 3.1.2.11.4: a packet over our Maximum Packet Size is a protocol error).
+                    if acks:
+                        owner._on_pubacks(acks)  # what the broker acknowledged still counts
                     self.refuse(
                         wire.PACKET_TOO_LARGE,
                         f"packet of {end - pos} bytes from the broker is larger than "
@@ -114,13 +119,18 @@ class Connection(asyncio.Protocol):
                 if first == wire.PUBACK and length >= 2:
                     # The hot path: one PUBACK per QoS 1 publish.
                     reason = buffer[start + 2] if length > 2 and self.v5 else 0
-                    owner._on_puback((buffer[start] << 8) | buffer[start + 1], reason)
+                    acks.append(((buffer[start] << 8) | buffer[start + 1], reason))
                 else:
+                    if acks:
+                        owner._on_pubacks(acks)
+                        acks = []
                     # A copy: a view into `buffer` would pin it against the `del` below.
                     owner._on_packet(self, first, memoryview(bytes(memoryview(buffer)[start:end])))
+                    if self.closed:
+                        return
                 pos = end
-                if self.closed:
-                    return
+            if acks:
+                owner._on_pubacks(acks)
         except wire.MalformedPacket as exc:
             self.refuse(exc.reason_code, f"malformed packet from the broker: {exc}")
             return
