@@ -10,9 +10,8 @@ publisher, forwarder) wait for `bulk_room` first, so the queue only holds the oc
 acknowledgement or reply, and each of them leaves `bulk_reserve(window)` slots to the others.
 
 Both directions work in bulk: `submit_many` sends what the window lets out as one write, and
-`acknowledge` takes every PUBACK of one read at once. On a line publishing a hundred values a
-poll, the per-message layers (a free-slot check, a packet, a queue check, an event per PUBACK)
-were a tenth of the agent's CPU (docs/performance.md, "Node-RED's job").
+`acknowledge` takes every PUBACK of one read at once, so that a line publishing a hundred
+values a poll does not pay a free-slot check, a queue check and a wake-up check per message.
 """
 
 from __future__ import annotations
