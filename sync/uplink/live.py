@@ -58,6 +58,7 @@ class LivePublisher:
     def offer_events(self, events: Sequence[Event]) -> None:
         """Sample events -> R/{device}/{tag}."""
         topics, latest, dirty = self._topics, self._latest, self._dirty
+        offered = False
         for event in events:
             device, tag = event.device, event.tag
             if event.kind == "sample" and device and tag:
@@ -68,7 +69,9 @@ class LivePublisher:
                     topic = topics[device, tag] = live_topic(self._root, device, tag)
                 latest[topic] = sample_payload(event.ts, event.value, event.quality or "good")
                 dirty[topic] = None
-        self._wakeup.set()
+                offered = True
+        if offered:
+            self._wakeup.set()
 
     def clear(self, topic: str) -> None:
         """Delete a topic's retained value at the broker (its tag was removed)."""
