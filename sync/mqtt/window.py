@@ -9,9 +9,9 @@ waits in a small queue (in order) until a PUBACK frees a slot. The owners of bul
 publisher, forwarder) wait for `bulk_room` first, so the queue only holds the occasional
 acknowledgement or reply, and each of them leaves `bulk_reserve(window)` slots to the others.
 
-Both directions work in bulk: `submit_many` sends what the window lets out as one write, and
-`acknowledge` takes every PUBACK of one read at once, so that a line publishing a hundred
-values a poll does not pay a free-slot check, a queue check and a wake-up check per message.
+Both directions work in bulk: `submit_many` takes a batch in one call, and `acknowledge` takes
+every PUBACK of one read at once, so that a line publishing a hundred values a poll does not
+pay a free-slot check, a queue check and a wake-up check per message.
 """
 
 from __future__ import annotations
@@ -134,23 +134,14 @@ class InflightWindow:
     def submit_many(
         self, connection: Connection, messages: Sequence[tuple[bytes, bytes]], retain: bool
     ) -> None:
-        """`submit` for QoS 1 messages nobody waits for: what the window lets out goes in one
-        write, the rest is queued in order."""
+        """`submit` for QoS 1 messages nobody waits for: what the window lets out is sent (the
+        connection writes one loop turn's packets at once), the rest is queued in order."""
         if not messages:
             return
         self._idle.clear()
-        pending = connection.pending
-        room = 0 if self._queued else max(0, self.size - len(pending))
-        parts: list[bytes] = []
-        v5 = connection.v5
+        room = 0 if self._queued else max(0, self.size - len(connection.pending))
         for topic_bytes, payload in messages[:room]:
-            mid = connection.new_mid()
-            parts.append(wire.publish_header(topic_bytes, len(payload), 1, retain, mid, v5))
-            parts.append(payload)
-            pending[mid] = (topic_bytes, None)
-        if parts:
-            connection.write(b"".join(parts))
-            self._stats.published += len(parts) // 2
+            self._transmit(connection, topic_bytes, payload, retain, None)
         self._queued.extend((topic, payload, retain, None) for topic, payload in messages[room:])
 
     def _transmit(
