@@ -57,8 +57,7 @@ class LivePublisher:
 
     def offer_events(self, events: Sequence[Event]) -> None:
         """Sample events -> R/{device}/{tag}."""
-        topics, latest, dirty = self._topics, self._latest, self._dirty
-        offered = False
+        topics = self._topics
         for event in events:
             device, tag = event.device, event.tag
             if event.kind == "sample" and device and tag:
@@ -67,11 +66,7 @@ class LivePublisher:
                     if len(topics) >= 65536:
                         topics.clear()  # bounded: tags come from config, a few thousand
                     topic = topics[device, tag] = live_topic(self._root, device, tag)
-                latest[topic] = sample_payload(event.ts, event.value, event.quality or "good")
-                dirty[topic] = None
-                offered = True
-        if offered:
-            self._wakeup.set()
+                self.offer(topic, sample_payload(event.ts, event.value, event.quality or "good"))
 
     def clear(self, topic: str) -> None:
         """Delete a topic's retained value at the broker (its tag was removed)."""
