@@ -58,7 +58,7 @@ class StoredEvent:
     def wire(self) -> str:
         """This event as an object of the S/sync ``events`` array (compact JSON)."""
         return (
-            f'{{"seq":{self.seq},"ts":"{ts_text(self.ts)}","kind":"{self.kind}",'
+            f'{{"seq":{self.seq},"ts":"{rfc3339(self.ts)}","kind":"{self.kind}",'
             f'"device":{_quote(self.device)},"tag":{_quote(self.tag)},'
             f'"value":{self.value_json or "null"},"quality":{_quote(self.quality)}}}'
         )
@@ -108,14 +108,3 @@ def _quote(text: str | None) -> str:
 def _quote_text(text: str) -> str:
     # Device, tag and quality strings repeat endlessly: quote each once.
     return json.dumps(text, ensure_ascii=False)
-
-
-@functools.lru_cache(maxsize=256)  # small, like sync.events._second_text
-def _second_prefix(seconds: int) -> str:
-    return rfc3339(float(seconds))[:-5]
-
-
-def ts_text(ts: float) -> str:
-    """Same text as `sync.events.rfc3339`, with the date/time part cached per second."""
-    seconds, millis = divmod(round(ts * 1000), 1000)
-    return f"{_second_prefix(seconds)}.{millis:03d}Z"

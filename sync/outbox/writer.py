@@ -27,10 +27,10 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from sync.events import Event
+from sync.events import Event, rfc3339
 from sync.outbox.acks import Acks
 from sync.outbox.cap import SizeCap
-from sync.outbox.codec import Row, StoredRow, encode_event, ts_text
+from sync.outbox.codec import Row, StoredRow, encode_event
 from sync.outbox.database import INSERT_EVENT, Database, oldest_ts_in
 from sync.outbox.errors import OutboxUnavailable
 from sync.outbox.state import OutboxState
@@ -98,8 +98,8 @@ class RefusedEvents:
                 "reason": "append_failed",
                 "ranges": [],
                 "count": self.count,
-                "first_ts": ts_text(self._first_ts),
-                "last_ts": ts_text(self._last_ts),
+                "first_ts": rfc3339(self._first_ts),
+                "last_ts": rfc3339(self._last_ts),
                 "detail": self._reason,
             },
         )
