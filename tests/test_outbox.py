@@ -12,21 +12,26 @@ import os
 import signal
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from sync.events import Event, rfc3339
+from sync.outbox import database as database_module
+from sync.outbox import writer as writer_module
 from sync.outbox.codec import StoredEvent
 from sync.outbox.store import Outbox, OutboxFull, OutboxUnavailable
 from tests.fixtures.modes import modes_under, umask, wider_than_private
 from tests.fixtures.ports import async_wait_until
 
 REPO = Path(__file__).resolve().parent.parent
+T = TypeVar("T")
 
 
 def sample(i: int, size: int = 0) -> Event:
@@ -219,12 +224,22 @@ async def test_concurrent_appends_share_few_transactions(tmp_path: Path) -> None
         assert all(b[0] == a[1] + 1 for a, b in itertools.pairwise(ranges))
 
 
-async def test_a_group_commit_is_one_call_to_the_connections_thread(tmp_path: Path) -> None:
-    # BEGIN, the inserts, the seq counter, the cap's measure and COMMIT: one round trip to
-    # aiosqlite's thread, not four (each costs ~100 µs of CPU on a small VM, issue #22); the
-    # acks taken ride along in the same transaction.
+@pytest.mark.parametrize("disk", ["quick", "slow", "large"])
+async def test_a_group_commit_is_one_transaction_on_the_loop_or_one_call_to_the_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, disk: str
+) -> None:
+    # BEGIN, the inserts, the seq counter, the cap's measure and COMMIT: one transaction, with
+    # the acks taken riding along. While commits are quick a small one runs on the event loop
+    # itself: no round trip to aiosqlite's thread at all (each costs two wake-ups, ~100 µs of
+    # CPU on a small VM, issue #22). After an on-loop commit slower than the budget, or for a
+    # group larger than LOOP_MAX_ROWS, it is ONE call to the thread, never four.
     async with Outbox(tmp_path / "outbox.db", max_size=1 << 30, ack_delay=60.0) as outbox:
         await outbox.append([sample(i) for i in range(10)])
+        if disk == "slow":
+            monkeypatch.setattr(database_module, "LOOP_BUDGET", 0.0)
+            await outbox.append([sample(10)])  # on the loop, and "slower" than the budget
+        if disk == "large":
+            monkeypatch.setattr(writer_module, "LOOP_MAX_ROWS", 20)
         db = outbox._db
         assert db is not None
         calls: list[object] = []
@@ -237,12 +252,45 @@ async def test_a_group_commit_is_one_call_to_the_connections_thread(tmp_path: Pa
         db._execute = counting  # type: ignore[method-assign]
         assert outbox.take_ack(outbox.stream, 5)
         assert calls == []  # taken in memory
-        commits = outbox.commits
+        commits, count = outbox.commits, outbox.events_count
         await asyncio.gather(*(outbox.append([sample(100 + i)]) for i in range(50)))
-        assert len(calls) == 1
+        assert len(calls) == (0 if disk == "quick" else 1)
         assert outbox.commits == commits + 1
-        assert outbox.events_count == 55  # the 5 acked rows went in that transaction
+        assert outbox.events_count == count + 50 - 5  # the 5 acked rows went in that transaction
         assert (await stored(outbox))[0].seq == 6
+
+
+async def test_the_loop_takes_small_commits_again_after_the_pause(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A slow disk sends commits to the thread for LOOP_PAUSE only: a disk that was slow once
+    # (a WAL checkpoint) does not lose the cheap path for good.
+    monkeypatch.setattr(database_module, "LOOP_BUDGET", 0.0)
+    monkeypatch.setattr(database_module, "LOOP_PAUSE", 3600.0)
+    async with Outbox(tmp_path / "outbox.db", max_size=1 << 30) as outbox:
+        database = outbox._database
+        await outbox.append([sample(0)])  # on the loop, "slow": the pause starts
+        assert database._on_loop_from > time.monotonic() + 3000
+        threads: set[int] = set()
+        transact = database.transact
+
+        async def recording(work: Callable[..., T], failure: str, *, small: bool = False) -> T:
+            def traced(connection: object) -> T:
+                threads.add(threading.get_ident())
+                return work(connection)
+
+            return await transact(traced, failure, small=small)
+
+        monkeypatch.setattr(database, "transact", recording)
+        await outbox.append([sample(1)])
+        assert threads  # on the thread:
+        assert threading.get_ident() not in threads
+        threads.clear()
+        database._on_loop_from = time.monotonic()  # the pause is over
+        monkeypatch.setattr(database_module, "LOOP_BUDGET", 10.0)
+        await outbox.append([sample(2)])
+        assert threads == {threading.get_ident()}  # back on the event loop
+        assert [event.value for event in await stored(outbox)] == [0.0, 1.0, 2.0]
 
 
 async def test_group_is_cut_at_commit_max_events(tmp_path: Path) -> None:

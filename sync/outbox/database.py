@@ -5,6 +5,13 @@ One aiosqlite connection in WAL mode with ``synchronous=FULL`` and ``locking_mod
 aiosqlite call is a round trip to the connection's thread, about 100 µs of CPU on a small VM
 (docs/performance.md, "Node-RED's job"), so a write transaction is ONE call: `transact` runs a
 plain function (BEGIN IMMEDIATE, the statements, COMMIT) on that thread.
+
+A small transaction (a poll's events, a second of acks) skips even that round trip while the
+disk commits quickly: it runs on the event loop itself, which the fsync then holds for a
+millisecond or two. Waking the connection's thread and then the loop again cost two wake-ups
+per commit, a fifth of the agent's wake-ups on Node-RED's job. One such transaction slower than
+`LOOP_BUDGET` (a slow disk, a WAL checkpoint) sends the next ones to the thread for
+`LOOP_PAUSE`, so a slow disk holds the loop at most once in that time.
 """
 
 from __future__ import annotations
@@ -59,6 +66,13 @@ CREATE TABLE IF NOT EXISTS events (
 
 T = TypeVar("T")
 
+# A transaction that may run on the event loop: at most this many rows inserted or deleted.
+LOOP_MAX_ROWS = 5_000
+# An on-loop transaction slower than this (seconds) sends the next ones to the thread ...
+LOOP_BUDGET = 0.010
+# ... for this long (seconds), then the loop tries again.
+LOOP_PAUSE = 60.0
+
 INSERT_EVENT = (
     "INSERT INTO events (seq, ts, kind, device, tag, value, quality) VALUES (?,?,?,?,?,?,?)"
 )
@@ -73,6 +87,7 @@ class Database:
         self.connection: aiosqlite.Connection | None = None
         self.lock = asyncio.Lock()  # one transaction or read at a time on the one connection
         self._page_size = 4096
+        self._on_loop_from = 0.0  # monotonic time from which small transactions run on the loop
 
     def conn(self) -> aiosqlite.Connection:
         """The open connection; raises OutboxUnavailable when closed."""
@@ -87,7 +102,11 @@ class Database:
             await asyncio.to_thread(private_database, self.path)
         except OSError as exc:
             raise OutboxUnavailable(f"cannot open outbox {self.path}: {exc}") from exc
-        self.connection = await sqlite.connect(self.path, isolation_level=None, timeout=1.0)
+        # check_same_thread=False: `transact` runs small transactions on the event loop's
+        # thread as well as on aiosqlite's; `lock` keeps them one at a time.
+        self.connection = await sqlite.connect(
+            self.path, isolation_level=None, timeout=1.0, check_same_thread=False
+        )
         await self._configure()
         await self._create_schema()
         await self._load(state)
@@ -117,13 +136,17 @@ class Database:
             await _rollback(db)
             raise
 
-    async def transact(self, work: Callable[[sqlite3.Connection], T], failure: str) -> T:
+    async def transact(
+        self, work: Callable[[sqlite3.Connection], T], failure: str, *, small: bool = False
+    ) -> T:
         """Run ``work(connection)`` between BEGIN IMMEDIATE and COMMIT in ONE call to the
-        connection's thread; roll back on any error.
+        connection's thread, or on the event loop if `small` and commits have been quick; roll
+        back on any error.
 
         An SQLite error becomes ``OutboxUnavailable(f"{failure}: {error}")``. The caller holds
-        `lock` where other tasks may use the connection; `work` runs on the connection's thread
-        and must touch nothing of the event loop's.
+        `lock` where other tasks may use the connection; `work` may run on the connection's
+        thread and must touch nothing of the event loop's. `small`: it inserts or deletes at
+        most `LOOP_MAX_ROWS` rows.
         """
         db = self.conn()
 
@@ -137,8 +160,26 @@ class Database:
                 raise
             return result
 
-        # aiosqlite's own way of running a function on its thread (the one its execute()
-        # uses); it has no public name for it.
+        # aiosqlite's sqlite3 connection and its own way of running a function on its thread
+        # (the one its execute() uses); it has no public name for either.
+        if small and time.monotonic() >= self._on_loop_from:
+            started = time.monotonic()
+            try:
+                return transaction(db._conn)
+            except sqlite3.Error as exc:
+                raise OutboxUnavailable(f"{failure}: {exc}") from exc
+            except ValueError as exc:  # aiosqlite: "no active connection"
+                raise OutboxUnavailable(f"{failure}: {exc}") from exc
+            finally:
+                took = time.monotonic() - started
+                if took > LOOP_BUDGET:
+                    self._on_loop_from = started + took + LOOP_PAUSE
+                    log.debug(
+                        "outbox: a commit held the event loop for %.0f ms; commits run on "
+                        "the SQLite thread for %.0f s",
+                        took * 1000,
+                        LOOP_PAUSE,
+                    )
         call = cast(Callable[..., Awaitable[T]], db._execute)
         try:
             return await call(transaction, db._conn)

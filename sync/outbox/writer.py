@@ -31,7 +31,7 @@ from sync.events import Event, rfc3339
 from sync.outbox.acks import Acks
 from sync.outbox.cap import SizeCap
 from sync.outbox.codec import Row, StoredRow, encode_event
-from sync.outbox.database import INSERT_EVENT, Database, oldest_ts_in
+from sync.outbox.database import INSERT_EVENT, LOOP_MAX_ROWS, Database, oldest_ts_in
 from sync.outbox.errors import OutboxUnavailable
 from sync.outbox.state import OutboxState
 
@@ -259,9 +259,16 @@ class GroupCommitWriter:
             upto = state.deleted_upto if ack_upto is None else ack_upto
             return _Written(last, count, dropped, used, oldest, upto)
 
+        # Small enough for the event loop: neither a large insert nor a large ack chunk, and
+        # not near the cap, whose enforcement deletes an unknown number of rows.
+        small = (
+            len(rows) <= LOOP_MAX_ROWS
+            and (ack_upto is None or ack_upto - state.deleted_upto <= LOOP_MAX_ROWS)
+            and state.bytes_used < cap.max_size * 0.9
+        )
         async with database.lock:
             written = await database.transact(
-                write, f"cannot commit {len(rows)} events to {database.path}"
+                write, f"cannot commit {len(rows)} events to {database.path}", small=small
             )
         if written.dropped:
             self._tail.clear()  # the cache must never serve an event the cap dropped
