@@ -224,15 +224,16 @@ async def test_concurrent_appends_share_few_transactions(tmp_path: Path) -> None
         assert all(b[0] == a[1] + 1 for a, b in itertools.pairwise(ranges))
 
 
-@pytest.mark.parametrize("disk", ["quick", "slow", "large"])
+@pytest.mark.parametrize("disk", ["quick", "slow", "large", "sqlite not serialized"])
 async def test_a_group_commit_is_one_transaction_on_the_loop_or_one_call_to_the_thread(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, disk: str
 ) -> None:
     # BEGIN, the inserts, the seq counter, the cap's measure and COMMIT: one transaction, with
     # the acks taken riding along. While commits are quick a small one runs on the event loop
     # itself: no round trip to aiosqlite's thread at all (each costs two wake-ups, ~100 µs of
-    # CPU on a small VM, issue #22). After an on-loop commit slower than the budget, or for a
-    # group larger than LOOP_MAX_ROWS, it is ONE call to the thread, never four.
+    # CPU on a small VM, issue #22). After an on-loop commit slower than the budget, for a
+    # group larger than LOOP_MAX_ROWS, or where SQLite is not built serialized (the connection
+    # then must not be shared between threads), it is ONE call to the thread, never four.
     async with Outbox(tmp_path / "outbox.db", max_size=1 << 30, ack_delay=60.0) as outbox:
         await outbox.append([sample(i) for i in range(10)])
         if disk == "slow":
@@ -240,6 +241,8 @@ async def test_a_group_commit_is_one_transaction_on_the_loop_or_one_call_to_the_
             await outbox.append([sample(10)])  # on the loop, and "slower" than the budget
         if disk == "large":
             monkeypatch.setattr(writer_module, "LOOP_MAX_ROWS", 20)
+        if disk == "sqlite not serialized":
+            monkeypatch.setattr(database_module, "SERIALIZED", False)
         db = outbox._db
         assert db is not None
         calls: list[object] = []

@@ -72,6 +72,9 @@ LOOP_MAX_ROWS = 5_000
 LOOP_BUDGET = 0.010
 # ... for this long (seconds), then the loop tries again.
 LOOP_PAUSE = 60.0
+# Only where SQLite is built serialized may one connection be used from two threads at once
+# (see `open`); elsewhere every transaction stays on aiosqlite's thread.
+SERIALIZED = sqlite3.threadsafety == 3
 
 INSERT_EVENT = (
     "INSERT INTO events (seq, ts, kind, device, tag, value, quality) VALUES (?,?,?,?,?,?,?)"
@@ -103,7 +106,9 @@ class Database:
         except OSError as exc:
             raise OutboxUnavailable(f"cannot open outbox {self.path}: {exc}") from exc
         # check_same_thread=False: `transact` runs small transactions on the event loop's
-        # thread as well as on aiosqlite's; `lock` keeps them one at a time.
+        # thread as well as on aiosqlite's; `lock` keeps them one at a time. A call whose
+        # awaiting task was cancelled may still run on aiosqlite's thread after the lock is
+        # free; SQLite's serialized mode (sqlite3.threadsafety 3) keeps such an overlap safe.
         self.connection = await sqlite.connect(
             self.path, isolation_level=None, timeout=1.0, check_same_thread=False
         )
@@ -162,7 +167,7 @@ class Database:
 
         # aiosqlite's sqlite3 connection and its own way of running a function on its thread
         # (the one its execute() uses); it has no public name for either.
-        if small and time.monotonic() >= self._on_loop_from:
+        if small and SERIALIZED and time.monotonic() >= self._on_loop_from:
             started = time.monotonic()
             try:
                 return transaction(db._conn)
