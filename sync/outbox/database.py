@@ -167,31 +167,30 @@ class Database:
 
         # aiosqlite's sqlite3 connection and its own way of running a function on its thread
         # (the one its execute() uses); it has no public name for either.
-        if small and SERIALIZED and time.monotonic() >= self._on_loop_from:
-            started = time.monotonic()
-            try:
-                return transaction(db._conn)
-            except sqlite3.Error as exc:
-                raise OutboxUnavailable(f"{failure}: {exc}") from exc
-            except ValueError as exc:  # aiosqlite: "no active connection"
-                raise OutboxUnavailable(f"{failure}: {exc}") from exc
-            finally:
-                took = time.monotonic() - started
-                if took > LOOP_BUDGET:
-                    self._on_loop_from = started + took + LOOP_PAUSE
-                    log.debug(
-                        "outbox: a commit held the event loop for %.0f ms; commits run on "
-                        "the SQLite thread for %.0f s",
-                        took * 1000,
-                        LOOP_PAUSE,
-                    )
         call = cast(Callable[..., Awaitable[T]], db._execute)
         try:
+            if small and SERIALIZED and time.monotonic() >= self._on_loop_from:
+                started = time.monotonic()
+                try:
+                    return transaction(db._conn)
+                finally:
+                    self._held_loop(time.monotonic() - started)
             return await call(transaction, db._conn)
         except sqlite3.Error as exc:
             raise OutboxUnavailable(f"{failure}: {exc}") from exc
-        except ValueError as exc:  # aiosqlite: "Connection closed"
+        except ValueError as exc:  # aiosqlite: "Connection closed", "no active connection"
             raise OutboxUnavailable(f"{failure}: {exc}") from exc
+
+    def _held_loop(self, seconds: float) -> None:
+        # A commit on the loop took `seconds`: past the budget, the next ones go to the thread.
+        if seconds > LOOP_BUDGET:
+            self._on_loop_from = time.monotonic() + LOOP_PAUSE
+            log.debug(
+                "outbox: a commit held the event loop for %.0f ms; commits run on the SQLite "
+                "thread for %.0f s",
+                seconds * 1000,
+                LOOP_PAUSE,
+            )
 
     def update_meta_in(self, connection: sqlite3.Connection, last_seq: int, dropped: int) -> int:
         """Write the seq counter (in `transact`); return the bytes in use."""
