@@ -323,15 +323,14 @@ class MqttClient:
         they are larger than the broker takes, with why; raises NotConnected like `publish`.
         """
         connection = self._connection_up()
-        link = self._link
         qos = 1
-        if (retain and not link.retain_available) or qos > link.maximum_qos:
+        if self._beyond_limits(retain, qos):
             # The broker's limits (rare): one message at a time, downgraded as `publish` does.
             return self._publish_each(messages, retain)
         too_large: list[tuple[str, MessageTooLarge]] = []
         packets: list[tuple[bytes, bytes]] = []
         for topic, payload in messages:
-            topic_bytes = self._topic_bytes.get(topic) or self._topic_name(topic)
+            topic_bytes = self._topic_name(topic)
             try:
                 self._check_size(topic, topic_bytes, payload, qos, connection)
             except MessageTooLarge as exc:
@@ -376,12 +375,11 @@ class MqttClient:
         retain: bool,
         future: asyncio.Future[None] | None,
     ) -> None:
-        link = self._link
         connection = self._connection_up()
-        topic_bytes = self._topic_bytes.get(topic) or self._topic_name(topic)
+        topic_bytes = self._topic_name(topic)
         if qos not in (0, 1):
             raise ValueError("only QoS 0 and 1 are published by this client")
-        if (retain and not link.retain_available) or qos > link.maximum_qos:
+        if self._beyond_limits(retain, qos):
             # The broker would disconnect us for it (MQTT 5, 3.3.1.3 and 3.2.2.3.4).
             retain, qos = self._downgrade(topic, retain, qos)
         self._check_size(topic, topic_bytes, payload, qos, connection)
@@ -405,6 +403,9 @@ class MqttClient:
 
     def _topic_name(self, topic: str) -> bytes:
         """A topic's bytes, checked once and then cached (topics come from config)."""
+        topic_bytes = self._topic_bytes.get(topic)
+        if topic_bytes is not None:
+            return topic_bytes
         wire.check_topic_name(topic)
         topic_bytes = topic.encode()
         if len(topic_bytes) > 0xFFFF:
@@ -428,6 +429,11 @@ class MqttClient:
                     f"message to {topic} of {size} bytes is larger than the broker's "
                     f"Maximum Packet Size ({limit} bytes)"
                 )
+
+    def _beyond_limits(self, retain: bool, qos: int) -> bool:
+        # The broker's Retain Available and Maximum QoS (CONNACK); `_downgrade` applies them.
+        link = self._link
+        return (retain and not link.retain_available) or qos > link.maximum_qos
 
     def _downgrade(self, topic: str, retain: bool, qos: int) -> tuple[bool, int]:
         link = self._link
