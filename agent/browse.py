@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+import uvloop
 from pydantic import ValidationError
 
 from agent.daemon.devices import driver_context
@@ -283,7 +284,7 @@ def run_browse(args: argparse.Namespace, environ: Mapping[str, str]) -> Outcome:
     ]
     limits = BrowseLimits(depth=args.depth, max_nodes=args.max_nodes)
     try:
-        result = asyncio.run(browse(target, args.node, limits))
+        result = uvloop.run(browse(target, args.node, limits))
     except BadStartNode as exc:
         return Outcome(EXIT_USAGE, messages=[*warnings, str(exc)])
     except DriverError as exc:

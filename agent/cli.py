@@ -327,13 +327,13 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """`edge-agent run`: the daemon (config validated before the event loop starts)."""
-    import asyncio
+    import uvloop
 
     from agent.daemon.runtime import run_until_signalled
     from agent.settings.loader import load_agent_settings
 
     settings = load_agent_settings(args.config)
-    code = asyncio.run(run_until_signalled(settings, args.config))
+    code = uvloop.run(run_until_signalled(settings, args.config))
     _exit_despite_stray_threads(code)
     return code
 
@@ -356,13 +356,13 @@ def _exit_despite_stray_threads(code: int) -> None:
 
 def cmd_probe(args: argparse.Namespace) -> int:
     """`edge-agent probe`: one read of every tag, as a table; exit 0 only if all are good."""
-    import asyncio
+    import uvloop
 
     from agent.probe import format_table, probe
     from agent.settings.loader import device_secrets, load_agent_settings
 
     settings = load_agent_settings(args.config, secrets_needed=device_secrets)
-    rows = asyncio.run(probe(settings))
+    rows = uvloop.run(probe(settings))
     print(format_table(rows))
     return EXIT_OK if rows and all(row.quality == "good" for row in rows) else EXIT_FAILURE
 
@@ -387,13 +387,13 @@ def cmd_oee(args: argparse.Namespace) -> int:
 
 def cmd_ingest(args: argparse.Namespace) -> int:
     """`edge-agent ingest`: the central ingest service (config validated before start)."""
-    import asyncio
+    import uvloop
 
     from agent.central.service import run_until_signalled
     from agent.central.settings import load_central_settings
 
     settings = load_central_settings(args.config)
-    return asyncio.run(run_until_signalled(settings))
+    return uvloop.run(run_until_signalled(settings))
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -426,13 +426,13 @@ def cmd_browse(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """`edge-agent demo`: simulators, an agent and live OEE in the terminal."""
-    import asyncio
+    import uvloop
 
     from agent.demo import DemoOptions, quiet_logging, run_demo
 
     if args.log_level == "info":
         quiet_logging()
-    return asyncio.run(run_demo(DemoOptions(duration=args.duration, broker=args.broker)))
+    return uvloop.run(run_demo(DemoOptions(duration=args.duration, broker=args.broker)))
 
 
 HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {

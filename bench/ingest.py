@@ -20,6 +20,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import uvloop
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import asyncpg
@@ -188,7 +190,7 @@ def main() -> None:
     parser.add_argument("--pool-size", type=int, default=4, help="the replica's pool_size")
     args = parser.parse_args()
     with PostgresServer() as pg, MosquittoBroker() as broker:
-        asyncio.run(run(args, pg, broker))
+        uvloop.run(run(args, pg, broker))
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as paho
+import uvloop
 from paho.mqtt.enums import CallbackAPIVersion
 
 REPO = Path(__file__).resolve().parent.parent
@@ -684,4 +685,4 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    uvloop.run(main())

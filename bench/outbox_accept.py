@@ -14,6 +14,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import uvloop
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.line_scale import RAW_INSERT, raw_events_db
@@ -86,7 +88,7 @@ def main() -> None:
     args = parser.parse_args()
     seconds = 1.0 if args.quick else args.seconds
     with tempfile.TemporaryDirectory(prefix="outbox-bench-") as tmp:
-        accepted, elapsed, commits = asyncio.run(
+        accepted, elapsed, commits = uvloop.run(
             outbox_rate(Path(tmp) / "outbox.db", args.producers, args.batch, seconds)
         )
         rate = accepted / elapsed

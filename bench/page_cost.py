@@ -24,6 +24,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+import uvloop
+
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
@@ -160,7 +162,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a few seconds (smoke test)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
-    figures = asyncio.run(run(args))
+    figures = uvloop.run(run(args))
     for name, value in figures.items():
         print(f"{name:<28} {value:12.2f}")
     if args.json is not None:

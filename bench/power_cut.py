@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import uvloop
+
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
@@ -121,7 +123,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=25)
     parser.add_argument("--quick", action="store_true", help="3 cuts (smoke test)")
     args = parser.parse_args()
-    sys.exit(asyncio.run(run(3 if args.quick else args.cuts, args.seed)))
+    sys.exit(uvloop.run(run(3 if args.quick else args.cuts, args.seed)))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable
 
+import uvloop
+
 # serve(stop, out): run until `stop` is set, printing what an operator needs through `out`.
 Serve = Callable[[asyncio.Event, Callable[[str], None]], Awaitable[None]]
 
@@ -30,7 +32,7 @@ def run_until_signalled(name: str, serve: Serve) -> int:
                 loop.remove_signal_handler(sig)
 
     try:
-        asyncio.run(run())
+        uvloop.run(run())
     except OSError as exc:
         print(f"edge-agent simulate {name}: {exc}", file=sys.stderr)
         return 1

@@ -8,21 +8,31 @@
 - ``postgres_database``: DSN of a fresh, empty database on ``postgres_session``.
 - ``track_peer``: ``track(peer)`` adds a peer's log tail to the test's report if it fails.
 
-When a test fails, the log tails of the peers it used are added to its report.
+When a test fails, the log tails of the peers it used are added to its report. Every async
+test runs on uvloop's event loop, the one every program runs on (`pytest_asyncio_loop_factories`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Callable, Generator, Iterator
 
 import pytest
+import uvloop
 
 from tests.fixtures.mosquitto import MosquittoBroker
 from tests.fixtures.pool import MosquittoFactory, Peer, PeerPool, PostgresFactory
 from tests.fixtures.postgres import PostgresServer
 
 _PEERS_KEY = pytest.StashKey[list[Peer]]()
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """Every async test runs on the event loop the programs run on (uvloop's)."""
+    return {"uvloop": uvloop.new_event_loop}
 
 
 def _track(item: pytest.Item) -> Callable[[Peer], None]:

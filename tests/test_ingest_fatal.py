@@ -22,6 +22,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
+import uvloop
 
 from agent.central.service import asyncio_report
 from sync.central.commit import (
@@ -214,7 +215,7 @@ def test_only_asyncpg_orphaned_waiters_are_quietened(context: dict[str, Any], or
 def test_ingest_process_handler_logs_orphans_at_debug_and_the_rest_as_errors(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    loop = asyncio.new_event_loop()
+    loop = uvloop.new_event_loop()
     try:
         with caplog.at_level(logging.DEBUG):
             asyncio_report(

@@ -40,6 +40,20 @@ def client_for(broker: MosquittoBroker, **kwargs: object) -> MqttClient:
     return MqttClient(**options)  # type: ignore[arg-type]
 
 
+def cut_under(client: MqttClient) -> None:
+    """Shut the client's TCP connection down under it, with no DISCONNECT: a dead link.
+
+    uvloop's transport sockets refuse shutdown(); a duplicate of the descriptor does not, and
+    shutting it down ends the one connection both name.
+    """
+    connection = client._connection
+    assert connection is not None
+    sock = connection.socket()
+    assert sock is not None
+    with socket.fromfd(sock.fileno(), sock.family, sock.type) as duplicate:
+        duplicate.shutdown(socket.SHUT_RDWR)
+
+
 async def test_publish_is_acknowledged_and_received(mosquitto: MosquittoBroker) -> None:
     received: list[Message] = []
     async with client_for(mosquitto) as client:
@@ -71,11 +85,7 @@ async def test_birth_and_will(mosquitto: MosquittoBroker) -> None:
             message = await asyncio.to_thread(watcher.wait_for_message, 5)
             assert (message.payload, message.retain) == (b"online", False)
             # Kill the client's socket without DISCONNECT: the broker publishes the will.
-            connection = client._connection  # simulate a dead TCP connection
-            assert connection is not None
-            sock = connection.socket()
-            assert sock is not None
-            sock.shutdown(socket.SHUT_RDWR)
+            cut_under(client)
             message = await asyncio.to_thread(watcher.wait_for_message, 10)
             assert message.payload == b"offline"
 
@@ -114,11 +124,7 @@ async def test_loss_fails_pending_acks(mosquitto: MosquittoBroker) -> None:
             await client.wait_connected()
         await asyncio.to_thread(mosquitto.pause)  # SIGSTOP: accepts nothing, acks nothing
         future = client.publish_acked("p/x", b"1")
-        connection = client._connection
-        assert connection is not None
-        sock = connection.socket()
-        assert sock is not None
-        sock.shutdown(socket.SHUT_RDWR)
+        cut_under(client)
         with pytest.raises(ConnectionLost):
             await asyncio.wait_for(future, 10)
         assert client.inflight == 0

@@ -7,6 +7,7 @@ import itertools
 import re
 
 import pytest
+import uvloop
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -227,7 +228,7 @@ def _feed(chunks: list[bytes]) -> tuple[list[tuple[str, bytes, int, bool]], dict
         assert connection.ping_sent is None
         return [(m.topic, m.payload, m.qos, m.retain) for m in received], acks
 
-    return asyncio.run(run())
+    return uvloop.run(run())
 
 
 EXPECTED = (

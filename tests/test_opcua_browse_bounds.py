@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 import pytest
+import uvloop
 from asyncua import ua
 from asyncua.client.client import Client
 from asyncua.ua.uaerrors import BadTooManyOperations
@@ -154,7 +155,7 @@ def browse(
     session: FakeSession, *, depth: int = 3, max_nodes: int = 500, start: str = "ns=1;s=root"
 ) -> Any:
     browser = Browser(cast(Client, FakeClient(session)), url="opc.tcp://fake:4840", timeout=0.2)
-    return asyncio.run(browser.run(start, BrowseLimits(depth=depth, max_nodes=max_nodes)))
+    return uvloop.run(browser.run(start, BrowseLimits(depth=depth, max_nodes=max_nodes)))
 
 
 def test_a_huge_server_that_ignores_the_reference_limit_stops_at_max_nodes() -> None:

@@ -113,6 +113,7 @@ WRITER = textwrap.dedent(
     """
     import asyncio, sys
     from pathlib import Path
+    import uvloop
     from sync.events import Event
     from sync.outbox.store import Outbox
 
@@ -142,7 +143,7 @@ WRITER = textwrap.dedent(
 
             await asyncio.gather(*(producer(k) for k in range(3)), submitter(), acker())
 
-    asyncio.run(main())
+    uvloop.run(main())
     """
 )
 

@@ -5,11 +5,11 @@ pair instead of a device refused until a person intervenes."""
 
 from __future__ import annotations
 
-import asyncio
 import random
 from pathlib import Path
 
 import pytest
+import uvloop
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
@@ -30,7 +30,7 @@ def pair_matches(cert_path: Path, key_path: Path) -> bool:
 
 def first_start(pki: Path) -> None:
     """What the driver does at start: complete a cut pair or create one."""
-    asyncio.run(
+    uvloop.run(
         security._ensure_client_certificate(pki / "agent-cert.der", pki / "agent-key.pem", URI)
     )
 

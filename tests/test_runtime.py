@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import uvloop
 
 from simulators.modbus.control import send_control
 from simulators.modbus.server import ModbusSimulator
@@ -282,7 +283,7 @@ def test_run_command_sigterm_exits_0(mosquitto: MosquittoBroker, tmp_path: Path)
             assert process.returncode == 0, stderr.decode()
             assert b"Traceback" not in stderr
 
-    asyncio.run(scenario())
+    uvloop.run(scenario())
 
 
 def test_run_command_bad_config_exits_2(tmp_path: Path) -> None:
@@ -327,7 +328,7 @@ def test_probe_table_and_exit_codes(tmp_path: Path, mosquitto: MosquittoBroker) 
                 results += [process.returncode or 0, out.decode()]
             return results[0], results[1], results[2], results[3]  # type: ignore[return-value]
 
-    good_code, good_out, bad_code, bad_out = asyncio.run(scenario())
+    good_code, good_out, bad_code, bad_out = uvloop.run(scenario())
     assert good_code == 0, good_out
     assert "press1  state_code" in good_out
     assert "6 of 6 tags good" in good_out

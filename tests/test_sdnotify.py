@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import uvloop
 
 from agent.daemon.health import MIN_STALE_AFTER, liveness_problems, stale_after, status_line
 from agent.service.sdnotify import SdNotifier, watchdog_interval
@@ -557,7 +558,7 @@ def test_run_command_notifies_ready_watchdog_reloads_and_stopping(
         await receiver.wait_for(lambda m: m.get("STOPPING") == "1", what="STOPPING=1")
         return process.returncode, stderr
 
-    returncode, stderr = asyncio.run(scenario())
+    returncode, stderr = uvloop.run(scenario())
     assert returncode == 0, stderr.decode()
     assert b"Traceback" not in stderr
     assert b"restarting inside the process" in stderr
@@ -611,6 +612,6 @@ dsn = "postgresql://ingest@127.0.0.1:{free_port()}/plant"
         await receiver.wait_for(lambda m: m.get("STOPPING") == "1", what="STOPPING=1")
         return process.returncode, stderr
 
-    returncode, stderr = asyncio.run(scenario())
+    returncode, stderr = uvloop.run(scenario())
     assert returncode == 0, stderr.decode()
     assert b"Traceback" not in stderr

@@ -119,9 +119,11 @@ class ModbusServers:
             )
             tcp.context = self._store(rtu=False)
             await _listen(tcp, f"{self._host}:{port}")
-            if not isinstance(tcp.transport, asyncio.Server):
+            # asyncio's Server or uvloop's (which is no subclass of it): both list `sockets`.
+            sockets = getattr(tcp.transport, "sockets", None)
+            if not sockets:
                 raise RuntimeError("pymodbus TCP server has no listening socket")
-            self.port = int(tcp.transport.sockets[0].getsockname()[1])
+            self.port = int(sockets[0].getsockname()[1])
             self._tcp = tcp
         if self._serial is not None:
             device = self._bridge.a if self._bridge is not None else self._serial
