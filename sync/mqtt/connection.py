@@ -74,6 +74,8 @@ class Connection(asyncio.Protocol):
     # asyncio.Protocol ----------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # A stream transport: asyncio's is an asyncio.Transport, uvloop's (the programs' loop)
+        # has the same methods but is no subclass of it, so the class is not checked.
         self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
@@ -214,5 +216,5 @@ class Connection(asyncio.Protocol):
             self.transport.abort()
 
     def socket(self) -> Any:
-        """The underlying socket (tests shut it down to simulate a dead TCP connection)."""
+        """The underlying socket (tests shut a duplicate of it down to simulate a dead link)."""
         return None if self.transport is None else self.transport.get_extra_info("socket")
