@@ -540,10 +540,23 @@ def table(results: list[Figures | str], reference: Figures | None) -> str:
     return "\n".join(lines)
 
 
-def verdicts(results: list[Figures | str], reference: Figures | None) -> list[str]:
-    """Issue #22's targets, met or missed and by how much."""
+# A peer that delivered less than this share of the job's messages did not do the job, and the
+# ratio of CPU seconds would flatter it (a run whose polls fall on the server's changes).
+CARRIED_SHARE = 0.95
+
+
+def verdicts(results: list[Figures | str], reference: Figures | None, job_rate: float) -> list[str]:
+    """Issue #22's targets, met or missed and by how much; not judged where a peer carried
+    less than `CARRIED_SHARE` of the job's `job_rate` messages a second."""
     if reference is None:
         return ["  targets: not judged (no Node-RED figures in this run)"]
+    short = [
+        f"{item.name} carried {item.messages / item.seconds:.0f} of the job's {job_rate:.0f}"
+        for item in results
+        if isinstance(item, Figures) and item.messages / item.seconds < CARRIED_SHARE * job_rate
+    ]
+    if short:
+        return [f"  targets: not judged ({'; '.join(short)} messages a second): repeat the run"]
     out = []
     for item in results:
         if isinstance(item, str) or item is reference:
@@ -669,7 +682,8 @@ async def main() -> None:
             reference = results[0] if isinstance(results[0], Figures) else None
             print(f"run {run} of {args.runs}:")
             print(table(results, reference))
-            print("\n".join(verdicts(results, reference)))
+            job_rate = args.registers * 1000 / PERIOD_MS
+            print("\n".join(verdicts(results, reference, job_rate)))
             sys.stdout.flush()
         if args.idle:
             for poll_ms in (PERIOD_MS, 1000):
