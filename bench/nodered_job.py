@@ -184,6 +184,11 @@ class Figures:
     note: str = ""
 
     @property
+    def per_second(self) -> float:
+        """Messages a second at the subscriber."""
+        return self.messages / self.seconds
+
+    @property
     def per_event_us(self) -> float:
         """CPU per message delivered."""
         return self.cpu / self.messages * 1e6 if self.messages else float("nan")
@@ -534,14 +539,15 @@ def table(results: list[Figures | str], reference: Figures | None) -> str:
         ratio = f"{item.cpu / reference.cpu:6.2f}" if reference is not None else "     -"
         lines.append(
             f"  {item.name:40} {item.cpu:7.2f} {item.seconds:8.1f} "
-            f"{item.messages / item.seconds:7.0f} {item.per_event_us:7.1f} "
+            f"{item.per_second:7.0f} {item.per_event_us:7.1f} "
             f"{item.wakeups:9.0f} {ratio}" + (f"  ({item.note})" if item.note else "")
         )
     return "\n".join(lines)
 
 
 # A peer that delivered less than this share of the job's messages did not do the job, and the
-# ratio of CPU seconds would flatter it (a run whose polls fall on the server's changes).
+# ratio of CPU seconds would flatter it (most likely a run whose polls fell on the server's
+# changes, both every 100 ms).
 CARRIED_SHARE = 0.95
 
 
@@ -551,9 +557,9 @@ def verdicts(results: list[Figures | str], reference: Figures | None, job_rate: 
     if reference is None:
         return ["  targets: not judged (no Node-RED figures in this run)"]
     short = [
-        f"{item.name} carried {item.messages / item.seconds:.0f} of the job's {job_rate:.0f}"
+        f"{item.name} carried {item.per_second:.0f} of the job's {job_rate:.0f}"
         for item in results
-        if isinstance(item, Figures) and item.messages / item.seconds < CARRIED_SHARE * job_rate
+        if isinstance(item, Figures) and item.per_second < CARRIED_SHARE * job_rate
     ]
     if short:
         return [f"  targets: not judged ({'; '.join(short)} messages a second): repeat the run"]
@@ -674,6 +680,7 @@ async def main() -> None:
         if not args.no_ingest:
             job.postgres = PostgresServer()
             await asyncio.to_thread(job.postgres.start)
+        job_rate = args.registers * 1000 / PERIOD_MS
         for run in range(1, args.runs + 1):
             results: list[Figures | str] = [await job.nodered()]
             results.append(await job.agent(ingest=False))
@@ -682,7 +689,6 @@ async def main() -> None:
             reference = results[0] if isinstance(results[0], Figures) else None
             print(f"run {run} of {args.runs}:")
             print(table(results, reference))
-            job_rate = args.registers * 1000 / PERIOD_MS
             print("\n".join(verdicts(results, reference, job_rate)))
             sys.stdout.flush()
         if args.idle:
