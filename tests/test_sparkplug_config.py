@@ -1,8 +1,11 @@
 """`[sparkplug]` (issue #23): ids checked against Sparkplug's topic rules by `check` and at
-every load, with the line; defaults (edge node id = gateway.id, the [mqtt] broker)."""
+every load, with the line; defaults (edge node id = gateway.id, the [mqtt] broker); a gateway
+with it off does not load the node (issue #22, RSS)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,8 @@ from agent.daemon.reload import needs_restart
 from agent.settings.config_file import AgentSettings
 from agent.settings.loader import ConfigError, load_agent_settings
 from agent.settings.sparkplug import id_problem
+from tests.fixtures.daemon import REPO, config_text
+from tests.fixtures.mosquitto import MosquittoBroker
 
 BASE = """
 [gateway]
@@ -198,3 +203,51 @@ def test_reload_restarts_when_sparkplug_announces_the_change(tmp_path: Path) -> 
     off_renamed = renamed.replace("enabled = true", "enabled = false")
     assert not needs_restart(settings(off), settings(off_renamed))
     assert needs_restart(settings(off), settings(BASE))  # [sparkplug] itself changed
+
+
+# A daemon in a process of its own: what it imported is not hidden by what this test process
+# (whose other tests use the node) has loaded already.
+LOADED_MODULES = """
+import sys
+from pathlib import Path
+
+import uvloop
+
+from tests.fixtures.daemon import running, settings_for
+
+
+async def main() -> None:
+    async with running(settings_for(Path(sys.argv[1]), sys.stdin.read())):
+        prefixes = ("google.protobuf", "sync.sparkplug", "sync.uplink.sparkplug")
+        print(" ".join(sorted(name for name in sys.modules if name.startswith(prefixes))))
+
+
+uvloop.run(main())
+"""
+
+
+@pytest.mark.parametrize("enabled", [False, True])
+def test_a_gateway_without_sparkplug_does_not_load_it(
+    tmp_path: Path, mosquitto: MosquittoBroker, enabled: bool
+) -> None:
+    # The node's modules and protobuf are about 2 MiB of RSS (docs/performance.md).
+    text = config_text(mosquitto, tmp_path / "data", [])
+    if enabled:
+        text = text.replace(
+            "\n[http]", '\n[sparkplug]\nenabled = true\ngroup_id = "plant1"\n\n[http]', 1
+        )
+    result = subprocess.run(
+        [sys.executable, "-c", LOADED_MODULES, str(tmp_path)],
+        input=text,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    loaded = result.stdout.split()
+    if enabled:
+        assert {"google.protobuf", "sync.uplink.sparkplug.node"} <= set(loaded)
+    else:
+        assert loaded == []

@@ -7,6 +7,7 @@ import asyncio
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from agent import __version__
 from agent.daemon.devices import Devices, PollObserver, driver_context
@@ -18,15 +19,13 @@ from agent.workflows.engine import WorkflowEngine
 from sync.events import Event
 from sync.mqtt.client import MqttClient, Will
 from sync.outbox.store import OnCommit, Outbox
-from sync.sparkplug.bdseq import BdSeq
-from sync.sparkplug.codec import datatype_for_kind
-from sync.sparkplug.history import History
-from sync.sparkplug.model import DeviceModel, NodeModel, NodeStatus, TagModel
 from sync.uplink.forwarder import Forwarder
 from sync.uplink.live import LivePublisher
 from sync.uplink.sink import Sink
-from sync.uplink.sparkplug.node import SparkplugNode
 from sync.uplink.topics import status_payload, status_topic
+
+if TYPE_CHECKING:
+    from sync.uplink.sparkplug.node import SparkplugNode
 
 
 def mqtt_client_for(settings: AgentSettings) -> MqttClient:
@@ -65,6 +64,14 @@ HISTORY_MAX_CHANGES = 1_000_000
 def sparkplug_node_for(settings: AgentSettings, outbox: Outbox, mqtt: MqttClient) -> SparkplugNode:
     """The Sparkplug B edge node: its own MQTT connection (the [mqtt] keys unless
     [sparkplug.broker] is set), its bdSeq in the data directory (docs/sparkplug.md)."""
+    # Imported here, where [sparkplug] is on: the node's modules and protobuf are about 2 MiB
+    # of RSS that a gateway without Sparkplug would carry for nothing (docs/performance.md).
+    from sync.sparkplug.bdseq import BdSeq
+    from sync.sparkplug.codec import datatype_for_kind
+    from sync.sparkplug.history import History
+    from sync.sparkplug.model import DeviceModel, NodeModel, NodeStatus, TagModel
+    from sync.uplink.sparkplug.node import SparkplugNode
+
     keys = settings.sparkplug
     broker = keys.broker or settings.mqtt
     client_id = (
@@ -100,14 +107,18 @@ def sparkplug_node_for(settings: AgentSettings, outbox: Outbox, mqtt: MqttClient
 
 
 def build_sinks(
-    settings: AgentSettings, outbox: Outbox, mqtt: MqttClient, live: LivePublisher
+    settings: AgentSettings,
+    outbox: Outbox,
+    mqtt: MqttClient,
+    live: LivePublisher,
+    sparkplug: SparkplugNode | None,
 ) -> tuple[Sink, ...]:
     """Every uplink, in the order they start (all before the first device, all after it stops)."""
     sinks: list[Sink] = [live]  # R/{device}/{tag}, newest value per topic
     if settings.mqtt.sync_enabled:
         sinks.append(forwarder_for(settings, outbox, mqtt))  # S/sync to the central store
-    if settings.sparkplug.enabled:
-        sinks.append(sparkplug_node_for(settings, outbox, mqtt))  # spBv1.0/{group}/...
+    if sparkplug is not None:
+        sinks.append(sparkplug)  # spBv1.0/{group}/...
     return tuple(sinks)
 
 
@@ -160,10 +171,10 @@ def build_gateway(
 ) -> Gateway:
     """Wire the parts; nothing runs until the caller starts their tasks."""
     live = LivePublisher(mqtt, topic_root=settings.mqtt.topic_root)
-    sinks = build_sinks(settings, outbox, mqtt, live)
+    sparkplug = sparkplug_node_for(settings, outbox, mqtt) if settings.sparkplug.enabled else None
+    sinks = build_sinks(settings, outbox, mqtt, live, sparkplug)
     pipeline = Pipeline(sinks=sinks, durable=durable_for(settings, outbox), live=(live,))
     configure_tags(pipeline, settings)
-    sparkplug = next((sink for sink in sinks if isinstance(sink, SparkplugNode)), None)
     oee = LiveOee(
         settings,
         publish=live.offer,
