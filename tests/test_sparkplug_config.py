@@ -14,7 +14,7 @@ from agent.daemon.reload import needs_restart
 from agent.settings.config_file import AgentSettings
 from agent.settings.loader import ConfigError, load_agent_settings
 from agent.settings.sparkplug import id_problem
-from tests.fixtures.daemon import REPO, config_text
+from tests.fixtures.daemon import REPO, config_text, sparkplug_config
 from tests.fixtures.mosquitto import MosquittoBroker
 
 BASE = """
@@ -233,9 +233,7 @@ def test_a_gateway_without_sparkplug_does_not_load_it(
     # The node's modules and protobuf are about 2 MiB of RSS (docs/performance.md).
     text = config_text(mosquitto, tmp_path / "data", [])
     if enabled:
-        text = text.replace(
-            "\n[http]", '\n[sparkplug]\nenabled = true\ngroup_id = "plant1"\n\n[http]', 1
-        )
+        text = sparkplug_config(text, group_id="plant1")
     result = subprocess.run(
         [sys.executable, "-c", LOADED_MODULES, str(tmp_path)],
         input=text,

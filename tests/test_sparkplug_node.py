@@ -24,7 +24,14 @@ from sync.sparkplug.history import History
 from sync.sparkplug.model import DeviceModel, NodeModel, NodeStatus, TagModel
 from sync.uplink.sparkplug.node import SparkplugNode
 from tests.fixtures.collector import Seen, TopicCollector
-from tests.fixtures.daemon import ROOT, config_text, machine_config, running, settings_for
+from tests.fixtures.daemon import (
+    ROOT,
+    config_text,
+    machine_config,
+    running,
+    settings_for,
+    sparkplug_config,
+)
 from tests.fixtures.mosquitto import MosquittoBroker
 from tests.fixtures.mqtt_client import MqttTestClient
 from tests.fixtures.ports import async_wait_until, free_port
@@ -127,11 +134,6 @@ def assert_seq_continuity(messages: list[Seen], decoded: list[TahuPayload]) -> N
         previous = payload.seq
 
 
-def sparkplug_config(text: str, *extra: str) -> str:
-    section = "\n".join(("[sparkplug]", "enabled = true", f'group_id = "{GROUP}"', *extra))
-    return text.replace("\n[http]", f"\n{section}\n\n[http]", 1)
-
-
 async def test_births_data_rebirth_outage_and_death(
     mosquitto: MosquittoBroker, tmp_path: Path
 ) -> None:
@@ -141,7 +143,7 @@ async def test_births_data_rebirth_outage_and_death(
         text = config_text(
             mosquitto, tmp_path / "data", [("press1", sim.port), ("press2", down_port)]
         )
-        settings = settings_for(tmp_path, sparkplug_config(text) + MACHINE)
+        settings = settings_for(tmp_path, sparkplug_config(text, group_id=GROUP) + MACHINE)
         with SparkplugCollector(mosquitto) as spb, TopicCollector(mosquitto, f"{ROOT}/#") as live:
             async with running(settings) as runtime:
                 node = node_of(runtime)
@@ -299,7 +301,7 @@ async def test_bdseq_survives_kill_and_restart(mosquitto: MosquittoBroker, tmp_p
     from tests.fixtures.child import ChildProcess
 
     text = config_text(mosquitto, tmp_path / "data", [])
-    settings_for(tmp_path, sparkplug_config(text))  # validates it
+    settings_for(tmp_path, sparkplug_config(text, group_id=GROUP))  # validates it
     child = ChildProcess(
         "agent",
         [".venv/bin/python", "-m", "agent.cli", "run", "-c", str(tmp_path / "agent.toml")],
@@ -325,7 +327,9 @@ async def test_primary_host_state(mosquitto: MosquittoBroker, tmp_path: Path) ->
     """Births only while the primary host's STATE says online; offline: NDEATH, disconnect,
     reconnect (a new bdSeq), wait; an older STATE is ignored."""
     text = config_text(mosquitto, tmp_path / "data", [])
-    settings = settings_for(tmp_path, sparkplug_config(text, f'primary_host_id = "{HOST}"'))
+    settings = settings_for(
+        tmp_path, sparkplug_config(text, f'primary_host_id = "{HOST}"', group_id=GROUP)
+    )
 
     def state(online: bool, ts: int) -> bytes:
         return json.dumps({"online": online, "timestamp": ts}).encode()
@@ -593,7 +597,9 @@ async def test_history_after_host_outage(mosquitto: MosquittoBroker, tmp_path: P
     async with ModbusSimulator(port=0, seed=5, speed=1.0) as sim:
         assert sim.port is not None
         text = config_text(mosquitto, tmp_path / "data", [("press1", sim.port)])
-        settings = settings_for(tmp_path, sparkplug_config(text, f'primary_host_id = "{HOST}"'))
+        settings = settings_for(
+            tmp_path, sparkplug_config(text, f'primary_host_id = "{HOST}"', group_id=GROUP)
+        )
 
         def state(online: bool, ts: int) -> bytes:
             return json.dumps({"online": online, "timestamp": ts}).encode()
